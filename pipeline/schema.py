@@ -1,0 +1,135 @@
+"""The shard schema: the contract between ``ctprep`` (writer) and ``trainer`` (reader).
+
+Change it only on purpose, in both at once, and bump ``SCHEMA_VERSION``.
+This module is dependency-free so that the trainer can import it without Dask.
+
+One WebDataset sample per case; the sample key is the case id (``CASE_ID_RE``).
+Members (``<key>.<member>``); any ``.npy`` member may carry a compression
+suffix (``.npy.zst`` or ``.npy.gz``) that the reader must strip:
+
+==========================  =======  =========================  ==========================================
+member                      dtype    shape                      meaning
+==========================  =======  =========================  ==========================================
+``image.npy``               int16    (Z, Y, X)                  HU, canonical orientation (see below)
+``mask.npy``                uint8    (Z, Y, X)                  coarse region id, 0 = background,
+                                                                k = ``region_names[k-1]``
+``regions.npy``             float16  (P, R + 1)                 per-patch fraction of voxels in each
+                                                                region; column 0 = background; rows
+                                                                sum to 1; P patches in z-major raster
+                                                                order (pz, py, px) = Conv3d flatten order
+``report_ids.npy``          int32    (L_report,)                token ids of findings + impression,
+                                                                padded with the tokenizer's pad id
+``report_len.npy``          int32    ()                         number of real tokens in report_ids
+``steps_ids.npy``           int32    (S, L_step)                CoT steps in order, S <= max_steps (S may be 0)
+``steps_len.npy``           int32    (S,)                       real tokens per step
+``region_text_ids.npy``     int32    (R, L_region)              one sentence group per region (in
+                                                                ``region_names`` order)
+``region_text_len.npy``     int32    (R,)
+``region_has_text.npy``     uint8    (R,)                       1 = region has its own finding text,
+                                                                0 = default "no significant abnormality"
+``labels.npy``              int8     (18,)                      ``ABNORMALITY_LABELS`` order; 1/0, -1 unknown
+``meta.json``               --       --                         see ``META_KEYS``
+==========================  =======  =========================  ==========================================
+
+Canonical orientation: nibabel's closest-canonical RAS+ array transposed to
+(z, y, x), i.e. increasing z, y, x index points Superior, Anterior, Right
+(``CANONICAL_ORIENTATION``); ``meta.json["affine"]``
+maps the stored array's voxel indices (in stored axis order z, y, x) to
+patient millimetres in RAS+ (nibabel's convention).
+
+``index.json`` at the shard root (``INDEX_FILE``)::
+
+    {"schema_version": int, "pipeline_version": str,
+     "tokenizer": {"name": str, "hash": str},
+     "patch_size": [pz, py, px], "region_names": [...],
+     "generations": [{"generation": int, "created": str, "shards": [path, ...]}],
+     "splits": {"train": [{"path": str, "samples": int, "bytes": int,
+                            "sha256": str, "source": str, "generation": int}], ...}}
+
+``splits`` lists exactly the shards to read; a case never appears in two
+listed shards (a superseded sample's shard is dropped from the list or the
+sample is recorded as superseded, see ctprep.stages.pack).
+"""
+
+from __future__ import annotations
+
+import re
+
+SCHEMA_VERSION = 1
+INDEX_FILE = "index.json"
+
+# z, y, x axis order of every stored array: RAS+ closest-canonical, transposed.
+# Voxel (0, 0, 0) is the inferior-posterior-left corner.
+CANONICAL_ORIENTATION = ("S", "A", "R")  # direction of increasing z, y, x index
+
+ABNORMALITY_LABELS = (
+    "Medical material",
+    "Arterial wall calcification",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Lymphadenopathy",
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Pleural effusion",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Consolidation",
+    "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+
+NPY_MEMBERS = (
+    "image",
+    "mask",
+    "regions",
+    "report_ids",
+    "report_len",
+    "steps_ids",
+    "steps_len",
+    "region_text_ids",
+    "region_text_len",
+    "region_has_text",
+    "labels",
+)
+COMPRESSION_SUFFIXES = ("", ".zst", ".gz")
+
+META_KEYS = (
+    "id",  # case id == sample key
+    "source",  # "ctrate" | "omniabnorm"
+    "split",  # "train" | "valid" | ...
+    "spacing",  # [z, y, x] mm of the stored grid
+    "affine",  # 4x4 list, stored voxel (z, y, x) -> RAS+ mm
+    "shape",  # [Z, Y, X]
+    "header_style",  # "v1" (raw + CSV slope/intercept) | "v2" (HU header) | "jpg"
+    "tokenizer",  # {"name": str, "hash": str}
+    "schema_version",
+    "pipeline_version",
+    "patch_size",  # [pz, py, px] used for regions.npy
+    "region_names",  # list[str], R entries
+    "report_text",  # findings + impression as tokenized (for dedup / eval)
+    "steps_text",  # list[str], the CoT steps as tokenized
+    "step_regions",  # list[int], per step: index into region_names it names, -1 if none
+    "region_texts",  # list[str], R entries
+)
+
+# A case id is a file-name stem: letters, digits, '_', '-'; no path parts and
+# no '.', because WebDataset splits sample keys at the first '.'.
+CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")
+
+
+def is_safe_case_id(case_id: str) -> bool:
+    """True if ``case_id`` can be used as a file name and a WebDataset key."""
+    return bool(CASE_ID_RE.match(case_id))
+
+
+def strip_compression(member: str) -> tuple[str, str]:
+    """Split ``'image.npy.zst'`` into ``('image.npy', '.zst')``."""
+    for suffix in (".zst", ".gz"):
+        if member.endswith(suffix):
+            return member[: -len(suffix)], suffix
+    return member, ""
