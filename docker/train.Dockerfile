@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+# GPU training image: CUDA PyTorch + DeepSpeed (fused ops prebuilt) + this project.
+#
+#   docker build -f docker/train.Dockerfile -t ctprep-train .        # context = repo root
+#   docker run --gpus all --ipc=host -v /data/shards:/shards:ro -v $PWD/runs:/runs ctprep-train \
+#       deepspeed trainer/train.py --config configs/train/demo.yaml --shards /shards --output /runs/demo
+#
+# The base is pinned by tag (and can be pinned by digest with --build-arg BASE_IMAGE=...@sha256:...).
+# It is a *devel* image because DeepSpeed compiles its CUDA ops with nvcc at build time; prebuilding
+# them avoids a JIT compile (minutes, needs nvcc + a writable cache) on every node at first step.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-devel
+FROM ${BASE_IMAGE}
+
+# Pin DeepSpeed to the version CI tests (see `pip show deepspeed` in .venv).
+ARG DEEPSPEED_VERSION=0.19.8
+# 9.0 = Hopper (H100/H200); 8.0 = A100. Fewer arches = faster build, smaller image.
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
+
+# pdsh + ssh: the `deepspeed --hostfile` launcher reaches the other nodes with pdsh over ssh.
+# libaio-dev: DeepSpeed's async I/O op (ZeRO-Infinity NVMe offload) links against it.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server libaio-dev git \
+ && rm -rf /var/lib/apt/lists/*
+
+# DeepSpeed before the project, with the ops this trainer uses compiled now:
+#   FUSED_ADAM  - GPU Adam(W) used by the ZeRO-2/3 configs
+#   CPU_ADAM    - optimizer offload to CPU (ZeRO-3 `large` with offload_optimizer)
+#   UTILS       - flatten/unflatten used by ZeRO stage 3
+# --no-build-isolation so it compiles against the base image's torch, not a fresh wheel.
+RUN DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 \
+    python -m pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
+ && ds_report
+
+WORKDIR /opt/ctprep
+# Package metadata and sources first so that edits to configs/docs do not reinstall everything.
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+COPY trainer ./trainer
+
+# The same pip commands as the Makefile's `venv` target (tests/test_scale_docker.py checks this).
+# The base image's CUDA torch satisfies `torch>=2.5`, so the CPU pin below never runs here.
+RUN python -m pip install -q --upgrade pip \
+ && (python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0) \
+ && python -m pip install -q -e ".[dev]" \
+ && python -c "import torch, deepspeed, ctprep, trainer; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
+
+COPY configs ./configs
+COPY bench ./bench
+COPY scripts ./scripts
+COPY tests ./tests
+
+# Non-root by default; multi-node runs that need sshd in the container override with --user root.
+RUN useradd --create-home --uid 1000 ctprep && mkdir -p /runs /shards && chown ctprep /runs /shards
+USER ctprep
+CMD ["bash", "bench/gpu_check.sh"]

@@ -1,0 +1,318 @@
+"""The Docker files, checked without a Docker engine.
+
+No engine runs on CI, so these tests hold the images to what can be read:
+the compose file's services and mounts, the images' install commands against
+the Makefile's (what CI runs), pinned bases, a non-root user, and a
+``.dockerignore`` that keeps data, shards and ``.venv`` out of the context.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = ("docker/train.Dockerfile", "docker/worker.Dockerfile")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, argument) pairs with line continuations joined and comments dropped."""
+    joined: list[str] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # comment inside a continued RUN
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        joined.append(buf + line)
+        buf = ""
+    if buf:
+        joined.append(buf)
+    out = []
+    for line in joined:
+        instr, _, arg = line.partition(" ")
+        out.append((instr.upper(), " ".join(arg.split())))
+    return out
+
+
+def makefile_install_commands() -> list[str]:
+    """The pip-related shell lines of the Makefile's venv recipe, with $(VPY) -> python."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
+    cmds = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        cmd = line.strip()
+        if cmd.startswith("#") or "pip" not in cmd:
+            continue
+        cmds.append(" ".join(cmd.replace("$(VPY)", "python").split()))
+    return cmds
+
+
+def makefile_exports() -> dict[str, str]:
+    exports = {}
+    for line in (REPO / "Makefile").read_text().splitlines():
+        m = re.match(r"export\s+(\w+)\s*[:?]?=\s*(\S+)", line)
+        if m:
+            exports[m.group(1)] = m.group(2)
+    return exports
+
+
+def dockerfile_env(instrs: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for instr, arg in instrs:
+        if instr == "ENV":
+            for key, value in re.findall(r"(\w+)=(\S+)", arg):
+                env[key] = value
+    return env
+
+
+def dockerignore_excludes(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern matching a parent dir matches."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negate, pattern in rules:
+        if any(pattern.fullmatch(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
+    rules = []
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pat = line[1:] if negate else line
+        pat = pat.strip("/")
+        rx = ""
+        i = 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx += "(?:.*/)?"
+                i += 3
+            elif pat.startswith("**", i):
+                rx += ".*"
+                i += 2
+            elif pat[i] == "*":
+                rx += "[^/]*"
+                i += 1
+            elif pat[i] == "?":
+                rx += "[^/]"
+                i += 1
+            else:
+                rx += re.escape(pat[i])
+                i += 1
+        rules.append((negate, re.compile(rx)))
+    return rules
+
+
+def load_compose() -> dict:
+    return yaml.safe_load((REPO / "docker/compose.yaml").read_text())
+
+
+def volume_targets(service: dict) -> dict[str, dict]:
+    out = {}
+    for vol in service.get("volumes", []):
+        if isinstance(vol, str):
+            source, target, *mode = vol.split(":")
+            vol = {"source": source, "target": target, "read_only": mode == ["ro"]}
+        out[vol["target"]] = vol
+    return out
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_has_scheduler_workers_and_driver():
+    compose = load_compose()
+    services = compose["services"]
+    assert {"scheduler", "worker", "build"} <= set(services)
+    # One image for all: Dask unpickles task functions, so code and versions must match everywhere.
+    images = {name: svc["image"] for name, svc in services.items()}
+    assert len(set(images.values())) == 1, images
+    for svc in services.values():
+        assert svc["build"]["dockerfile"] == "docker/worker.Dockerfile"
+        assert (REPO / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve().is_file()
+
+    sched = services["scheduler"]["command"]
+    assert sched[:2] == ["dask", "scheduler"] and "8786" in sched
+
+
+def test_compose_worker_is_single_threaded_memory_limited_and_scalable():
+    worker = load_compose()["services"]["worker"]
+    cmd = [str(c) for c in worker["command"]]
+    assert cmd[:3] == ["dask", "worker", "tcp://scheduler:8786"]
+    assert cmd[cmd.index("--nthreads") + 1] == "1"
+    assert "--memory-limit" in cmd
+    assert "replicas" in worker["deploy"]
+    assert "memory" in worker["deploy"]["resources"]["limits"]
+    assert worker["depends_on"]["scheduler"]["condition"] == "service_healthy"
+
+
+def test_compose_mounts_data_read_only_and_output_on_workers_and_driver():
+    services = load_compose()["services"]
+    for name in ("worker", "build"):
+        vols = volume_targets(services[name])
+        assert vols["/data"]["read_only"] is True, name
+        assert not vols["/out"].get("read_only", False), name
+    # The driver's paths are sent to the workers verbatim: they must see the same mount points.
+    assert volume_targets(services["worker"]).keys() == volume_targets(services["build"]).keys()
+    build_cmd = services["build"]["command"]
+    assert "--scheduler" in build_cmd and build_cmd[build_cmd.index("--scheduler") + 1] == "tcp://scheduler:8786"
+    assert services["build"]["profiles"] == ["run"]
+
+
+def compose_cli() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_config_validates_with_the_compose_cli():
+    """`compose config` validates against the Compose schema and needs no engine."""
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither the `docker compose` plugin nor `docker-compose` is installed")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "CTPREP_WORKERS": "5", "HOME": "/tmp"}
+    res = subprocess.run(
+        [*cli, "-f", str(REPO / "docker/compose.yaml"), "--profile", "run", "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout)
+    assert {"scheduler", "worker", "build"} <= set(resolved["services"])
+    assert int(resolved["services"]["worker"]["deploy"]["replicas"]) == 5
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_the_project_with_the_makefile_commands(name):
+    instrs = dockerfile_instructions(REPO / name)
+    run_text = " && ".join(arg for instr, arg in instrs if instr == "RUN")
+    commands = makefile_install_commands()
+    assert any("-e" in c and "pip install" in c for c in commands), commands
+    for cmd in commands:
+        # The Makefile's `A || B` fallback appears parenthesised inside the RUN chain.
+        for part in cmd.split(" || "):
+            part = part.replace("2>/dev/null", "").strip()
+            assert " ".join(part.split()) in run_text, f"{name} lacks the Makefile step: {part}"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_base_is_pinned_and_user_is_not_root(name):
+    instrs = dockerfile_instructions(REPO / name)
+    args = {}
+    for instr, arg in instrs:
+        if instr == "ARG" and "=" in arg:
+            key, _, value = arg.partition("=")
+            args[key] = value.strip('"')
+    base = next(arg for instr, arg in instrs if instr == "FROM")
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base).split()[0]
+    repo_part, _, tag = base.rpartition(":")
+    assert repo_part and tag and tag != "latest" and "/" not in tag, f"unpinned base {base}"
+    assert re.search(r"\d", tag), f"base tag without a version: {base}"
+    users = [arg for instr, arg in instrs if instr == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_env_matches_the_makefile_offline_settings(name):
+    env = dockerfile_env(dockerfile_instructions(REPO / name))
+    for key, value in makefile_exports().items():
+        if key == "DS_ACCELERATOR":
+            continue  # CPU in the Makefile; the GPU image must auto-detect CUDA
+        assert env.get(key) == value, f"{name}: {key}"
+    if name == "docker/train.Dockerfile":
+        assert "DS_ACCELERATOR" not in env
+
+
+def test_worker_image_uses_cpu_torch_at_the_makefile_pin():
+    instrs = dockerfile_instructions(REPO / "docker/worker.Dockerfile")
+    args = dict(arg.split("=", 1) for instr, arg in instrs if instr == "ARG" and "=" in arg)
+    makefile_pin = re.search(r"torch==([\w.+]+)", (REPO / "Makefile").read_text()).group(1)
+    assert args["TORCH_VERSION"] == makefile_pin
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    torch_run = next(arg for instr, arg in instrs if instr == "RUN" and "TORCH_INDEX_URL" in arg)
+    assert "--index-url" in torch_run and "TORCH_VERSION" in torch_run
+    env = dockerfile_env(instrs)
+    assert env["OMP_NUM_THREADS"] == "1"
+
+
+def test_train_image_prebuilds_deepspeed_ops_against_base_torch():
+    instrs = dockerfile_instructions(REPO / "docker/train.Dockerfile")
+    ds_run = next(arg for instr, arg in instrs if instr == "RUN" and "deepspeed==" in arg)
+    assert "DS_BUILD_FUSED_ADAM=1" in ds_run and "--no-build-isolation" in ds_run
+    base_arg = next(arg for instr, arg in instrs if instr == "ARG" and arg.startswith("BASE_IMAGE="))
+    assert "devel" in base_arg, "DeepSpeed ops need nvcc: use a devel base"
+    ds_pin = next(arg for instr, arg in instrs if instr == "ARG" and arg.startswith("DEEPSPEED_VERSION="))
+    floor = re.search(r'"deepspeed>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(ds_pin.split("=")[1]) >= as_tuple(floor)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_copies_exist_and_are_not_ignored(name):
+    rules = dockerignore_rules()
+    for instr, arg in dockerfile_instructions(REPO / name):
+        if instr != "COPY" or arg.startswith("--from"):
+            continue
+        *sources, _dest = arg.split()
+        for src in sources:
+            assert (REPO / src).exists(), f"{name}: COPY {src} is not in the repo"
+            assert not dockerignore_excludes(src, rules), f"{name}: COPY {src} is excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------- .dockerignore
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        ".git/objects/ab/cdef",
+        "shards/train/ctrate-000000.tar",
+        "runs/demo/checkpoints/step_10/model.pt",
+        "demo/ctrate/train/train_1/train_1_a/train_1_a_1.nii.gz",
+        "data/ctrate/volume.nii.gz",
+        "somewhere/else/case.nii.gz",
+        "out/work/zarr/case.zarr/image/c/0/0/0",
+        "out/work/manifest.sqlite",
+        "pipeline/__pycache__/cli.cpython-311.pyc",
+        "ctprep.egg-info/PKG-INFO",
+    ],
+)
+def test_dockerignore_excludes_heavy_paths(path):
+    assert dockerignore_excludes(path, dockerignore_rules()), path
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["pyproject.toml", "README.md", "pipeline/cli.py", "trainer/__init__.py", "configs/regions/x.json", "docker/compose.yaml"],
+)
+def test_dockerignore_keeps_sources(path):
+    assert not dockerignore_excludes(path, dockerignore_rules()), path
