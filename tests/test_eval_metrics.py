@@ -174,3 +174,20 @@ def test_brute_force_oracle_itself_on_a_hand_case():
     r1, r2 = brute_force_ranks(img, txt, [0, 1, 2])
     # image 0: scores 1,0,2 -> own (1) has one above -> rank 2
     assert r1[0] == 2
+
+
+def test_cot_alignment_mass_and_chance():
+    from trainer.metrics import CoTAlignment
+
+    # 4 patches, 2 regions; region "a" (index 0) fills patch 0 fully and half of patch 1.
+    regions = np.array([[0, 1, 0], [0.5, 0.5, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32)
+    attn = np.array([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25], [0, 0, 0, 1]])
+    cot = CoTAlignment(["a", "b"])
+    cot.add(attn, [0, 0, -1], regions)
+    out = cot.summary()
+    chance = 1.5 / 4
+    assert out["per_region"]["a"]["steps"] == 2
+    assert out["per_region"]["a"]["mean_mass"] == pytest.approx((1.0 + chance) / 2)
+    assert out["per_region"]["a"]["mean_chance"] == pytest.approx(chance)
+    assert out["per_region"]["a"]["frac_above_chance"] == 0.5  # uniform attention is not above chance
+    assert out["overall"]["steps"] == 2 and "b" not in out["per_region"]

@@ -371,3 +371,62 @@ def zero_shot_metrics(
         "threshold_rule": "Youden's J (max TPR - FPR), positive if score >= threshold",
         "protocol": ZERO_SHOT_PROTOCOL,
     }
+
+
+# --------------------------------------------------------------------------- CoT alignment
+
+COT_PROTOCOL = (
+    "For every CoT step whose text names an anatomy (meta.json step_regions >= 0): mass = the step's "
+    "attention over patches (sums to 1) weighted by each patch's fraction of voxels in that region "
+    "(regions.npy); chance = the region's voxel fraction in that volume (mean of the same fractions, "
+    "i.e. the mass a uniform attention would put there). Reported per region and overall: mean mass, "
+    "mean chance, mean ratio mass/chance, and the fraction of steps with mass > chance."
+)
+
+
+class CoTAlignment:
+    """Accumulates, per named region, how much of a step's attention lands in that region vs chance."""
+
+    def __init__(self, region_names: Sequence[str]):
+        self.region_names = list(region_names)
+        self.records: list[tuple[int, float, float]] = []  # (region index, mass, chance)
+
+    def add(self, step_attn: Any, step_regions: Sequence[int], regions: Any) -> None:
+        """Add one case.
+
+        Args:
+            step_attn: (S, P) attention of each step over the P patches (rows sum to 1).
+            step_regions: (S,) index into region_names named by each step, -1 = none (skipped).
+            regions: (P, R + 1) per-patch region fractions, column 0 = background.
+        """
+        attn = np.asarray(step_attn, dtype=np.float64)
+        frac = np.asarray(regions, dtype=np.float64)
+        for s, r in enumerate(step_regions):
+            r = int(r)
+            if r < 0 or s >= attn.shape[0] or r + 1 >= frac.shape[1]:
+                continue
+            chance = float(frac[:, r + 1].mean())
+            if chance <= 0:  # region absent from this volume: nothing to align with
+                continue
+            a = attn[s] / max(attn[s].sum(), 1e-12)
+            self.records.append((r, float(a @ frac[:, r + 1]), chance))
+
+    def summary(self) -> dict[str, Any]:
+        def stats(rows: list[tuple[int, float, float]]) -> dict[str, float]:
+            mass = np.array([m for _, m, _ in rows])
+            chance = np.array([c for _, _, c in rows])
+            return {
+                "steps": int(len(rows)),
+                "mean_mass": float(mass.mean()),
+                "mean_chance": float(chance.mean()),
+                "mean_ratio": float(np.mean(mass / chance)),
+                "frac_above_chance": float(np.mean(mass > chance)),
+            }
+
+        per_region = {}
+        for r, name in enumerate(self.region_names):
+            rows = [rec for rec in self.records if rec[0] == r]
+            if rows:
+                per_region[name] = stats(rows)
+        overall = stats(self.records) if self.records else {"steps": 0}
+        return {"overall": overall, "per_region": per_region, "protocol": COT_PROTOCOL}
