@@ -31,10 +31,12 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server libaio-dev git \
  && rm -rf /var/lib/apt/lists/*
 
-# DeepSpeed before the project, with the ops this trainer uses compiled now:
-#   FUSED_ADAM  - GPU Adam(W) used by the ZeRO-2/3 configs
-#   CPU_ADAM    - optimizer offload to CPU (ZeRO-3 `large` with offload_optimizer)
-#   UTILS       - flatten/unflatten used by ZeRO stage 3
+# DeepSpeed before the project, with the ops a ZeRO run may load compiled now instead of JIT-built
+# (nvcc + minutes) on every node at the first step:
+#   CPU_ADAM    - required by ZeRO offload_optimizer (DeepSpeed swaps in its CPU Adam there)
+#   FUSED_ADAM  - for DeepSpeed JSONs that name an optimizer (ours build torch AdamW in the trainer)
+#   UTILS       - flatten/unflatten helpers of the ZeRO optimizers
+# Add DS_BUILD_AIO=1 for NVMe offload (ZeRO-Infinity; libaio-dev is installed above).
 # --no-build-isolation so it compiles against the base image's torch, not a fresh wheel.
 RUN DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 \
     python -m pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
