@@ -75,10 +75,21 @@ def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
 
 
 def tokenizer_files_hash(folder: Path) -> str:
-    """sha256 over (file name, bytes) of the tokenizer-defining files in ``folder``."""
+    """sha256 over (file name, bytes) of the tokenizer-defining files in ``folder``.
+
+    Cached on the files' (name, size, mtime) so that stage keys can ask for it often.
+    """
     files = sorted(name for name in TOKENIZER_FILES if (folder / name).is_file())
     if not files:
         raise FileNotFoundError(f"{folder} holds none of the tokenizer files {TOKENIZER_FILES}")
+    stats = tuple((name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns) for name in files)
+    return _files_hash(str(folder), stats)
+
+
+@lru_cache(maxsize=16)
+def _files_hash(folder_str: str, stats: tuple[tuple[str, int, int], ...]) -> str:
+    folder = Path(folder_str)
+    files = [name for name, _, _ in stats]
     digest = hashlib.sha256()
     for name in files:
         data = (folder / name).read_bytes()

@@ -74,3 +74,27 @@ def patch_region_fraction(
         counts[z] = np.bincount(codes.ravel(), minlength=gy * gx * nbins).reshape(gy * gx, nbins)
     fractions = counts.reshape(gz * gy * gx, nbins).astype(np.float32) / np.float32(pz * py * px)
     return fractions.astype(np.float16)
+
+
+# --------------------------------------------------------------------------- stage wrapper
+
+from ctprep.stages.base import CaseTask, atomic_path, case_stage  # noqa: E402
+
+
+def regions_config_slice(config) -> dict:
+    """Only the patch grid and the region list decide this stage's output."""
+    return {"patch_size_zyx": [int(p) for p in config.regions.patch_size_zyx], "regions": list(config.regions.names)}
+
+
+@case_stage("regions", upstream=("resample",), version="1", config_slice=regions_config_slice,
+            output=lambda case_id: f"regions/{case_id}.npy")
+def run_regions(task: CaseTask) -> dict:
+    """Reader: ``mask`` of the case's zarr group; writer: ``regions/<case>.npy`` (float16 (P, R+1))."""
+    import zarr
+
+    mask = np.asarray(zarr.open_group(task.upstream["resample"].path, mode="r")["mask"][...])
+    fractions = patch_region_fraction(mask, len(task.config.regions.names),
+                                      tuple(int(p) for p in task.config.regions.patch_size_zyx))
+    with atomic_path(task.output_path) as tmp:
+        np.save(tmp, fractions, allow_pickle=False)
+    return {"patches": int(fractions.shape[0]), "grid": list(patch_grid(mask.shape, task.config.regions.patch_size_zyx))}

@@ -12,11 +12,13 @@ its vocabulary files), so swapping the tokenizer reruns ``text`` and
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ctprep.config import to_jsonable
 from ctprep.region_text import region_texts, step_regions
 from ctprep.tokenizer import LoadedTokenizer, tokenize_padded
 
@@ -118,3 +120,38 @@ def tokenize_case_text(
         "tokenizer": dict(tok.identity),
     }
     return arrays, meta
+
+
+# --------------------------------------------------------------------------- stage wrapper
+
+from ctprep.stages.base import CaseTask, atomic_path, case_stage  # noqa: E402
+from ctprep.tokenizer import load_tokenizer, tokenizer_identity  # noqa: E402
+
+
+def text_config_slice(config) -> dict:
+    """Text settings, the tokenizer's *content* identity and the region list (not the tokenizer path:
+    the same tokenizer copied elsewhere must not rerun anything)."""
+    settings = to_jsonable(config.text)
+    settings.pop("tokenizer", None)
+    return {"text": settings, "tokenizer_hash": tokenizer_identity(config.text.tokenizer)["hash"],
+            "regions": list(config.regions.names)}
+
+
+@case_stage("text", upstream=(), version="1", config_slice=text_config_slice,
+            output=lambda case_id: f"text/{case_id}", case_fields=("text",))
+def run_text(task: CaseTask) -> dict:
+    """Writer: folder ``text/<case>/`` with ``text.json`` (strings as tokenized) and one ``.npy`` per array."""
+    cfg = task.config.text
+    tok = load_tokenizer(cfg.tokenizer)
+    arrays, meta = tokenize_case_text(
+        task.case.text, tok, task.config.regions.names, cfg.region_keywords,
+        max_len_report=cfg.max_len_report, max_len_step=cfg.max_len_step, max_len_region=cfg.max_len_region,
+        max_steps=cfg.max_steps, no_finding_text=cfg.no_finding_text,
+    )
+    with atomic_path(task.output_path) as tmp:
+        tmp.mkdir(parents=True)
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        (tmp / "text.json").write_text(json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    return {"steps": len(meta["steps_text"]), "report_tokens": int(arrays["report_len"]),
+            "regions_with_text": int(arrays["region_has_text"].sum())}

@@ -1,0 +1,137 @@
+"""pack: deterministic shards readable without project code, index consistency, generations."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import zstandard
+
+from ctprep.schema import NPY_MEMBERS, META_KEYS, strip_compression
+from ctprep.stages.pack import check_index, read_index, run_pack, tar_sample_keys
+from tests.pack_helpers import aggregate_task, make_case, record, run_case_stages, small_config
+
+
+def build(tmp, cfg, ids_seeds, source="ctrate", split="train"):
+    work, entries = tmp / "work", []
+    for cid, seed in ids_seeds:
+        case = make_case(cid, seed, source, split)
+        entries.append((case, run_case_stages(work, case, seed, cfg)))
+    return entries
+
+
+def test_plain_webdataset_and_tar_roundtrip(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    cfg = small_config(shard_max_samples=2)
+    entries = build(tmp_path, cfg, [("c_b", 2), ("c_a", 1), ("c_c", 3)])
+    out = tmp_path / "shards"
+    results = run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
+    assert sorted(r.case_id for r in results if r.status == "done") == ["c_a", "c_b", "c_c"]
+    index = read_index(out)
+    assert [e["samples"] for e in index["splits"]["train"]] == [2, 1]
+    assert check_index(out) == []
+
+    # webdataset alone (no project code): every member present; plain .npy and .json decode.
+    url = str(out / index["splits"]["train"][0]["path"])
+    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == ["c_a", "c_b"]
+    want = {f"{m}.npy" for m in NPY_MEMBERS if m not in ("image", "mask")} | {"image.npy.zst", "mask.npy.zst", "meta.json"}
+    for s in samples:
+        assert want == {k for k in s if not k.startswith("__")}
+        assert set(s["meta.json"]) == set(META_KEYS) and s["meta.json"]["id"] == s["__key__"]
+        assert s["regions.npy"].dtype == np.float16 and s["labels.npy"].dtype == np.int8
+        assert s["labels.npy"][9] == 1 and s["labels.npy"][0] == -1
+        assert s["report_ids.npy"].dtype == np.int32 and s["steps_ids.npy"].shape == (2, 16)
+        assert s["meta.json"]["steps_text"] == ["Look at the lungs.", s["meta.json"]["steps_text"][1]]
+        assert isinstance(s["image.npy.zst"], bytes)  # zst is not a webdataset codec: raw bytes
+
+    # tar + zstandard + numpy: the compressed members.
+    with tarfile.open(url) as tar:
+        names = tar.getnames()
+        assert names == sorted(names)  # members sorted within (and across) samples
+        for m in tar.getmembers():
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+        data = tar.extractfile("c_a.image.npy.zst").read()
+        member, suffix = strip_compression("image.npy.zst")
+        image = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
+        mask = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(tar.extractfile("c_a.mask.npy.zst").read())))
+    assert (member, suffix) == ("image.npy", ".zst")
+    assert image.dtype == np.int16 and image.shape == (8, 32, 32) and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask.shape, samples[0]["meta.json"]["shape"])
+
+
+def test_byte_identical_rebuild(tmp_path):
+    cfg = small_config(shard_max_samples=2)
+    entries = build(tmp_path, cfg, [("x1", 1), ("x2", 2), ("x3", 3)])
+    run_pack(aggregate_task(tmp_path / "work", tmp_path / "a", cfg, entries))
+    run_pack(aggregate_task(tmp_path / "work", tmp_path / "b", cfg, entries))
+    a, b = read_index(tmp_path / "a"), read_index(tmp_path / "b")
+    assert [e["sha256"] for e in a["splits"]["train"]] == [e["sha256"] for e in b["splits"]["train"]]
+    for e in a["splits"]["train"]:
+        assert (tmp_path / "a" / e["path"]).read_bytes() == (tmp_path / "b" / e["path"]).read_bytes()
+    # Delete the shards and rebuild in place: same bytes again.
+    shutil.rmtree(tmp_path / "b")
+    run_pack(aggregate_task(tmp_path / "work", tmp_path / "b", cfg, entries))
+    assert read_index(tmp_path / "b")["splits"] == b["splits"]
+
+
+def test_new_batch_appends_a_generation_and_changed_case_supersedes(tmp_path):
+    cfg = small_config(shard_max_samples=2)
+    out = tmp_path / "shards"
+    batch1 = build(tmp_path, cfg, [("o1", 1), ("o2", 2), ("o3", 3), ("o4", 4)], source="omniabnorm")
+    manifest = record({}, run_pack(aggregate_task(tmp_path / "work", out, cfg, batch1)))
+    first = read_index(out)
+    before = {e["path"]: (out / e["path"]).read_bytes() for e in first["splits"]["train"]}
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in before}
+
+    # Nothing changed: nothing written, index untouched.
+    assert run_pack(aggregate_task(tmp_path / "work", out, cfg, batch1, manifest)) == []
+    assert read_index(out) == first
+
+    # A new batch: only its cases are packed, into generation 2, next to the old shards.
+    batch2 = build(tmp_path, cfg, [("o5", 5), ("o6", 6), ("o7", 7)], source="omniabnorm")
+    results = run_pack(aggregate_task(tmp_path / "work", out, cfg, batch1 + batch2, manifest))
+    assert sorted(r.case_id for r in results) == ["o5", "o6", "o7"]
+    record(manifest, results)
+    second = read_index(out)
+    assert [g["generation"] for g in second["generations"]] == [1, 2]
+    assert second["splits"]["train"][:2] == first["splits"]["train"]
+    assert {e["generation"] for e in second["splits"]["train"][2:]} == {2}
+    for p, data in before.items():
+        assert (out / p).read_bytes() == data and (out / p).stat().st_mtime_ns == mtimes[p]
+    assert check_index(out) == []
+
+    # A changed case (o2 re-processed) supersedes its sample: its shard is retired, its
+    # shard-mate o1 is re-homed, and no case is listed twice.
+    changed = [(c, dict(u)) for c, u in batch1 + batch2]
+    changed[1][1]["regions"].key = "changed"
+    results = run_pack(aggregate_task(tmp_path / "work", out, cfg, changed, manifest))
+    assert sorted(r.case_id for r in results) == ["o1", "o2"]
+    third = read_index(out)
+    listed = [e["path"] for e in third["splits"]["train"]]
+    assert before and list(before)[0] not in listed and list(before)[1] in listed
+    assert third["retired"] == [{"path": list(before)[0], "generation": 3}]
+    assert (out / list(before)[0]).read_bytes() == before[list(before)[0]]  # retired file untouched
+    keys = [k for p in listed for k in tar_sample_keys(out / p)]
+    assert sorted(keys) == [f"o{i}" for i in range(1, 8)]
+    assert check_index(out) == []
+
+
+def test_check_index_catches_tampering(tmp_path):
+    cfg = small_config()
+    entries = build(tmp_path, cfg, [("t1", 1)])
+    out = tmp_path / "s"
+    run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
+    path = out / read_index(out)["splits"]["train"][0]["path"]
+    data = bytearray(path.read_bytes())
+    data[700] ^= 1
+    path.write_bytes(bytes(data))
+    assert any("sha256" in p for p in check_index(out))
+    index = read_index(out)
+    index["splits"]["train"][0]["samples"] = 5
+    (out / "index.json").write_text(json.dumps(index))
+    assert any("samples" in p for p in check_index(out, hashes=False))
