@@ -1,0 +1,192 @@
+"""Pretraining losses: CLIP InfoNCE (gathered across ranks), region-text, CoT step alignment, labels.
+
+Every loss takes the ``CTCLIP.forward`` outputs and the batch (trainer/data.py contract) and
+never lets padding leak in: padded steps, regions without text and unknown labels (-1) are
+selected out by their masks before any arithmetic, so their values cannot change the loss.
+Importable without DeepSpeed (torch.distributed only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import all_gather_with_grad, world_info
+
+
+@dataclass
+class LossConfig:
+    clip: float = 1.0  # weight: global image <-> report InfoNCE
+    region: float = 0.5  # weight: region embedding <-> region sentence contrastive
+    step: float = 0.5  # weight: CoT step <-> step-head evidence alignment
+    labels: float = 0.1  # weight: auxiliary 18-label BCE (0 = off)
+    gather_with_grad: bool = True  # gathered features keep gradients (exact full-batch gradient)
+    step_pool_scale: float = 10.0  # unitless sharpness of a step's attention over evidence tokens
+    label_smoothing: float = 0.0  # InfoNCE label smoothing (0 = none)
+
+
+def _zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """A zero loss still attached to the graph (all ranks/engines see the same parameters used)."""
+    return sum(t.sum() * 0.0 for t in tensors if t is not None and t.dtype.is_floating_point)
+
+
+def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """All ranks' ``x`` along dim 0; without grad, only the local slice carries gradient."""
+    rank, world = world_info()
+    if world == 1:
+        return x
+    if with_grad:
+        return all_gather_with_grad(x)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              gather_with_grad: bool = True, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE in local-loss form.
+
+    Each rank scores its B local rows against all B x world gathered columns (B x B*world
+    logits, not (B*world)^2); the mean of the ranks' losses equals the full-matrix loss.
+
+    Args:
+        image, text: (B, E) L2-normalized, the same B on every rank.
+        logit_scale: () the exp'd inverse temperature.
+    """
+    rank, world = world_info()
+    all_image = gather_features(image, gather_with_grad)
+    all_text = gather_features(text, gather_with_grad)
+    target = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    logits_per_image = logit_scale * image @ all_text.T
+    logits_per_text = logit_scale * text @ all_image.T
+    return 0.5 * (F.cross_entropy(logits_per_image, target, label_smoothing=label_smoothing)
+                  + F.cross_entropy(logits_per_text, target, label_smoothing=label_smoothing))
+
+
+def _same_text(ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(len(rows), len(cols)) bool: token-identical sentences (padding ignored)."""
+    masked = torch.where(attn.bool(), ids.long(), torch.full_like(ids.long(), -1))
+    lengths = attn.bool().sum(-1)
+    same = (masked[rows][:, None, :] == masked[cols][None, :, :]).all(-1)
+    return same & (lengths[rows][:, None] == lengths[cols][None, :])
+
+
+def region_text_loss(region_embed: torch.Tensor, region_present: torch.Tensor,
+                     region_text_embed: torch.Tensor, region_text_valid: torch.Tensor,
+                     region_has_text: torch.Tensor, region_text_ids: torch.Tensor,
+                     region_text_attn: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Region <-> region-sentence contrastive over all (volume, region) pairs of the local batch.
+
+    Rule (why: "no significant abnormality in the X" sentences are the same text for thousands of
+    volumes, so treating them as distinct classes would push identical sentences apart):
+
+    - Anchors (rows) are only pairs with their own finding text (``region_has_text``), a present
+      region (non-zero assignment) and a valid sentence. Default "no abnormality" sentences are
+      never anchors, hence never contrasted against each other.
+    - Candidates (columns) are all valid sentences (image -> text) or all present regions
+      (text -> image) of the batch, any region, any volume. A default sentence is a true negative
+      for an anchor with a finding, so it stays a negative.
+    - Any column whose sentence is token-identical to the anchor's (other than the anchor itself)
+      is masked out, so a duplicated finding text is never a false negative.
+
+    Shapes: region_embed, region_text_embed (B, R, E) normalized; the rest (B, R) bool, ids/attn (B, R, L).
+    """
+    b, r, e = region_embed.shape
+    vis, txt = region_embed.reshape(b * r, e), region_text_embed.reshape(b * r, e)
+    present, text_ok = region_present.reshape(-1).bool(), region_text_valid.reshape(-1).bool()
+    anchors = (region_has_text.reshape(-1).bool() & present & text_ok).nonzero().squeeze(1)
+    if anchors.numel() == 0:
+        return _zero(region_embed, region_text_embed)
+    ids, attn = region_text_ids.reshape(b * r, -1), region_text_attn.reshape(b * r, -1)
+    losses = []
+    for cols, anchor_feat, col_feat in ((text_ok.nonzero().squeeze(1), vis, txt),
+                                        (present.nonzero().squeeze(1), txt, vis)):
+        logits = logit_scale * anchor_feat[anchors] @ col_feat[cols].T  # (A, C)
+        is_self = anchors[:, None] == cols[None, :]
+        duplicate = _same_text(ids, attn, anchors, cols) & text_ok[cols][None, :] & ~is_self
+        logits = logits.masked_fill(duplicate, float("-inf"))
+        losses.append(F.cross_entropy(logits, is_self.float().argmax(1)))
+    return 0.5 * (losses[0] + losses[1])
+
+
+def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step_evidence: torch.Tensor,
+                        logit_scale: torch.Tensor, pool_scale: float = 10.0,
+                        gather_with_grad: bool = True) -> torch.Tensor:
+    """Each valid CoT step must pick its own volume among the batch's volumes.
+
+    A step embedding t attends over a volume's evidence tokens (softmax(pool_scale * t . e_k))
+    and is scored against the pooled evidence; the same pooling is applied to every candidate
+    volume, so the positive has no built-in advantage. Rows are only valid steps (padding is
+    selected out); columns are all volumes of all ranks (evidence gathered with gradients).
+
+    Shapes: step_embed (B, S, E) normalized; step_valid (B, S) bool; step_evidence (B, K, E) normalized.
+    """
+    rank, world = world_info()
+    b = step_embed.shape[0]
+    valid = step_valid.bool()
+    owner = torch.arange(b, device=step_embed.device)[:, None].expand_as(valid)[valid] + rank * b
+    steps = step_embed[valid]  # (M, E)
+    evidence = gather_features(step_evidence, gather_with_grad)  # (B*world, K, E)
+    if steps.shape[0] == 0:
+        return _zero(step_embed, step_evidence) + _zero(evidence)
+    attn = torch.softmax(pool_scale * torch.einsum("me,vke->mvk", steps, evidence), dim=-1)
+    pooled = F.normalize(torch.einsum("mvk,vke->mve", attn, evidence), dim=-1)
+    logits = logit_scale * torch.einsum("me,mve->mv", steps, pooled)
+    return F.cross_entropy(logits, owner)
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE over known labels only (-1 = unknown is selected out)."""
+    known = labels >= 0
+    if not known.any():
+        return _zero(logits)
+    return F.binary_cross_entropy_with_logits(logits[known], labels[known].to(logits.dtype))
+
+
+class MultiTaskLoss:
+    """Weighted sum of the terms; a term with weight 0 or whose outputs are absent is skipped.
+
+    ``__call__(outputs, batch) -> (total, {term: detached value})``; term names: clip, region, step,
+    labels. Rank and world size come from torch.distributed when it is initialized.
+    """
+
+    TERMS = ("clip", "region", "step", "labels")
+
+    def __init__(self, cfg: LossConfig | dict | None = None):
+        if cfg is None:
+            cfg = LossConfig()
+        elif isinstance(cfg, dict):
+            names = {f.name for f in dataclasses.fields(LossConfig)}
+            unknown = set(cfg) - names
+            if unknown:
+                raise ValueError(f"unknown loss option(s) {sorted(unknown)}; valid choices: {sorted(names)}")
+            cfg = LossConfig(**cfg)
+        self.cfg = cfg
+
+    def terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        cfg, terms = self.cfg, {}
+        if cfg.clip and "text_embed" in out:
+            terms["clip"] = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"],
+                                      cfg.gather_with_grad, cfg.label_smoothing)
+        if cfg.region and "region_embed" in out and "region_text_embed" in out:
+            terms["region"] = region_text_loss(
+                out["region_embed"], out["region_present"], out["region_text_embed"], out["region_text_valid"],
+                batch["region_has_text"], batch["region_text_ids"], batch["region_text_attn"],
+                out["local_logit_scale"])
+        if cfg.step and "step_embed" in out:
+            terms["step"] = step_alignment_loss(out["step_embed"], out["step_valid"], out["step_evidence"],
+                                                out["step_logit_scale"], cfg.step_pool_scale, cfg.gather_with_grad)
+        if cfg.labels and "label_logits" in out and "labels" in batch:
+            terms["labels"] = label_loss(out["label_logits"], batch["labels"].to(out["label_logits"].device))
+        return terms
+
+    def __call__(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.terms(out, batch)
+        if not terms:
+            raise ValueError("no loss term applies: every weight is 0 or the outputs lack their inputs")
+        total = sum(getattr(self.cfg, name) * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}

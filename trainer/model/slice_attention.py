@@ -1,0 +1,239 @@
+"""SliceAwareAttention: self-attention plus a learnable per-head bias indexed by slice distance.
+
+Token layout (shared with ``patch_embed``): token 0 is CLS, tokens 1..P are patches in
+z-major raster order (pz, py, px) = Conv3d flatten order. ``z_index[i]`` is the patch
+layer (z) of token i and -1 for CLS.
+
+Bias rule: ``bias[h, i, j] = table[h, min(|z_i - z_j|, max_distance - 1)]`` for two patch
+tokens; any pair that involves CLS uses its own learned per-head entry
+(``table[h, max_distance]``), so CLS is never pretended to sit on a slice.
+
+Kernels (exact, all compute the same function):
+
+- ``flex``: FlexAttention with a ``score_mod`` that gathers the bias from the table; no
+  N x N tensor ever exists. Compiled on CUDA. On CPU FlexAttention runs forward only
+  (torch raises NotImplementedError in backward), so it is usable there for inference only.
+- ``blocked``: the memory-bounded exact CPU path. Query blocks of ``block_size``; the bias
+  block is gathered per block and recomputed in backward from the saved log-sum-exp
+  (flash-attention style), so memory is O(block_size x N), not O(N^2).
+- ``reference``: the bias materialized as (H, N, N) + ``scaled_dot_product_attention``;
+  the test oracle only (16,385 tokens x 12 heads would be 12.9 GB per layer).
+- ``sdpa``: plain SDPA, no bias; what ``auto`` picks when the slice bias is switched off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("auto", "flex", "blocked", "reference", "sdpa")
+
+
+def slice_distance_index(z_q: torch.Tensor, z_k: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """Table column for each (query, key) pair: clipped |z_q - z_k|, or ``max_distance`` if CLS is involved.
+
+    Args:
+        z_q: (Nq,) long, patch layer per query token, -1 for CLS.
+        z_k: (Nk,) long, same for keys.
+    Returns:
+        (Nq, Nk) long in [0, max_distance].
+    """
+    d = (z_q[:, None] - z_k[None, :]).abs().clamp_(max=max_distance - 1)
+    cls = (z_q[:, None] < 0) | (z_k[None, :] < 0)
+    return d.masked_fill_(cls, max_distance)
+
+
+def reference_slice_attention(q, k, v, table, z_index, scale=None):
+    """Oracle: materialize the (H, N, N) bias and call SDPA. q, k, v: (B, H, N, Dh); table: (H, T)."""
+    idx = slice_distance_index(z_index, z_index, table.shape[1] - 1)
+    bias = table[:, idx].to(q.dtype)  # (H, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+
+
+class _BlockedSliceAttention(torch.autograd.Function):
+    """Exact attention with the slice bias, one query block at a time, O(block x N) memory.
+
+    Forward keeps only q, k, v, the output and the per-row log-sum-exp; backward rebuilds
+    each block's scores (bias gathered again) and accumulates dq, dk, dv and the table grad.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, z_index, block_size: int, scale: float):
+        b, h, n, _ = q.shape
+        max_distance = table.shape[1] - 1
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in >= fp32 even for bf16 inputs
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, n, dtype=acc, device=q.device)
+        kt = k.transpose(-1, -2)
+        for s in range(0, n, block_size):
+            e = min(s + block_size, n)
+            idx = slice_distance_index(z_index[s:e], z_index, max_distance)
+            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale).add_(table[:, idx].to(acc))
+            m = torch.logsumexp(scores, dim=-1, keepdim=True)
+            p = scores.sub_(m).exp_()
+            out[:, :, s:e] = torch.matmul(p.to(v.dtype), v)
+            lse[:, :, s:e] = m.squeeze(-1)
+        ctx.save_for_backward(q, k, v, table, z_index, out, lse)
+        ctx.block_size, ctx.scale = block_size, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, table, z_index, out, lse = ctx.saved_tensors
+        block_size, scale = ctx.block_size, ctx.scale
+        n = q.shape[2]
+        max_distance = table.shape[1] - 1
+        dout = dout.contiguous()
+        dq = torch.empty_like(q)
+        acc = lse.dtype
+        dk = torch.zeros_like(k, dtype=acc)
+        dv = torch.zeros_like(v, dtype=acc)
+        dtable = torch.zeros(table.shape, dtype=acc, device=table.device)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, H, N): rowsum(dO * O)
+        kt = k.transpose(-1, -2)
+        for s in range(0, n, block_size):
+            e = min(s + block_size, n)
+            idx = slice_distance_index(z_index[s:e], z_index, max_distance)
+            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale).add_(table[:, idx].to(acc))
+            p = scores.sub_(lse[:, :, s:e, None]).exp_()  # (B, H, bq, N)
+            do = dout[:, :, s:e]
+            dv += torch.matmul(p.transpose(-1, -2), do.to(acc))
+            dp = torch.matmul(do, v.transpose(-1, -2)).to(acc)
+            ds = p.mul_(dp.sub_(delta[:, :, s:e, None]))  # dS = P * (dP - delta), in place on p
+            dq[:, :, s:e] = torch.matmul(ds, k.to(acc)).mul_(scale).to(q.dtype)
+            dk += torch.matmul(ds.transpose(-1, -2), q[:, :, s:e].to(acc)).mul_(scale)
+            if ctx.needs_input_grad[3]:
+                dtable.index_add_(1, idx.reshape(-1), ds.sum(0).reshape(table.shape[0], -1))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype), None, None, None
+
+
+def blocked_slice_attention(q, k, v, table, z_index, block_size: int = 256, scale=None):
+    """Memory-bounded exact slice-biased attention (CPU training path). Shapes as the reference."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _BlockedSliceAttention.apply(q, k, v, table, z_index, int(block_size), float(scale))
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled once per process: the eager version is a slow forward-only fallback on CPU.
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_slice_attention(q, k, v, table, z_index, scale=None, compiled: bool | None = None):
+    """FlexAttention with the slice bias as ``score_mod``; never builds an N x N tensor."""
+    max_distance = table.shape[1] - 1
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        zq = z_index[q_idx]
+        zk = z_index[kv_idx]
+        d = torch.clamp((zq - zk).abs(), max=max_distance - 1)
+        d = torch.where((zq < 0) | (zk < 0), max_distance, d)
+        return score + table[h, d].to(score.dtype)
+
+    return _flex_fn(bool(compiled))(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def select_kernel(requested: str, slice_bias: bool, device: torch.device, needs_grad: bool) -> str:
+    """The kernel to run: ``requested`` if valid here, else the best valid one for ``auto``."""
+    if requested not in KERNELS:
+        raise ValueError(f"unknown attention kernel {requested!r}; valid choices: {', '.join(KERNELS)}")
+    if not slice_bias:
+        if requested not in ("auto", "sdpa"):
+            raise ValueError(f"attention kernel {requested!r} applies the slice bias, which is off; use auto or sdpa")
+        return "sdpa"
+    if requested == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "blocked"
+    if requested == "sdpa":
+        raise ValueError("attention kernel 'sdpa' would drop the slice bias; set slice_bias false or use auto")
+    if requested == "flex":
+        if not flex_available():
+            raise RuntimeError("attention kernel 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        if device.type != "cuda" and needs_grad:
+            raise RuntimeError(
+                "FlexAttention cannot run backward on CPU; use kernel 'blocked' (or 'auto') for CPU training"
+            )
+    return requested
+
+
+class SliceAwareAttention(nn.Module):
+    """Multi-head self-attention with a learnable bias per head indexed by slice distance.
+
+    Args:
+        dim: token channels.
+        num_heads: attention heads.
+        max_slice_distance: table length in patch layers; farther pairs share the last entry.
+        slice_bias: False = plain self-attention (ablation).
+        kernel: one of ``KERNELS``; ``auto`` = flex on CUDA, blocked elsewhere.
+        block_size: query tokens per block of the blocked kernel.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        max_slice_distance: int = 32,
+        slice_bias: bool = True,
+        kernel: str = "auto",
+        block_size: int = 256,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+        select_kernel(kernel, slice_bias, torch.device("cpu"), needs_grad=False)  # fail early on bad options
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.kernel = kernel
+        self.block_size = block_size
+        self.max_slice_distance = max_slice_distance
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if slice_bias:
+            # Columns 0..max_distance-1: slice distance; last column: any pair involving CLS.
+            self.slice_bias_table = nn.Parameter(torch.zeros(num_heads, max_slice_distance + 1))
+            nn.init.trunc_normal_(self.slice_bias_table, std=0.02)
+        else:
+            self.register_parameter("slice_bias_table", None)
+
+    def resolve_kernel(self, x: torch.Tensor) -> str:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)
+        return select_kernel(self.kernel, self.slice_bias_table is not None, x.device, needs_grad)
+
+    def attend(self, q, k, v, z_index, kernel: str):
+        if kernel == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        table = self.slice_bias_table
+        if kernel == "flex":
+            return flex_slice_attention(q, k, v, table, z_index, scale=self.scale)
+        if kernel == "blocked":
+            return blocked_slice_attention(q, k, v, table, z_index, self.block_size, scale=self.scale)
+        return reference_slice_attention(q, k, v, table, z_index, scale=self.scale)
+
+    def forward(self, x: torch.Tensor, z_index: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """x: (B, N, C) tokens; z_index: (N,) long patch layer per token (-1 = CLS)."""
+        b, n, c = x.shape
+        if z_index.shape != (n,):
+            raise ValueError(f"z_index has shape {tuple(z_index.shape)}, expected ({n},)")
+        kernel = self.resolve_kernel(x) if kernel is None else select_kernel(
+            kernel, self.slice_bias_table is not None, x.device, torch.is_grad_enabled()
+        )
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.attend(qkv[0], qkv[1], qkv[2], z_index, kernel)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
