@@ -316,3 +316,35 @@ def test_dockerignore_excludes_heavy_paths(path):
 )
 def test_dockerignore_keeps_sources(path):
     assert not dockerignore_excludes(path, dockerignore_rules()), path
+
+
+# --------------------------------------------------------------------------- cluster recipes
+
+
+def test_kubernetes_daskcluster_matches_the_compose_worker():
+    spec = yaml.safe_load((REPO / "docker/cluster/daskcluster.yaml").read_text())
+    assert spec["kind"] == "DaskCluster" and spec["apiVersion"].startswith("kubernetes.dask.org/")
+    worker = spec["spec"]["worker"]["spec"]["containers"][0]
+    args = [str(a) for a in worker["args"]]
+    assert args[:2] == ["dask", "worker"]
+    assert args[args.index("--nthreads") + 1] == "1" and "--memory-limit" in args
+    mounts = {m["mountPath"]: m for m in worker["volumeMounts"]}
+    assert mounts["/data"]["readOnly"] is True and "/out" in mounts
+    # The driver pod sees the same paths as the workers (paths are sent verbatim).
+    import json
+
+    driver = json.loads((REPO / "docker/cluster/driver-overrides.json").read_text())["spec"]["containers"][0]
+    assert {m["mountPath"] for m in driver["volumeMounts"]} == set(mounts)
+    assert "--scheduler" in driver["args"]
+    compose_image = load_compose()["services"]["worker"]["image"]
+    assert worker["image"].split(":")[0] in compose_image
+
+
+def test_slurm_recipes_are_valid_scripts():
+    import py_compile
+
+    res = subprocess.run(["bash", "-n", str(REPO / "docker/cluster/slurm_dask.sbatch")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = (REPO / "docker/cluster/slurm_dask.sbatch").read_text()
+    assert "--nthreads 1" in text and "--memory-limit" in text and "--scheduler" in text
+    py_compile.compile(str(REPO / "docker/cluster/jobqueue_build_shards.py"), doraise=True)
