@@ -1,0 +1,198 @@
+"""Typed training configuration: one YAML composes model, data, loss, optimizer and DeepSpeed.
+
+A config file has five sections (``model``, ``data``, ``loss``, ``optim``, ``train``), each
+loaded into its own dataclass so that every part of the trainer receives only the slice it
+needs. Unknown keys fail loudly with the valid choices (MONAI ``look_up_option`` style), and
+command-line overrides use dotted keys (``optim.lr=1e-4``, ``data.sources.ctrate=2``) whose
+values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a file in configs/model/ (trainer.model.list_models()) or a path
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys passed to create_model
+    # Module providing create_model(name, **overrides) and save_pretrained(model, dir);
+    # tests plug in a stand-in module here.
+    module: str = "trainer.model"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # folder holding index.json (relative to the working directory)
+    train_split: str = "train"
+    valid_split: str = "valid"
+    # source name -> sampling weight; a source missing from the shards is an error, weight 0 drops it.
+    sources: dict[str, float] = field(default_factory=lambda: {"ctrate": 1.0})
+    batch_size: int = 2  # samples per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)
+    buffer_size: int = 8  # shuffle buffer, in samples; holds only tar offsets, decode is lazy
+    num_workers: int = 1  # DataLoader worker processes per rank
+    prefetch_factor: int = 2  # batches prefetched per worker
+    seed: int = 0  # one seed on every rank: shard order, buffer, source choice
+    pin_memory: bool = True  # used only when a CUDA device is present
+    schema_version: int = 1  # refuse shards written with another ctprep.schema.SCHEMA_VERSION
+    # Tokenizer identity the shards must carry: "model" = the model's text tower tokenizer
+    # (ctprep.tokenizer.tokenizer_identity of model text.path), "index" = whatever index.json says
+    # (only checks that all shards agree), or an explicit {"name": ..., "hash": ...}.
+    tokenizer: Any = "model"
+    patch_size: list[int] = field(default_factory=lambda: [4, 16, 16])  # (z, y, x) voxels
+    valid_max_samples: int = 256  # cap on validation samples (0 = all)
+
+
+@dataclass
+class LossConfig:
+    # "module:callable" building the loss from the options below.
+    factory: str = "trainer.losses:MultiTaskLoss"
+    weights: dict[str, float] = field(default_factory=dict)  # term name -> weight
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword options of the loss
+    # Upper bound of every exp'd logit scale (CLIP's 100 = temperature 0.01), applied to the
+    # model outputs before the loss; the fp32 master weights live in the DeepSpeed optimizer,
+    # so clamping at use is the one place that works for ZeRO 2 and 3 alike.
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate after warmup
+    weight_decay: float = 0.05  # AdamW decoupled decay; biases, norms and logit scales get 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 10  # optimizer steps of linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # total optimizer steps (after gradient accumulation)
+    deepspeed: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON (zero stage, bf16, clipping)
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the JSON
+    output: str = "runs/demo"
+    log_every: int = 1  # optimizer steps between metrics.jsonl / TensorBoard rows
+    val_every: int = 50  # optimizer steps between validations (0 = only at the end)
+    ckpt_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk (older ones deleted)
+    retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # >0: reuse the first N micro-batches forever (overfitting sanity check).
+    overfit_batches: int = 0
+    seed: int = 0  # torch RNG seed (model init, dropout); rank is added for dropout streams
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config key or value that the trainer does not know."""
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in '{where}'; valid keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].type
+        if isinstance(sub, str) and sub in _SECTIONS:
+            kwargs[name] = _build(_SECTIONS[sub], value or {}, f"{where}.{name}".lstrip("."))
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "ModelConfig": ModelConfig,
+    "DataConfig": DataConfig,
+    "LossConfig": LossConfig,
+    "OptimConfig": OptimConfig,
+    "TrainConfig": TrainConfig,
+}
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' must look like key.sub=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a training YAML, apply dotted ``key=value`` overrides, and type-check the sections."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        apply_override(tree, item)
+    cfg = _build(Config, tree, "")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be >= 1")
+    if len(cfg.data.patch_size) != 3:
+        raise ConfigError("data.patch_size must be [pz, py, px]")
+    if not any(w > 0 for w in cfg.data.sources.values()):
+        raise ConfigError("data.sources needs at least one source with a weight > 0")
+    if cfg.train.steps < 0:
+        raise ConfigError("train.steps must be >= 0")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """Read the DeepSpeed JSON and fill in what the YAML owns (micro batch size).
+
+    The JSON owns the ZeRO stage, bf16, gradient accumulation and clipping; ``"auto"``
+    for ``gradient_accumulation_steps`` means 1. The optimizer and scheduler are built by the
+    trainer (torch AdamW + warmup/cosine), so an ``optimizer``/``scheduler`` block is refused
+    rather than silently ignored.
+    """
+    ds = json.loads(Path(cfg.train.deepspeed).read_text())
+    ds = _merge(ds, cfg.train.deepspeed_overrides)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{cfg.train.deepspeed}: remove '{key}'; the trainer builds it from the 'optim' section"
+            )
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
+    if ds.get("gradient_accumulation_steps", "auto") == "auto":
+        ds["gradient_accumulation_steps"] = 1
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    return ds
