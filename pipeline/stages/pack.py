@@ -44,7 +44,7 @@ import numpy as np
 
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
-from ctprep.schema import INDEX_FILE, SCHEMA_VERSION, is_safe_case_id
+from ctprep.schema import INDEX_FILE, SCHEMA_VERSION, is_safe_case_id, strip_compression
 from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage
 from ctprep.tokenizer import tokenizer_identity
 
@@ -565,11 +565,10 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
 # --------------------------------------------------------------------------- measurement
 
 
-def measure_compression(shape_zyx: tuple[int, int, int], seed: int = 0, zstd_level: int = 3) -> list[dict[str, Any]]:
-    """Bytes and encode / decode seconds of image and mask members, per compression.
+def phantom_case(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy chest-like phantom (body, two lungs, N(0, 15) HU noise) and its lung mask.
 
-    Uses a noisy chest-like phantom (body, two lungs, N(0, 15) HU noise): noise
-    sets the entropy of real CT too, so it is the honest case for the image.
+    Noise sets the entropy of real CT too, so this is the honest case for the image.
     """
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[-1 : 1 : shape_zyx[0] * 1j, -1 : 1 : shape_zyx[1] * 1j, -1 : 1 : shape_zyx[2] * 1j]
@@ -582,6 +581,15 @@ def measure_compression(shape_zyx: tuple[int, int, int], seed: int = 0, zstd_lev
     image += rng.normal(0, 15, shape_zyx).astype(np.float32)
     image = np.clip(image, -1024, 3071).astype(np.int16)
     mask = lung.astype(np.uint8)
+    return image, mask
+
+
+def measure_compression(shape_zyx: tuple[int, int, int], seed: int = 0, zstd_level: int = 3) -> list[dict[str, Any]]:
+    """Bytes and encode / decode seconds of image and mask members, per compression.
+
+    Uses :func:`phantom_case`.
+    """
+    image, mask = phantom_case(shape_zyx, seed)
     rows = []
     for name, arr in (("image", image), ("mask", mask)):
         raw = npy_bytes(arr)
@@ -598,15 +606,56 @@ def measure_compression(shape_zyx: tuple[int, int, int], seed: int = 0, zstd_lev
     return rows
 
 
+def measure_shard_read(shape_zyx: tuple[int, int, int], samples: int, work_dir: str | os.PathLike,
+                       zstd_level: int = 3) -> list[dict[str, Any]]:
+    """Write ``samples`` phantom samples per compression into a shard and time a full read.
+
+    The read is tar streaming (``tarfile``, as webdataset does) + decompression + ``np.load``
+    of image and mask, from the page cache, so it is the CPU cost; add bytes / storage
+    bandwidth for the I/O. The break-even bandwidth is where both choices cost the same.
+    """
+    image, mask = phantom_case(shape_zyx, 1)
+    rows = []
+    for method in ("none", "zst", "gz"):
+        out = Path(work_dir) / f"measure-{method}"
+        writer = ShardWriter(out, "m", max_bytes=1 << 40, max_samples=samples)
+        for i in range(samples):
+            writer.write(f"case{i:04d}", sample_members({"image": image, "mask": mask}, {"id": i}, method, zstd_level))
+        shard = writer.close()[0]
+        t0 = time.perf_counter()
+        with tarfile.open(out / shard.path, "r|") as tar:
+            for m in tar:
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                member, suffix = strip_compression(m.name.split(".", 1)[1])
+                if member.endswith(".npy"):
+                    np.lib.format.read_array(io.BytesIO(decompress(data, suffix)), allow_pickle=False)
+        seconds = time.perf_counter() - t0
+        rows.append({"compression": method, "shape": list(shape_zyx), "samples": samples,
+                     "shard_bytes": shard.bytes, "bytes_per_sample": shard.bytes // samples,
+                     "read_decode_s_per_sample": round(seconds / samples, 3)})
+    base = rows[0]
+    for r in rows[1:]:
+        saved = base["bytes_per_sample"] - r["bytes_per_sample"]
+        extra = r["read_decode_s_per_sample"] - base["read_decode_s_per_sample"]
+        r["break_even_MBps"] = round(saved / extra / 1e6, 1) if extra > 0 else None
+    return rows
+
+
 def _main(argv: Iterable[str] | None = None) -> None:
     import argparse
+    import tempfile
 
     ap = argparse.ArgumentParser(description="Measure image/mask member compression (README 'pack').")
     ap.add_argument("--shape", type=int, nargs=3, default=(240, 480, 480), metavar=("Z", "Y", "X"))
     ap.add_argument("--zstd-level", type=int, default=3)
+    ap.add_argument("--read-samples", type=int, default=0, help="also time reading a shard of this many samples")
     args = ap.parse_args(list(argv) if argv is not None else None)
     for row in measure_compression(tuple(args.shape), zstd_level=args.zstd_level):
         print(json.dumps(row))
+    if args.read_samples:
+        with tempfile.TemporaryDirectory() as tmp:
+            for row in measure_shard_read(tuple(args.shape), args.read_samples, tmp, args.zstd_level):
+                print(json.dumps(row))
 
 
 if __name__ == "__main__":
