@@ -70,6 +70,7 @@ FAULT_KIND_TO_QUARANTINE = {
     "not_chest": NOT_CHEST,
     "non_chest_volume": NOT_CHEST,
     "unsafe_name": UNSAFE_NAME,
+    "path_in_name": UNSAFE_NAME,
     "implausible_spacing": IMPLAUSIBLE_SPACING,
 }
 

@@ -1,0 +1,695 @@
+"""The driver: scan sources, decide what is stale, run stages on Dask, record results.
+
+Only this module touches Dask. Flow of :func:`build`:
+
+1. **scan** every ``--src`` root (driver; file hashing may fan out), write the
+   ``cases`` rows and a ``scan`` row per case (done, or quarantined with a reason).
+2. compute every case's current key for every registered stage
+   (:func:`current_keys`) — pure hashing, no I/O.
+3. for each requested stage in pipeline order: a case is *eligible* when its
+   scan and all upstream stages are done with their current keys; it is *up
+   to date* when its row has the current key (and a done row's output still
+   exists). Eligible, not-up-to-date cases run: per-case stages as one Dask
+   task each (:func:`execute_case` on a worker), aggregate stages once on the
+   driver. Each result is written to the manifest as it arrives, after the
+   worker has moved the output into place.
+4. rewrite ``OUT/quarantine.jsonl`` from the manifest, print a summary line.
+
+Killing the driver or a worker at any point is safe: outputs are written to
+temporary names and renamed, and the manifest only learns about an output
+after it exists; a rerun redoes exactly the cases whose rows are missing or stale.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctprep.config import PipelineConfig, config_from_dict, stable_hash, to_jsonable
+from ctprep.manifest import Manifest, StageRow
+from ctprep.quarantine import STAGE_ERROR, Quarantine, QuarantineError, one_line, write_quarantine_jsonl
+from ctprep.sources.base import CaseInput, detect_source, get_source
+from ctprep.stages.base import (
+    STAGE_ORDER,
+    AggregateCase,
+    AggregateTask,
+    CaseResult,
+    CaseTask,
+    StageOutput,
+    StageSpec,
+    get_stage,
+    input_fingerprint,
+    list_stages,
+    remove_temp_debris,
+    stage_key,
+)
+
+MANIFEST_FILE = "manifest.sqlite"
+QUARANTINE_FILE = "quarantine.jsonl"
+# Native thread pools: one thread per Dask worker process (parallelism = processes).
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "BLOSC_NTHREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def default_workers() -> int:
+    """Small default: min(2, CPUs) worker processes."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def work_dir_for(out: Path, work: Path | None) -> Path:
+    return Path(work).resolve() if work else Path(out).resolve() / "work"
+
+
+# --------------------------------------------------------------------- worker side
+def pin_threads() -> None:
+    """Pin native thread pools of this process to one thread (idempotent)."""
+    for k, v in THREAD_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        import torch
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import numcodecs.blosc
+
+        numcodecs.blosc.set_nthreads(1)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def execute_case(task: CaseTask) -> CaseResult:
+    """Run one per-case stage on one case (on a Dask worker, or in process).
+
+    Never raises for a bad case: QuarantineError -> quarantined with its kind;
+    any other exception -> quarantined as ``stage_error`` with the exception's
+    one-line message (the run goes on; ``status`` shows it).
+    """
+    pin_threads()
+    spec = get_stage(task.stage)
+    t0 = time.perf_counter()
+    base = dict(case_id=task.case.case_id, stage=task.stage, key=task.key)
+    try:
+        info = spec.run(task) or {}
+        return CaseResult(**base, status="done", output=task.output_path, info=dict(info),
+                          seconds=time.perf_counter() - t0)
+    except QuarantineError as e:
+        return CaseResult(**base, status="quarantined", kind=e.kind, reason=e.reason, seconds=time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - bad input must never stop the run
+        return CaseResult(**base, status="quarantined", kind=STAGE_ERROR,
+                          reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------- Dask
+class Cluster:
+    """Lazily started Dask client: nothing starts when there is no work.
+
+    ``scheduler`` = address of an existing ``dask scheduler`` (its workers must
+    have ``ctprep`` installed); otherwise a LocalCluster of ``workers``
+    processes with one thread each. ``workers == 0`` runs tasks in process
+    (no Dask; for debugging and small tests).
+    """
+
+    def __init__(self, scheduler: str | None = None, workers: int | None = None):
+        self.scheduler = scheduler
+        self.workers = default_workers() if workers is None else workers
+        self.client = None
+        self._cluster = None
+
+    @property
+    def in_process(self) -> bool:
+        return not self.scheduler and self.workers == 0
+
+    def get(self):
+        if self.in_process:
+            return None
+        if self.client is None:
+            from distributed import Client, LocalCluster
+
+            if self.scheduler:
+                self.client = Client(self.scheduler, timeout="30s")
+            else:
+                os.environ.update({k: os.environ.get(k, v) for k, v in THREAD_ENV.items()})
+                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, env=dict(THREAD_ENV))
+                self.client = Client(self._cluster)
+            self.client.run(pin_threads)
+        return self.client
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterable[tuple[Any, Any]]:
+        """Yield ``(item, fn(item))`` as tasks complete (any order). A task that
+        failed outside ``fn``'s own handling (e.g. ``KilledWorker`` after its
+        worker died repeatedly) yields its exception as the result."""
+        client = self.get()
+        if client is None:
+            for item in items:
+                yield item, fn(item)
+            return
+        from distributed import as_completed
+
+        futures = client.map(fn, items, pure=False)
+        item_of = {f.key: item for f, item in zip(futures, items)}
+        for fut in as_completed(futures):
+            try:
+                result = fut.result()
+            except Exception as e:  # noqa: BLE001
+                result = e
+            yield item_of[fut.key], result
+            fut.release()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+# --------------------------------------------------------------------- keys
+@dataclass
+class KeyParts:
+    """A stage key and the components it was hashed from (stored for ``status``)."""
+
+    key: str
+    input_fp: str
+    upstream: dict[str, str]
+    config_hash: str
+    version: str
+
+
+def current_keys(case: CaseInput, file_hashes: dict[str, str], config: PipelineConfig,
+                 specs: list[StageSpec]) -> dict[str, KeyParts]:
+    """Current key of every registered stage for ``case`` (stages missing an upstream are skipped)."""
+    keys: dict[str, KeyParts] = {}
+    for spec in specs:
+        if any(u not in keys for u in spec.upstream):
+            continue
+        fp = input_fingerprint(case, spec.case_fields, file_hashes)
+        ups = {u: keys[u].key for u in spec.upstream}
+        ch = spec.config_hash(config)
+        keys[spec.name] = KeyParts(stage_key(spec, fp, ups, ch), fp, ups, ch, spec.version)
+    return keys
+
+
+def stale_reason(row: StageRow | None, parts: KeyParts, output_ok: bool) -> str | None:
+    """None if up to date, else why: new input / changed input / changed config / ..."""
+    if row is None:
+        return "new input"
+    if row.key == parts.key:
+        if row.status == "done" and not output_ok:
+            return "output missing"
+        return None
+    if row.input_fp != parts.input_fp:
+        return "changed input"
+    if row.config_hash != parts.config_hash:
+        return "changed config"
+    if row.version != parts.version:
+        return "code version changed"
+    if row.upstream != parts.upstream:
+        return "upstream changed"
+    return "changed key"
+
+
+def _output_ok(spec: StageSpec, row: StageRow | None, work: Path, out: Path) -> bool:
+    if row is None or row.status != "done":
+        return True
+    if not row.output:
+        return True
+    path = Path(row.output)
+    if not path.is_absolute():
+        path = (out if spec.kind == "aggregate" else work) / path
+    return path.exists()
+
+
+# --------------------------------------------------------------------- build
+@dataclass
+class StageTally:
+    """What one stage did in one run."""
+
+    ran: int = 0
+    done: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+    up_to_date: int = 0
+    waiting: int = 0  # upstream not done yet (e.g. not requested)
+    blocked: int = 0  # quarantined upstream
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildReport:
+    """Result of :func:`build`."""
+
+    cases: int
+    scan_quarantined: Counter
+    tallies: dict[str, StageTally]
+    stages: list[str]
+    quarantined_total: int
+    done_final: int  # cases done in the last requested stage (up to date after the run)
+    exit_code: int
+    summary: str
+
+
+def _relpath_or_abs(path: str, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def resolve_stages(stages: str | Iterable[str] | None) -> list[str]:
+    """``"scan,resample"`` -> ordered list of registered stages (scan always included)."""
+    registered = [s.name for s in list_stages()]
+    if stages is None or stages == "" or stages == "all":
+        wanted = registered
+    else:
+        names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+        unknown = [n for n in names if n not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_ORDER)}")
+        missing = [n for n in names if n not in registered]
+        if missing:
+            raise ValueError(f"stage(s) {missing} are not available in this install (registered: {registered})")
+        wanted = names
+    return [n for n in STAGE_ORDER if n in wanted or n == "scan"]
+
+
+def build(
+    srcs: list[str | Path],
+    out: str | Path,
+    config: PipelineConfig,
+    *,
+    work: str | Path | None = None,
+    stages: str | Iterable[str] | None = None,
+    source: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Run the pipeline (see module docstring). Returns a :class:`BuildReport`; never raises for bad cases."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out).resolve()
+    work_dir = work_dir_for(out, Path(work) if work else None)
+    out.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    wanted = resolve_stages(stages)
+    specs = list_stages()
+    cluster = Cluster(scheduler, workers)
+    manifest = Manifest(work_dir / MANIFEST_FILE)
+    try:
+        manifest.set_setting("config", to_jsonable(config))
+        cases, file_hashes, scan_q = _run_scan(srcs, source, config, manifest, cluster, log)
+        manifest.set_setting("sources", [{"root": str(Path(s).resolve()), "source": n} for s, n in _source_names(srcs, source)])
+        keys = {c.case_id: current_keys(c, file_hashes[c.case_id], config, specs) for c in cases}
+        tallies: dict[str, StageTally] = {}
+        for name in wanted[1:]:
+            spec = get_stage(name)
+            t0 = time.perf_counter()
+            if spec.kind == "case":
+                tallies[name] = _run_case_stage(spec, cases, keys, config, manifest, cluster, work_dir, out, progress)
+            else:
+                tallies[name] = _run_aggregate_stage(spec, cases, keys, config, manifest, cluster, work_dir, out)
+            tallies[name].seconds = time.perf_counter() - t0
+        quarantined = _write_quarantine_file(manifest, out)
+        report = _report(cases, scan_q, tallies, wanted, quarantined, manifest, keys, work_dir, out, strict)
+        log(report.summary)
+        return report
+    finally:
+        manifest.close()
+        cluster.close()
+
+
+def _source_names(srcs: list[str | Path], source: str | None) -> list[tuple[Path, str]]:
+    return [(Path(s), source or detect_source(s)) for s in srcs]
+
+
+def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log):
+    scan_spec = get_stage("scan")
+    cases: list[CaseInput] = []
+    file_hashes: dict[str, dict[str, str]] = {}
+    scan_q: list[Quarantine] = []
+    seen: dict[str, str] = {}
+
+    def hash_map(batches):
+        from ctprep.stages.scan import hash_files
+
+        total = sum(len(b) for b in batches)
+        if total < 64 and cluster.client is None:  # not worth starting a cluster
+            return [hash_files(b) for b in batches]
+        return [r for _, r in cluster.map(hash_files, batches) if not isinstance(r, BaseException)]
+
+    from ctprep.stages.scan import scan_root
+
+    for root, name in _source_names(srcs, source):
+        res = scan_root(root, name, config, manifest, hash_map=hash_map)
+        present = set()
+        with manifest.tx():
+            for case in res.cases:
+                if case.case_id in seen:  # same id under two roots: keep the first, quarantine the other
+                    scan_q.append(Quarantine(case.case_id, "scan", "duplicate_case",
+                                             f"case id also found under {seen[case.case_id]}", name, dict(case.files)))
+                    continue
+                seen[case.case_id] = res.root
+                present.add(case.case_id)
+                fh = res.file_hashes[case.case_id]
+                parts = current_keys(case, fh, config, [scan_spec])["scan"]
+                manifest.put_case(case, res.root, fh)
+                manifest.put_stage(StageRow(case.case_id, "scan", parts.key, parts.input_fp, {}, parts.config_hash,
+                                            parts.version, "done", None, None, None, {}))
+                cases.append(case)
+                file_hashes[case.case_id] = fh
+            for q in res.quarantined:
+                scan_q.append(q)
+                if q.case in seen:
+                    continue
+                present.add(q.case)
+                stub = CaseInput(case_id=q.case, source=name, split="", files=dict(q.paths))
+                fp = stable_hash({"kind": q.kind, "reason": q.reason, "files": q.paths})
+                manifest.put_case(stub, res.root, {})
+                ch = scan_spec.config_hash(config)
+                manifest.put_stage(StageRow(q.case, "scan", stage_key(scan_spec, fp, {}, ch), fp, {}, ch,
+                                            scan_spec.version, "quarantined", None, q.kind, q.reason, {}))
+            gone = manifest.mark_absent(res.root, name, present)
+        msg = f"scan {res.root} ({name}): {len(res.cases)} cases, {len(res.quarantined)} quarantined"
+        if res.hashed:
+            msg += f", {res.hashed} files hashed"
+        if gone:
+            msg += f", {len(gone)} no longer present"
+        log(msg)
+    cases.sort(key=lambda c: (c.source, c.split, c.case_id))
+    return cases, file_hashes, scan_q
+
+
+def _eligibility(spec: StageSpec, case: CaseInput, keys: dict[str, KeyParts], rows, work: Path, out: Path) -> str:
+    """'ok' | 'blocked' (quarantined upstream) | 'waiting' (upstream not done with current key)."""
+    for u in spec.upstream:
+        row = rows.get((case.case_id, u))
+        parts = keys.get(u)
+        if row is None or parts is None or row.key != parts.key:
+            return "waiting"
+        if row.status == "quarantined":
+            return "blocked"
+        if not _output_ok(get_stage(u), row, work, out):
+            return "waiting"
+    return "ok"
+
+
+def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cluster: Cluster,
+                    work: Path, out: Path, progress: bool) -> StageTally:
+    tally = StageTally()
+    rows = manifest.stage_rows()
+    todo: list[CaseTask] = []
+    parts_of: dict[str, KeyParts] = {}
+    by_id = {c.case_id: c for c in cases}
+    for case in cases:
+        parts = keys[case.case_id].get(spec.name)
+        if parts is None:
+            tally.waiting += 1
+            continue
+        state = _eligibility(spec, case, keys[case.case_id], rows, work, out)
+        if state != "ok":
+            setattr(tally, state, getattr(tally, state) + 1)
+            continue
+        row = rows.get((case.case_id, spec.name))
+        if stale_reason(row, parts, _output_ok(spec, row, work, out)) is None:
+            tally.up_to_date += 1
+            continue
+        upstream = {u: StageOutput(_abs(rows[(case.case_id, u)].output, get_stage(u), work, out),
+                                   rows[(case.case_id, u)].key, rows[(case.case_id, u)].info) for u in spec.upstream}
+        output_path = str(work / spec.output(case.case_id))
+        todo.append(CaseTask(spec.name, case, parts.key, output_path, str(work), config, upstream))
+        parts_of[case.case_id] = parts
+    if not todo:
+        return tally
+    for folder in {Path(t.output_path).parent for t in todo}:
+        remove_temp_debris(folder)
+    bar = _progress_bar(len(todo), spec.name, progress)
+    for task, result in cluster.map(execute_case, todo):
+        if isinstance(result, BaseException):  # e.g. the worker died on this case again and again (memory?)
+            result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=STAGE_ERROR,
+                                reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"))
+        tally.ran += 1
+        parts = parts_of[result.case_id]
+        case = by_id[result.case_id]
+        if result.status == "done":
+            tally.done += 1
+            output = _relpath_or_abs(result.output or task.output_path, work)
+        else:
+            tally.quarantined[result.kind or STAGE_ERROR] += 1
+            output = None
+        info = dict(result.info)
+        info["seconds"] = round(result.seconds, 3)
+        manifest.put_stage(StageRow(case.case_id, spec.name, parts.key, parts.input_fp, parts.upstream,
+                                    parts.config_hash, parts.version, result.status, output, result.kind,
+                                    result.reason, info))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return tally
+
+
+def _abs(path: str | None, spec: StageSpec, work: Path, out: Path) -> str:
+    if not path:
+        return ""
+    p = Path(path)
+    return str(p if p.is_absolute() else (out if spec.kind == "aggregate" else work) / p)
+
+
+def _run_aggregate_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cluster: Cluster,
+                         work: Path, out: Path) -> StageTally:
+    tally = StageTally()
+    rows = manifest.stage_rows()
+    agg: list[AggregateCase] = []
+    eligible_ids = set()
+    for case in cases:
+        parts = keys[case.case_id].get(spec.name)
+        state = "waiting" if parts is None else _eligibility(spec, case, keys[case.case_id], rows, work, out)
+        if state != "ok":
+            setattr(tally, state, getattr(tally, state) + 1)
+            continue
+        row = rows.get((case.case_id, spec.name))
+        changed = stale_reason(row, parts, _output_ok(spec, row, work, out)) is not None
+        if not changed:
+            tally.up_to_date += 1
+        upstream = {u: StageOutput(_abs(rows[(case.case_id, u)].output, get_stage(u), work, out),
+                                   rows[(case.case_id, u)].key, rows[(case.case_id, u)].info) for u in spec.upstream}
+        agg.append(AggregateCase(case, parts.key, upstream, changed, row.as_previous() if row else None))
+        eligible_ids.add(case.case_id)
+    dropped = sorted(cid for (cid, st), row in rows.items()
+                     if st == spec.name and row.status == "done" and cid not in eligible_ids)
+    if not any(c.changed for c in agg) and not dropped:
+        return tally
+    task = AggregateTask(spec.name, agg, work, out, config, dropped, cluster.get())
+    results = spec.run(task) or []
+    parts_by_id = {c.case.case_id: keys[c.case.case_id][spec.name] for c in agg}
+    with manifest.tx():
+        for r in results:
+            parts = parts_by_id.get(r.case_id)
+            if parts is None:
+                continue
+            tally.ran += 1
+            if r.status == "done":
+                tally.done += 1
+            else:
+                tally.quarantined[r.kind or STAGE_ERROR] += 1
+            manifest.put_stage(StageRow(r.case_id, spec.name, parts.key, parts.input_fp, parts.upstream,
+                                        parts.config_hash, parts.version, r.status, r.output, r.kind, r.reason,
+                                        dict(r.info)))
+        for cid in dropped:
+            manifest.delete_stage(cid, spec.name)
+    return tally
+
+
+def _progress_bar(total: int, name: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=name, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_quarantine_file(manifest: Manifest, out: Path) -> list[Quarantine]:
+    present = {c.case.case_id: c.case for c in manifest.cases()}
+    records = []
+    for (cid, stage), row in manifest.stage_rows().items():
+        if row.status == "quarantined" and cid in present:
+            case = present[cid]
+            records.append(Quarantine(cid, stage, row.kind or "", row.reason or "", case.source, dict(case.files)))
+    write_quarantine_jsonl(out / QUARANTINE_FILE, records)
+    return records
+
+
+def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, keys, work, out, strict) -> BuildReport:
+    ran = sum(t.ran for t in tallies.values())
+    last = wanted[-1]
+    rows = manifest.stage_rows()
+    if last == "scan":
+        done_final = len(cases)
+    else:
+        spec = get_stage(last)
+        done_final = sum(1 for c in cases
+                         if (row := rows.get((c.case_id, last))) is not None and row.status == "done"
+                         and keys[c.case_id].get(last) is not None and row.key == keys[c.case_id][last].key
+                         and _output_ok(spec, row, work, out))
+    parts = [f"{len(cases) + len(scan_q)} cases found ({len(scan_q)} quarantined at scan)"]
+    for name, t in tallies.items():
+        bits = [f"{t.done} done now"]
+        if t.quarantined:
+            bits.append(f"{sum(t.quarantined.values())} quarantined now (" +
+                        ", ".join(f"{k} {v}" for k, v in sorted(t.quarantined.items())) + ")")
+        bits.append(f"{t.up_to_date} up to date")
+        if t.waiting:
+            bits.append(f"{t.waiting} waiting for upstream")
+        if t.blocked:
+            bits.append(f"{t.blocked} blocked upstream")
+        parts.append(f"{name}: " + ", ".join(bits) + (f" [{t.seconds:.1f}s]" if t.ran else ""))
+    head = "nothing to do: everything up to date" if ran == 0 else f"processed {ran} case-stage(s)"
+    summary = (f"ctprep build-shards: {head}; " + "; ".join(parts)
+               + f"; {len(quarantined)} quarantined in total -> {out / QUARANTINE_FILE}")
+    if done_final == 0:
+        code = 1
+        summary += f"; ERROR: no case completed stage {last!r}"
+    elif strict and quarantined:
+        code = 2
+        summary += " (--strict: quarantined cases make this a failure)"
+    else:
+        code = 0
+    return BuildReport(len(cases), Counter(q.kind for q in scan_q), tallies, wanted, len(quarantined), done_final,
+                       code, summary)
+
+
+# --------------------------------------------------------------------- status
+@dataclass
+class StageStatus:
+    """Per-stage counts for ``ctprep status``."""
+
+    done: int = 0
+    stale: Counter = field(default_factory=Counter)  # reason -> count
+    quarantined: Counter = field(default_factory=Counter)  # kind -> count
+    waiting: int = 0
+    blocked: int = 0
+
+
+@dataclass
+class StatusReport:
+    stages: dict[str, StageStatus]
+    cases: int
+    removed: int
+    quarantined: list[tuple[str, str, str, str]]  # (case, stage, kind, reason)
+    sources: list[dict[str, str]]
+    config_name: str
+
+    def render(self, max_cases: int = 50) -> str:
+        lines = [f"config: {self.config_name}; sources: "
+                 + ", ".join(f"{s['root']} ({s['source']})" for s in self.sources),
+                 f"cases: {self.cases} present" + (f", {self.removed} removed from their source" if self.removed else "")]
+        lines.append(f"{'stage':<10} {'done':>6} {'stale':>6} {'quarant.':>9} {'waiting':>8} {'blocked':>8}")
+        for name, s in self.stages.items():
+            lines.append(f"{name:<10} {s.done:>6} {sum(s.stale.values()):>6} {sum(s.quarantined.values()):>9} "
+                         f"{s.waiting:>8} {s.blocked:>8}")
+            if s.stale:
+                lines.append("    stale: " + ", ".join(f"{n} {why}" for why, n in sorted(s.stale.items())))
+            if s.quarantined:
+                lines.append("    quarantined: " + ", ".join(f"{n} {k}" for k, n in sorted(s.quarantined.items())))
+        if self.quarantined:
+            lines.append("quarantined cases:")
+            for cid, stage, kind, reason in self.quarantined[:max_cases]:
+                lines.append(f"  {cid!s:<24} {stage:<9} {kind}: {reason}")
+            if len(self.quarantined) > max_cases:
+                lines.append(f"  ... {len(self.quarantined) - max_cases} more in quarantine.jsonl")
+        return "\n".join(lines)
+
+
+def status(out: str | Path, work: str | Path | None = None, config: PipelineConfig | None = None,
+           srcs: list[str | Path] | None = None, source: str | None = None) -> StatusReport:
+    """What is done, stale (and why), quarantined (and why), per stage.
+
+    Rescans the recorded sources (or ``srcs``) without hashing: a file whose
+    size/mtime changed since its hash was taken counts as changed input.
+    ``config`` defaults to the config of the last run; pass another to see
+    what it would make stale.
+    """
+    out = Path(out).resolve()
+    work_dir = work_dir_for(out, Path(work) if work else None)
+    mpath = work_dir / MANIFEST_FILE
+    if not mpath.exists():
+        raise FileNotFoundError(f"no manifest at {mpath}: run `ctprep build-shards --out {out}` first")
+    with Manifest(mpath) as manifest:
+        if config is None:
+            recorded = manifest.get_setting("config")
+            config = config_from_dict(recorded, name=recorded.get("name", "recorded")) if recorded else PipelineConfig()
+        sources = manifest.get_setting("sources", [])
+        if srcs:
+            sources = [{"root": str(Path(s).resolve()), "source": source or detect_source(s)} for s in srcs]
+        specs = list_stages()
+        found: list[tuple[CaseInput, dict[str, str]]] = []
+        scan_quarantine: dict[str, tuple[str, str]] = {}
+        for s in sources:
+            if not Path(s["root"]).is_dir():
+                continue
+            cases, quars = get_source(s["source"], config).scan(Path(s["root"]))
+            for q in quars:
+                scan_quarantine[q.case] = (q.kind, q.reason)
+            for case in cases:
+                fh = {}
+                for role, path in case.files.items():
+                    try:
+                        st = os.stat(path)
+                        fh[role] = manifest.cached_hash(path, st.st_size, st.st_mtime_ns) or f"modified:{st.st_size}:{st.st_mtime_ns}"
+                    except OSError:
+                        fh[role] = "missing"
+                found.append((case, fh))
+        rows = manifest.stage_rows()
+        report = StatusReport({s.name: StageStatus() for s in specs}, len(found) + len(scan_quarantine), 0, [],
+                              sources, config.name)
+        report.removed = sum(1 for c in manifest.cases(present_only=False) if not c.present)
+        for cid, (kind, reason) in sorted(scan_quarantine.items()):
+            report.stages["scan"].quarantined[kind] += 1
+            report.quarantined.append((cid, "scan", kind, reason))
+        for case, fh in sorted(found, key=lambda x: (x[0].source, x[0].split, x[0].case_id)):
+            keys = current_keys(case, fh, config, specs)
+            for spec in specs:
+                st = report.stages[spec.name]
+                parts = keys.get(spec.name)
+                row = rows.get((case.case_id, spec.name))
+                if parts is None:
+                    st.waiting += 1
+                    continue
+                state = "ok" if spec.name == "scan" else _eligibility(spec, case, keys, rows, work_dir, out)
+                if state == "blocked":
+                    st.blocked += 1
+                    continue
+                if state == "waiting":
+                    if row is None:
+                        st.waiting += 1
+                    else:
+                        st.stale["upstream not up to date"] += 1
+                    continue
+                why = stale_reason(row, parts, _output_ok(spec, row, work_dir, out))
+                if why is not None:
+                    st.stale[why] += 1
+                elif row.status == "quarantined":
+                    st.quarantined[row.kind or "?"] += 1
+                    report.quarantined.append((case.case_id, spec.name, row.kind or "?", row.reason or ""))
+                else:
+                    st.done += 1
+        return report

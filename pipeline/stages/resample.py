@@ -1,0 +1,359 @@
+"""Resample stage: raw volume + label map -> canonical grid -> zarr v3 (int16 HU, uint8 regions).
+
+Pure part: :func:`resample_case` (arrays + affine in, arrays + affine out).
+I/O part: :func:`run_resample` reads through the case's source, calls it and
+writes ``work/zarr/<case>.zarr`` with :func:`write_case_zarr`.
+
+Orientation and grid convention
+-------------------------------
+1. **Canonical orientation**: nibabel's closest canonical (RAS+) voxel
+   order, transposed to (z, y, x), so increasing z, y, x point Superior,
+   Anterior, Right (``ctprep.schema.CANONICAL_ORIENTATION``). This is a
+   flip/transpose only (no interpolation); an oblique scan keeps its
+   obliquity in the stored affine.
+2. **Output grid (edge-aligned)**, per canonical axis with input size ``n``,
+   input spacing ``s_in`` and target spacing ``s_out``: the uncropped grid has
+   ``floor(n * s_in / s_out)`` voxels and its voxel ``t`` has its centre at the
+   input continuous index ``(t + 0.5) * s_out / s_in - 0.5``; i.e. the outer
+   boundary of input voxel 0 and of output voxel 0 coincide (this is
+   PyTorch's ``interpolate(..., align_corners=False)`` with a given
+   ``scale_factor``). Then the grid is centre-cropped / padded by whole voxels to
+   ``shape_zyx`` (crop start ``(full - shape) // 2``; padding with ``pad_hu``
+   air and label 0). The image is interpolated linearly (trilinear as
+   bilinear in-plane x linear in z), the label map by nearest neighbour at
+   ``floor(index + 0.5)`` on *the same* output grid, so image and mask stay
+   aligned. SimpleITK's ``ResampleImageFilter`` with origin shifted by
+   ``(s_out - s_in) / 2`` along each axis produces the same grid (tested).
+3. **Intensities**: interpolate in float32, clip to ``hu_clip``, round to int16.
+   Labels are remapped to coarse region ids (``RegionsConfig``: region k in
+   config order -> k, everything else 0) after the nearest lookup.
+
+Memory: never float64; the volume is processed in slabs of ``slab_z`` output
+slices (each needs two input slices per output slice in float32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctprep.config import PipelineConfig, to_jsonable
+from ctprep.quarantine import CONSTANT_VOLUME, NONFINITE, NOT_CHEST, QuarantineError
+from ctprep.stages.base import CaseTask, atomic_path, case_stage
+
+ZARR_DIR = "zarr"
+
+
+# --------------------------------------------------------------------- geometry
+def canonical_zyx(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """View ``array`` (nibabel voxel order) in canonical (z, y, x) = (S, A, R) order.
+
+    Returns (view, affine_zyx) where ``affine_zyx`` maps (z, y, x) indices of the
+    view to RAS+ mm. No copy: flips and transposes only.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
+    ras = nib.orientations.apply_orientation(array, transform)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
+    perm = np.zeros((4, 4))
+    perm[0, 2] = perm[1, 1] = perm[2, 0] = perm[3, 3] = 1.0  # (z, y, x) -> (i, j, k) = (x, y, z)
+    return ras.transpose(2, 1, 0), ras_affine @ perm
+
+
+@dataclass
+class AxisGrid:
+    """1D edge-aligned grid along one canonical axis (see module docstring).
+
+    ``n_full = floor(n_in * s_in / s_out)`` fixes where the centre crop/pad
+    starts. An output voxel has data when its centre lies inside the input's
+    field of view, i.e. its continuous input index is in [-0.5, n_in - 0.5)
+    (SimpleITK's rule); that is ``n_valid`` voxels from full index 0, which can
+    be one more than ``n_full``. Everything else is padding.
+    """
+
+    n_in: int
+    n_full: int  # uncropped output size floor(n_in * s_in / s_out)
+    n_valid: int  # full-grid voxels whose centre lies inside the input extent
+    start: int  # full-grid index of output voxel 0 (negative = padding before)
+    size: int  # output size
+    ratio: float  # s_out / s_in
+
+    @classmethod
+    def make(cls, n_in: int, s_in: float, s_out: float, size: int) -> AxisGrid:
+        scale = s_in / s_out
+        n_full = max(1, math.floor(float(n_in) * scale))  # same expression as torch's output size
+        ratio = s_out / s_in
+        f = np.arange(n_full + math.ceil(1 / ratio) + 2)
+        n_valid = int(np.count_nonzero((f + 0.5) * ratio - 0.5 < n_in - 0.5))
+        return cls(n_in, n_full, n_valid, (n_full - size) // 2, size, ratio)
+
+    def src(self) -> tuple[np.ndarray, np.ndarray]:
+        """(continuous input index, valid) for each output voxel."""
+        f = np.arange(self.size, dtype=np.float64) + self.start
+        valid = (f >= 0) & (f < self.n_valid)
+        return (f + 0.5) * self.ratio - 0.5, valid
+
+    def nearest(self) -> tuple[np.ndarray, np.ndarray]:
+        """(nearest input index, valid) for each output voxel (``floor(index + 0.5)``, as ITK)."""
+        src, valid = self.src()
+        idx = np.clip(np.floor(src + 0.5), 0, self.n_in - 1).astype(np.intp)
+        return idx, valid
+
+    def kept(self) -> slice:
+        """Slice of the full grid that lands in the output with data."""
+        return slice(max(self.start, 0), max(max(self.start, 0), min(self.start + self.size, self.n_valid)))
+
+    def placed(self) -> slice:
+        """Where :meth:`kept` lands in the output."""
+        k = self.kept()
+        return slice(k.start - self.start, k.stop - self.start)
+
+    def edge_pad(self) -> int:
+        """Input voxels to replicate at the end so that interpolating with this
+        scale yields all ``n_valid`` voxels (values there equal the clamped edge)."""
+        return 0 if math.floor(float(self.n_in) / self.ratio) >= self.n_valid else math.ceil(self.ratio) + 1
+
+
+def output_affine(affine_zyx: np.ndarray, grids: tuple[AxisGrid, AxisGrid, AxisGrid]) -> np.ndarray:
+    """Affine of the output (z, y, x) grid given the canonical input affine."""
+    out = np.array(affine_zyx, dtype=np.float64)
+    for a, g in enumerate(grids):
+        col = affine_zyx[:3, a]
+        out[:3, a] = col * g.ratio
+        out[:3, 3] += col * ((g.start + 0.5) * g.ratio - 0.5)
+    return out
+
+
+@dataclass
+class ResampledCase:
+    """Output of :func:`resample_case`."""
+
+    image: np.ndarray  # int16 (Z, Y, X) HU
+    mask: np.ndarray  # uint8 (Z, Y, X) coarse region ids
+    affine: np.ndarray  # (z, y, x) -> RAS+ mm
+    spacing_zyx: tuple[float, float, float]
+    fov_fraction: float  # fraction of output voxels inside the input field of view
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resample_case(
+    image: np.ndarray,
+    labels: np.ndarray | None,
+    affine: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    shape_zyx: tuple[int, int, int],
+    hu_clip: tuple[int, int] = (-1024, 3071),
+    pad_hu: int = -1024,
+    label_lut: np.ndarray | None = None,
+    slab_z: int = 32,
+) -> ResampledCase:
+    """Resample one case onto the canonical output grid (pure: arrays in, arrays out).
+
+    Args:
+        image: HU, int16 or float32, nibabel voxel order (i, j, k).
+        labels: label ids on the same voxel grid, or None (-> all-zero mask).
+        affine: voxel (i, j, k) -> RAS+ mm.
+        spacing_zyx: output spacing in mm along (z, y, x) = (S, A, R).
+        shape_zyx: output shape (voxels).
+        hu_clip: (low, high) HU after interpolation.
+        pad_hu: HU of voxels outside the input field of view.
+        label_lut: source label id -> output id (uint8 array); None keeps ids (must fit uint8).
+        slab_z: output slices per interpolation call (bounds memory).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    vol, aff_zyx = canonical_zyx(image, affine)
+    in_spacing = np.sqrt((aff_zyx[:3, :3] ** 2).sum(axis=0))
+    grids = tuple(AxisGrid.make(vol.shape[a], float(in_spacing[a]), float(spacing_zyx[a]), int(shape_zyx[a]))
+                  for a in range(3))
+    gz, gy, gx = grids
+    out = np.full(tuple(shape_zyx), np.int16(np.clip(pad_hu, hu_clip[0], hu_clip[1])), dtype=np.int16)
+
+    src_z, valid_z = gz.src()
+    src_z = np.clip(src_z, 0, gz.n_in - 1)
+    z0 = np.floor(src_z).astype(np.intp)
+    z1 = np.minimum(z0 + 1, gz.n_in - 1)
+    wz = (src_z - z0).astype(np.float32)
+    ky, kx = gy.kept(), gx.kept()
+    py, px = gy.placed(), gx.placed()
+    same_plane = gy.ratio == 1 and gx.ratio == 1
+    lo, hi = float(hu_clip[0]), float(hu_clip[1])
+
+    zs = np.flatnonzero(valid_z)
+    for s in range(0, len(zs), slab_z):
+        tz = zs[s : s + slab_z]
+        a = torch.from_numpy(np.ascontiguousarray(vol[z0[tz]], dtype=np.float32))
+        w = wz[tz]
+        if np.any(w > 0):
+            b = torch.from_numpy(np.ascontiguousarray(vol[z1[tz]], dtype=np.float32))
+            a = torch.lerp(a, b, torch.from_numpy(w).view(-1, 1, 1))
+        if not same_plane:
+            pad_y, pad_x = gy.edge_pad(), gx.edge_pad()
+            if pad_y or pad_x:
+                a = F.pad(a[None], (0, pad_x, 0, pad_y), mode="replicate")[0]
+            # scale_factor (not size) so that torch maps output t to input (t + 0.5) * ratio - 0.5.
+            a = F.interpolate(a[None], scale_factor=(1.0 / gy.ratio, 1.0 / gx.ratio), mode="bilinear",
+                              align_corners=False, recompute_scale_factor=False)[0]
+        a = a[:, ky, kx].clamp_(lo, hi).round_()
+        out[tz[0] : tz[-1] + 1, py, px] = a.to(torch.int16).numpy()
+
+    mask = np.zeros(tuple(shape_zyx), dtype=np.uint8)
+    if labels is not None:
+        lab, _ = canonical_zyx(labels, affine)
+        iz, _ = gz.nearest()
+        iy, _ = gy.nearest()
+        ix, _ = gx.nearest()
+        iy, ix = iy[py], ix[px]
+        if label_lut is None:
+            label_lut = np.arange(256, dtype=np.uint8)
+        lut = np.asarray(label_lut, dtype=np.uint8)
+        for t in zs:
+            sl = np.asarray(lab[iz[t]])[np.ix_(iy, ix)]
+            sl = sl.astype(np.int64, copy=False) if sl.dtype.kind == "i" else sl
+            sl = np.where((sl >= 0) & (sl < len(lut)), sl, 0)
+            mask[t, py, px] = lut[sl]
+
+    fov = (len(zs) * (py.stop - py.start) * (px.stop - px.start)) / float(np.prod(shape_zyx))
+    return ResampledCase(out, mask, output_affine(aff_zyx, grids), tuple(float(s) for s in spacing_zyx), fov,
+                         {"input_spacing_zyx": [float(s) for s in in_spacing],
+                          "input_shape_zyx": [int(s) for s in vol.shape]})
+
+
+# --------------------------------------------------------------------- checks
+def check_not_constant(image: np.ndarray) -> None:
+    """Quarantine all-constant volumes (e.g. all zeros) and NaN/inf."""
+    lo, hi = image.min(), image.max()
+    if image.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise QuarantineError(NONFINITE, "volume has NaN/inf voxels")
+    if lo == hi:
+        raise QuarantineError(CONSTANT_VOLUME, f"all voxels are {float(lo):g}")
+
+
+LUNG_HU = (-900, -500)  # lung parenchyma; outside air (-1000 + noise) stays below
+
+
+def lung_fraction(image_zyx: np.ndarray) -> float:
+    """Fraction of non-air voxels (> -900 HU) that are lung-like (-900..-500 HU), on a subsample.
+
+    A chest CT scores 0.1-0.4 (both lungs); a head or limb scan only gets the
+    thin partial-volume shell at the skin, a few percent at most.
+    """
+    sub = image_zyx[::2, ::4, ::4]
+    body = sub > LUNG_HU[0]
+    n = int(body.sum())
+    if n == 0:
+        return 0.0
+    return float((body & (sub <= LUNG_HU[1])).sum()) / n
+
+
+# --------------------------------------------------------------------- zarr
+def blosc_codec(cname: str = "zstd", clevel: int = 3, shuffle: str = "bitshuffle"):
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)
+
+
+def write_case_zarr(path: str | os.PathLike[str], case: ResampledCase, attrs: dict[str, Any],
+                    chunk_zyx: tuple[int, int, int], compressor: str = "zstd", clevel: int = 3,
+                    shuffle: str = "bitshuffle") -> int:
+    """Write ``image`` / ``mask`` as a zarr v3 group at ``path`` (atomically). Returns bytes on disk."""
+    import zarr
+
+    chunks = tuple(min(c, s) for c, s in zip(chunk_zyx, case.image.shape))
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        for name, arr in (("image", case.image), ("mask", case.mask)):
+            z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                                   compressors=[blosc_codec(compressor, clevel, shuffle)], fill_value=0)
+            z[...] = arr
+        group.attrs.update(to_jsonable(attrs))
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def read_case_zarr(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(image int16 (Z,Y,X), mask uint8 (Z,Y,X), attrs) of a resampled case."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return group["image"][...], group["mask"][...], dict(group.attrs)
+
+
+# --------------------------------------------------------------------- stage
+def _config_slice(c: PipelineConfig) -> dict[str, Any]:
+    r = to_jsonable(c.resample)
+    r.pop("slab_z")  # memory knob only: does not change the output
+    return {"resample": r, "regions": c.regions.regions, "omni": to_jsonable(c.omni)}
+
+
+def _pin_threads() -> None:
+    """One native thread per Dask worker process: parallelism comes from processes."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    try:
+        import numcodecs.blosc
+
+        numcodecs.blosc.set_nthreads(1)
+    except Exception:  # pragma: no cover
+        pass
+
+
+@case_stage("resample", upstream=(), version="1", config_slice=_config_slice,
+            case_fields=("files", "meta"), output=lambda case_id: f"{ZARR_DIR}/{case_id}.zarr")
+def run_resample(task: CaseTask) -> dict[str, Any]:
+    """Read (via the case's source), resample, check, write zarr. Returns the manifest info."""
+    from ctprep.sources import get_source
+
+    _pin_threads()
+    t0 = time.perf_counter()
+    cfg = task.config
+    source = get_source(task.case.source, cfg)
+    loaded = source.load(task.case)
+    t_read = time.perf_counter() - t0
+    check_not_constant(loaded.image)
+    spacing, shape = source.target_grid(task.case, cfg)
+    lut = np.asarray(cfg.regions.lookup_table(), dtype=np.uint8) if loaded.label_space == "totalseg" else None
+    res = resample_case(loaded.image, loaded.labels, loaded.affine, spacing, shape, cfg.resample.hu_clip,
+                        cfg.resample.pad_hu, lut, cfg.resample.slab_z)
+    if loaded.header_style != "jpg" and cfg.resample.min_lung_fraction > 0:
+        frac = lung_fraction(res.image)
+        if frac < cfg.resample.min_lung_fraction:
+            raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of body voxels are lung-like ({LUNG_HU[0]}..{LUNG_HU[1]} HU); "
+                                  "not a chest CT?")
+    t_resample = time.perf_counter() - t0 - t_read
+    attrs = {
+        "case_id": task.case.case_id,
+        "source": task.case.source,
+        "split": task.case.split,
+        "spacing": list(res.spacing_zyx),
+        "shape": list(res.image.shape),
+        "affine": res.affine.tolist(),
+        "header_style": loaded.header_style,
+        "axes": "zyx",
+        "orientation": "SAR",
+        "region_names": cfg.regions.names if loaded.label_space == "totalseg" else loaded.info.get("region_names", []),
+        "has_mask": loaded.labels is not None,
+        "hu_clip": list(cfg.resample.hu_clip),
+        "stage_key": task.key,
+        "input": {**loaded.info, **res.info},
+    }
+    r = cfg.resample
+    nbytes = write_case_zarr(task.output_path, res, attrs, r.chunk_zyx, r.compressor, r.clevel, r.shuffle)
+    return {
+        "header_style": loaded.header_style,
+        "bytes": nbytes,
+        "fov_fraction": round(res.fov_fraction, 4),
+        "seconds_read": round(t_read, 3),
+        "seconds_resample": round(t_resample, 3),
+        "seconds_write": round(time.perf_counter() - t0 - t_read - t_resample, 3),
+        "rescale": {k: loaded.info[k] for k in ("slope", "intercept", "rescale_source") if k in loaded.info},
+    }
