@@ -8,7 +8,9 @@ with patient anterior at the top and patient right on the viewer's left,
 coronal slices with superior at the top and patient right on the left.
 Attention maps on the patch grid (Gz, Gy, Gx) are expanded to voxels by
 repeating each patch value over its ``patch_size`` block (no smoothing, so a
-reader sees the real resolution of the attention).
+reader sees the real resolution of the attention) and min-max scaled per panel
+(the picture shows *where* attention is relatively high; absolute mass is in
+the CoT alignment table).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def plot_slice_bias(tables: Sequence[np.ndarray], path: str | Path, title: str =
         ax.text(0.5, 0.5, "slice bias switched off in this model", ha="center", va="center")
     else:
         vmax = max(float(np.abs(t).max()) for t in tables) or 1.0
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 2.8), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.0), squeeze=False, layout="constrained")
         for i, t in enumerate(tables):
             ax = axes[0, i]
             im = ax.imshow(t, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -80,7 +82,10 @@ def plot_slice_bias(tables: Sequence[np.ndarray], path: str | Path, title: str =
 def _overlay(ax, base: np.ndarray, heat: np.ndarray | None, title: str, contour: np.ndarray | None = None) -> None:
     ax.imshow(base, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], interpolation="nearest")
     if heat is not None:
-        h = heat / (heat.max() + 1e-12)
+        # min-max per panel: attention maps are close to uniform early in training, and the reader
+        # wants to see where the mass is relatively larger; absolute mass is in the CoT table.
+        lo, hi = float(heat.min()), float(heat.max())
+        h = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
         ax.imshow(np.ma.masked_less(h, 0.05), cmap="inferno", alpha=0.55, vmin=0, vmax=1, interpolation="nearest")
     if contour is not None and contour.max() > 0:
         ax.contour(contour, levels=np.arange(0.5, contour.max() + 0.5), colors="cyan", linewidths=0.5)

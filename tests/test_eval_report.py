@@ -1,0 +1,67 @@
+"""trainer.evaluate end to end on tiny shards and a tiny random model: eval.json keys, report, pictures."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from trainer.testing import write_test_shards
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from trainer.model import create_model, save_pretrained
+
+    root = tmp_path_factory.mktemp("eval")
+    write_test_shards(root / "shards", {"train": [2], "valid": [5, 4]}, seed=1)
+    torch.manual_seed(0)
+    model = create_model("tiny", **{"vision.depth": 2, "vision.out_indices": [0, 1]})
+    save_pretrained(model, root / "encoder")
+    return root
+
+
+def test_evaluate_writes_eval_json_and_report(tiny_run):
+    from trainer.evaluate import main
+
+    out = tiny_run / "eval"
+    main(["--encoder", str(tiny_run / "encoder"), "--shards", str(tiny_run / "shards"), "--split", "valid",
+          "--out", str(out), "--picture-cases", "1", "--ks", "1,5"])
+    result = json.loads((out / "eval.json").read_text())  # strict JSON: NaN would fail here
+    r = result["retrieval"]
+    assert r["pool_size"] == 9 and result["n_cases"] == 9
+    for direction in ("image_to_text", "text_to_image", "random_baseline"):
+        assert set(r[direction]) >= {"R@1", "R@5"}
+    assert r["text_to_image"]["pool_size"] == 9 and r["image_to_text"]["pool_size"] == r["n_unique_texts"]
+    assert "pessimistic" in r["protocol"] and "merged" in r["protocol"]
+    assert 0.0 <= result["zero_shot"]["macro_auc"] <= 1.0
+    assert "overall" in result["cot_alignment"]
+    report = (out / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert "slice_bias.png" in images and any(i.startswith("attention_") for i in images)
+    for name in images:
+        assert (out / name).stat().st_size > 1000
+    assert "Recall" in report or "R@5" in report
+
+
+def test_tokenizer_mismatch_is_refused(tiny_run):
+    from trainer.evaluate import check_tokenizer
+
+    enc = tiny_run / "encoder_wrong_tok"
+    enc.mkdir(exist_ok=True)
+    (enc / "tokenizer.json").write_text(json.dumps({"name": "other", "hash": "f" * 64}))
+    index = json.loads((tiny_run / "shards" / "index.json").read_text())
+    with pytest.raises(SystemExit, match="tokenizer mismatch"):
+        check_tokenizer(enc, index)
+
+
+def test_split_reader_sees_every_case_once(tiny_run):
+    from trainer.eval_data import batches_by_shape, iter_split
+
+    ids = [s["__key__"] for s in iter_split(tiny_run / "shards", "valid")]
+    assert len(ids) == len(set(ids)) == 9
+    batches = list(batches_by_shape(iter_split(tiny_run / "shards", "valid"), 4))
+    assert [len(b["ids"]) for b in batches] == [4, 4, 1]
+    assert batches[0]["report_ids"].dtype == torch.int64 and batches[0]["image"].dtype == torch.int16
