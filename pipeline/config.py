@@ -50,7 +50,7 @@ class ResampleConfig:
     compressor: str = "zstd"  # Blosc inner codec
     clevel: int = 3  # Blosc compression level
     shuffle: str = "bitshuffle"  # "bitshuffle" | "shuffle" | "noshuffle"
-    slab_z: int = 32  # output slices computed per interpolation call (bounds peak memory)
+    slab_z: int = 32  # output slices per interpolation call (bounds peak memory; part of the key: it can move rounding by 1 HU)
 
 
 @dataclass

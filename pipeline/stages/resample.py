@@ -288,9 +288,9 @@ def read_case_zarr(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
 
 # --------------------------------------------------------------------- stage
 def _config_slice(c: PipelineConfig) -> dict[str, Any]:
-    r = to_jsonable(c.resample)
-    r.pop("slab_z")  # memory knob only: does not change the output
-    return {"resample": r, "regions": c.regions.regions, "omni": to_jsonable(c.omni)}
+    # slab_z stays in: float rounding of the in-plane interpolation depends (by 1 HU, rarely) on the
+    # batch size, and reruns must reproduce outputs bit for bit.
+    return {"resample": to_jsonable(c.resample), "regions": c.regions.regions, "omni": to_jsonable(c.omni)}
 
 
 def _pin_threads() -> None:
