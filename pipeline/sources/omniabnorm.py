@@ -30,8 +30,9 @@ What a case becomes (``load``):
   plane (a JPEG carries none); the in-plane output spacing is chosen so the
   whole image fits ``OmniConfig.shape_yx`` (:meth:`target_grid`).
 * **mask** (``label_space="coarse"``): on the key slice, each abnormality's
-  pixels carry the coarse region id of that abnormality (see
-  :func:`abnormality_region`); the context slices are 0. Later abnormalities
+  pixels carry the coarse region id of that abnormality (category, an alias
+  of it, or region keywords in its description; see :func:`abnormality_region`);
+  the context slices are 0. Later abnormalities
   overwrite earlier ones where masks overlap.
 * **text**: ``findings`` = the abnormalities' rewritten findings,
   ``impression`` = their descriptions, ``steps`` = the CoT record's steps.
@@ -124,13 +125,20 @@ def label_vector(abnormalities: list[dict[str, Any]]) -> list[int]:
     return out
 
 
-def abnormality_region(abn: dict[str, Any], region_names: list[str], keywords: dict[str, list[str]]) -> int:
+def abnormality_region(abn: dict[str, Any], region_names: list[str],
+                       keywords: dict[str, list[str]] | None = None) -> int:
     """Coarse region id (1-based index into ``region_names``, 0 = none) of one abnormality.
 
     Order: the category is a region name; the category has an alias in
-    ``CATEGORY_REGION``; the description / rewritten finding names a region by
-    ``TextConfig.region_keywords`` (first region in ``region_names`` order that matches).
+    ``CATEGORY_REGION``; the description / label names a region by ``keywords``
+    (default: the *code default* of ``TextConfig.region_keywords``, not the run's
+    config: the mask is a resample output, and the resample key does not cover the
+    text config; first region in ``region_names`` order that matches).
     """
+    if keywords is None:
+        from ctprep.config import TextConfig
+
+        keywords = TextConfig().region_keywords
     category = _norm(abn.get("category"))
     names = [n.lower() for n in region_names]
     if category in names:
@@ -138,7 +146,7 @@ def abnormality_region(abn: dict[str, Any], region_names: list[str], keywords: d
     alias = CATEGORY_REGION.get(category)
     if alias in names:
         return names.index(alias) + 1
-    text = f"{abn.get('description', '')} {abn.get('rewritten_findings', '')} {abn.get('label', '')}"
+    text = f"{abn.get('description', '')} {abn.get('label', '')}"
     for i, name in enumerate(region_names):
         for word in keywords.get(name, ()):
             if re.search(r"\b" + re.escape(word.lower()), text, re.IGNORECASE):
@@ -381,7 +389,6 @@ class OmniAbnormSource(Source):
         labels = np.zeros(image.shape, dtype=np.uint8)
         k_key = roles.index("image")
         names = list(self.config.regions.names) if self.config is not None else []
-        keywords = dict(self.config.text.region_keywords) if self.config is not None else {}
         regions_used = []
         for j, abn in enumerate(case.meta.get("abnormality", [])):
             role = f"mask_{j}"
@@ -391,7 +398,7 @@ class OmniAbnormSource(Source):
             if m.shape != shape:
                 raise QuarantineError(MASK_GRID_MISMATCH,
                                       f"mask {Path(case.files[role]).name} is {m.shape}, key slice is {shape}")
-            region = abnormality_region(abn, names, keywords)
+            region = abnormality_region(abn, names)
             regions_used.append(region)
             if region:
                 labels[:, :, k_key][m.T >= 128] = region

@@ -329,6 +329,24 @@ def tar_sample_keys(path: str | os.PathLike) -> list[str]:
     return keys
 
 
+def prune_retired(out_dir: str | os.PathLike) -> list[str]:
+    """Delete the files of retired shards (not listed in ``splits``); returns their paths.
+
+    Retired shards are kept by ``pack`` so that a reader of the previous index can
+    finish; call this once no reader uses an older ``index.json``.
+    """
+    out_dir = Path(out_dir)
+    index = read_index(out_dir) or {}
+    listed = {e["path"] for entries in index.get("splits", {}).values() for e in entries}
+    removed = []
+    for r in index.get("retired", []):
+        p = out_dir / r["path"]
+        if r["path"] not in listed and p.is_file():
+            p.unlink()
+            removed.append(r["path"])
+    return removed
+
+
 # --------------------------------------------------------------------------- reading stage outputs
 
 
@@ -466,13 +484,31 @@ class PackPlan:
 
 
 def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], header: Mapping[str, Any],
-              out_dir: Path) -> PackPlan:
-    """Decide which listed shards stay valid and which cases must be (re)written."""
+              out_dir: Path, absent: set[str] | frozenset[str] = frozenset()) -> PackPlan:
+    """Decide which listed shards stay valid and which cases must be (re)written.
+
+    Args:
+        index: the current ``index.json`` (None before the first run).
+        cases: every case eligible for pack now, with its current pack key.
+        header: :func:`index_header` of the current config; an index that differs is retired whole.
+        out_dir: the shard root.
+        absent: ids of cases that are gone (removed from their source, or quarantined upstream).
+            A listed case that is neither eligible nor absent (its source root was not part of
+            this run, or its upstream stages were not run) keeps its shard.
+    """
     current = {c.case.case_id: c for c in cases}
     keep: dict[str, list[dict[str, Any]]] = {}
     retire: list[str] = []
     placed: dict[str, str] = {}
     compatible = index is not None and all(index.get(k) == v for k, v in header.items() if k != "pipeline_version")
+
+    def still_valid(cid: str, key: str, split: str) -> bool:
+        if cid in placed:
+            return False
+        if cid in current:
+            return current[cid].key == key and current[cid].case.split == split
+        return cid not in absent
+
     for split, entries in (index or {}).get("splits", {}).items():
         for e in entries:
             members = e.get("cases")
@@ -482,8 +518,7 @@ def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], heade
                 and isinstance(members, dict)
                 and path.is_file()
                 and path.stat().st_size == e["bytes"]
-                and all(cid in current and current[cid].key == key and current[cid].case.split == split
-                        and cid not in placed for cid, key in members.items())
+                and all(still_valid(cid, key, split) for cid, key in members.items())
             )
             if valid:
                 keep.setdefault(split, []).append(e)
@@ -494,6 +529,37 @@ def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], heade
     return PackPlan(keep, retire, todo, placed)
 
 
+def absent_cases(work_dir: Path, dropped: Iterable[str]) -> set[str]:
+    """Which of the runner's ``dropped`` cases are really gone.
+
+    The runner drops every case with a pack row that is not eligible in this run, which
+    includes cases of source roots not scanned this time (``--src omni/`` after a run with
+    ``--src ctrate/`` into the same ``--out``). Their samples must stay listed, so the
+    manifest (read-only) decides: a dropped case that is still present and has no
+    quarantined upstream row is not gone. Without a manifest every dropped case is gone.
+    """
+    import sqlite3
+
+    dropped = set(dropped)
+    from ctprep.runner import MANIFEST_FILE
+
+    path = Path(work_dir) / MANIFEST_FILE
+    if not dropped or not path.is_file():
+        return dropped
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            present = {r[0] for r in conn.execute("SELECT case_id FROM cases WHERE present = 1")}
+            bad = {r[0] for r in conn.execute(
+                "SELECT case_id FROM stages WHERE status = 'quarantined' AND stage IN "
+                "('scan', 'resample', 'regions', 'text')")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return dropped
+    return {cid for cid in dropped if cid not in present or cid in bad}
+
+
 @aggregate_stage("pack", upstream=("resample", "regions", "text"), version="1",
                  config_slice=pack_config_slice, case_fields=("labels", "split"))
 def run_pack(task: AggregateTask) -> list[CaseResult]:
@@ -501,7 +567,7 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
     config, out_dir = task.config, Path(task.out_dir)
     header = index_header(config)
     index = read_index(out_dir)
-    plan = plan_pack(index, task.cases, header, out_dir)
+    plan = plan_pack(index, task.cases, header, out_dir, absent_cases(Path(task.work_dir), task.dropped))
     results: list[CaseResult] = []
     # Cases already in a kept shard with their current key: only the manifest may lag (crash after
     # the index was written); re-record them, nothing to write.

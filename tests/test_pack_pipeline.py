@@ -1,0 +1,119 @@
+"""The whole build-shards pipeline (core runner + regions/text/pack): incremental behaviour."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+
+from ctprep.config import load_config
+from ctprep.runner import build
+from ctprep.stages.pack import check_index, read_index, tar_sample_keys
+from ctprep.tokenizer import default_tokenizer_dir
+
+synth_ct = pytest.importorskip("ctprep.synth.ctrate")
+synth_omni = pytest.importorskip("ctprep.synth.omniabnorm")
+
+
+def run(srcs, out, cfg=None, **kw):
+    return build([str(s) for s in srcs], out, cfg or load_config("demo"), workers=0, progress=False,
+                 log=lambda msg: None, **kw)
+
+
+def ran(report):
+    return {name: t.ran for name, t in report.tallies.items()}
+
+
+def shard_files(out):
+    return {p.relative_to(out).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns,
+                                            p.stat().st_ino) for p in sorted(out.glob("*/*.tar"))}
+
+
+def listed_keys(out):
+    index = read_index(out)
+    return [k for entries in index["splits"].values() for e in entries for k in tar_sample_keys(out / e["path"])]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    synth_ct.write_ctrate(root / "ctrate", cases=3, seed=0)
+    synth_omni.write_omniabnorm(root / "omni" / "batch_01", cases=3, seed=1)
+    return root
+
+
+def test_batches_generations_and_tokenizer_change(data, tmp_path):
+    out = tmp_path / "shards"
+    first = run([data / "ctrate", data / "omni"], out)
+    assert first.exit_code == 0
+    assert first.tallies["pack"].done == 6 and check_index(out) == []
+    first_tokenizer = read_index(out)["tokenizer"]
+    before = shard_files(out)
+
+    # A new OmniAbnorm batch: every stage runs for its 2 cases only; old shards untouched.
+    synth_omni.write_omniabnorm(data / "omni" / "batch_02", cases=2, seed=2)
+    second = run([data / "ctrate", data / "omni"], out)
+    assert ran(second) == {"resample": 2, "regions": 2, "text": 2, "pack": 2}
+    after = shard_files(out)
+    assert {p: after[p] for p in before} == before  # same bytes, same file (inode, mtime)
+    index = read_index(out)
+    assert [g["generation"] for g in index["generations"]] == [1, 2]
+    new = [e for e in index["splits"]["train"] if e["generation"] == 2]
+    assert [e["source"] for e in new] == ["omniabnorm"] and sum(e["samples"] for e in new) == 2
+    assert check_index(out) == [] and len(listed_keys(out)) == len(set(listed_keys(out))) == 8
+
+    # Nothing changed: nothing runs.
+    assert sum(ran(run([data / "ctrate", data / "omni"], out)).values()) == 0
+
+    # Only the tokenizer changes (a copy with one extra vocabulary entry): text + pack rerun, nothing else.
+    tok = tmp_path / "tok"
+    shutil.copytree(default_tokenizer_dir(), tok, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer.json"))
+    with open(tok / "vocab.txt", "a") as f:
+        f.write("zzzextratoken\n")
+    cfg = load_config("demo")
+    cfg.text.tokenizer = str(tok)
+    third = run([data / "ctrate", data / "omni"], out, cfg)
+    assert ran(third) == {"resample": 0, "regions": 0, "text": 8, "pack": 8}
+    index = read_index(out)
+    assert index["tokenizer"]["hash"] != first_tokenizer["hash"] and index["tokenizer"]["name"] == "tok"
+    assert {e["generation"] for e in index["splits"]["train"]} == {3}
+    assert {r["path"] for r in index["retired"]} == set(after)  # all old shards retired, still on disk
+    assert all((out / p).is_file() for p in after) and check_index(out) == []
+
+
+def test_rebuild_is_byte_identical_and_readable(data, tmp_path):
+    wds = pytest.importorskip("webdataset")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run([data / "omni" / "batch_01"], a)
+    run([data / "omni" / "batch_01"], b)
+    fa, fb = shard_files(a), shard_files(b)
+    assert fa.keys() == fb.keys() and all(fa[p][0] == fb[p][0] for p in fa)
+    index = read_index(a)
+    urls = [str(a / e["path"]) for e in index["splits"]["train"]]
+    for s in wds.WebDataset(urls, shardshuffle=False).decode():
+        meta = s["meta.json"]
+        assert meta["source"] == "omniabnorm" and meta["header_style"] == "jpg" and meta["id"] == s["__key__"]
+        assert meta["shape"] == [4, 128, 128] and meta["tokenizer"] == index["tokenizer"]
+        assert s["regions.npy"].shape == (64, 7) and np.allclose(s["regions.npy"].astype(np.float32).sum(1), 1, atol=4e-3)
+        assert (s["labels.npy"] != 0).all()  # slice-level labels: 1 or unknown
+
+
+def test_changed_case_supersedes_its_sample(data, tmp_path):
+    import json
+
+    src = tmp_path / "omni"
+    shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
+    out = tmp_path / "shards"
+    run([src], out)
+    old = read_index(out)["splits"]["train"]
+    records = json.loads((src / "batch_01" / "records.json").read_text())
+    records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
+    (src / "batch_01" / "records.json").write_text(json.dumps(records))
+    report = run([src], out)
+    # the changed case reruns text (its findings changed) and pack; its shard-mates are re-homed
+    assert ran(report) == {"resample": 0, "regions": 0, "text": 1, "pack": 3}
+    index = read_index(out)
+    assert [r["path"] for r in index["retired"]] == [e["path"] for e in old]
+    assert sorted(listed_keys(out)) == sorted(r["id"] for r in records) and check_index(out) == []
