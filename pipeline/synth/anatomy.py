@@ -100,6 +100,8 @@ class Anatomy:
     trachea_r: float
     spine_r: float
     level_h: float  # vertebral level height
+    vessels: list[tuple[tuple[float, float, float], tuple[float, float, float], float]] = field(default_factory=list)
+    # pulmonary vessel segments (p0, p1 (z, y, x) mm, radius mm), drawn inside the lungs only
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -152,7 +154,7 @@ def sample_anatomy(rng: np.random.Generator, z_apex: float) -> Anatomy:
     ay = float(rng.uniform(95, 120))
     lung_h = float(rng.uniform(215, 255))
     z_base = z_apex - lung_h
-    return Anatomy(
+    a = Anatomy(
         ax=ax,
         ay=ay,
         fat=float(rng.uniform(8, 22)),
@@ -169,6 +171,23 @@ def sample_anatomy(rng: np.random.Generator, z_apex: float) -> Anatomy:
         spine_r=float(rng.uniform(15, 19)),
         level_h=float(rng.uniform(21, 25)),
     )
+    a.vessels = _sample_vessels(a, rng)
+    return a
+
+
+def _sample_vessels(a: Anatomy, rng: np.random.Generator, per_lung: int = 9):
+    """Pulmonary vessel trees: tapering segments from each hilum towards the periphery."""
+    out = []
+    for side in (1, -1):
+        hilum = (a.z_carina - 30.0, a.trachea_y - 4.0, side * 0.27 * a.ax)
+        cand = np.stack([rng.uniform(a.z_base, a.z_apex, 400), rng.uniform(-a.ay, a.ay, 400),
+                         side * rng.uniform(0.2 * a.ax, a.ax, 400)], 1).astype(np.float32)  # fmt: skip
+        cand = cand[lung_side_at(a, side, cand[:, 0], cand[:, 1], cand[:, 2])][:per_lung]
+        for end in cand:
+            mid = tuple(float(h + 0.5 * (e - h)) for h, e in zip(hilum, end))
+            out.append((hilum, mid, 3.5))
+            out.append((mid, tuple(float(v) for v in end), 2.0))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +346,12 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     lung_hu = np.broadcast_to(-855.0 - 0.35 * ly, lobes.shape).astype(np.float32)
     _put(hu, lab, lsl, lung, lung_hu)
     lab[lsl][lung] = lobes[lung]
+
+    # Pulmonary vessels (part of the lobes in TotalSegmentator, so labels stay).
+    for p0, p1, r in a.vessels:
+        vsl = grid.box(tuple(min(u, v) - r for u, v in zip(p0, p1)), tuple(max(u, v) + r for u, v in zip(p0, p1)))
+        vz, vy, vx = grid.coords(vsl)
+        _put(hu, lab, vsl, _capsule(vz, vy, vx, p0, p1, r) & np.isin(lab[vsl], LUNG_IDS), 35.0)
 
     # Main bronchi: air tubes from the carina into each hilum (image only).
     zc = a.z_carina
