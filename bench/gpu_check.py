@@ -55,11 +55,12 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
 
     Counts the terms that scale with tokens: patch-embed Conv3d, per block the QKV / output
     projections, attention scores QK^T and the weighted sum AV (exact attention, every kernel the
-    same), the MLP, and region cross-attention (query / output projections over patches, key /
-    value projections over regions, scores and weighted sum over R keys). The anatomy CNN (over a
-    4x-subsampled label map), norms, biases, softmax and the heads over pooled tokens are left out:
-    together they are well under 1% at 16k tokens (checked against torch's FlopCounterMode in
-    tests/test_scale_gpu_check.py).
+    same), the MLP, region cross-attention (query / output projections over tokens, key / value
+    projections over the R region embeddings, scores and weighted sum over R keys), and the
+    multi-scale fuse, the anatomy CNN over the subsampled label map, and the heads' work over patch
+    tokens (evidence pool, region pooling). Norms, biases, softmax and the small per-volume heads
+    are left out. The count is checked against torch's FlopCounterMode in
+    tests/test_scale_gpu_check.py.
     """
     pz, py, px = vision.patch.patch_size
     z, y, x = grid_zyx
@@ -75,6 +76,8 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
         "attn_av": depth * 2.0 * n * n * d,
         "attn_out_proj": depth * 2.0 * n * d * d,
         "mlp": depth * 2.0 * n * d * hidden * 2,
+        # multi-scale aggregation: Linear(S * width -> width) over all tokens
+        "multiscale_fuse": 2.0 * n * len(set(vision.out_indices) | {depth - 1}) * d * d,
     }
     if vision.attention.region_attention and vision.anatomy.enabled:
         r = num_regions
@@ -84,7 +87,27 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
             + 2.0 * 2 * n * r * d  # scores and weighted sum
             + 2.0 * n * d * d  # output projection
         )
+    if vision.anatomy.enabled:
+        terms["anatomy_cnn"] = _anatomy_cnn_flops(vision.anatomy, grid_zyx, num_regions, d)
+    k = vision.num_evidence_tokens
+    terms["heads"] = (
+        2.0 * patches * d * 2 * d  # evidence pool key/value projection over patches
+        + 2.0 * 2 * k * patches * d  # evidence attention scores and weighted sum
+        + 2.0 * patches * num_regions * d  # region pooling of patch tokens
+    )
     return terms
+
+
+def _anatomy_cnn_flops(anatomy, grid_zyx, num_regions: int, width: int) -> float:
+    """Stride-2 3x3x3 Conv3d stages over the subsampled label map, plus the region pooling."""
+    shape = [math.ceil(g / s) for g, s in zip(grid_zyx, anatomy.mask_stride)]
+    flops, prev = 0.0, anatomy.cnn_channels[0]
+    for ch in anatomy.cnn_channels:
+        shape = [math.ceil(v / 2) for v in shape]
+        flops += 2.0 * math.prod(shape) * ch * prev * 27
+        prev = ch
+    cells = math.prod(shape)
+    return flops + 2.0 * num_regions * cells * prev + 2.0 * num_regions * prev * width
 
 
 def train_flops_per_sample(forward_terms: dict[str, float]) -> float:
@@ -114,7 +137,7 @@ def format_table(rows: list[Row]) -> str:
                 row.config,
                 row.status,
                 _fmt(v.get("samples_per_s"), "{:.2f}"),
-                _fmt(v.get("tflops"), "{:.1f}"),
+                _fmt(v.get("tflops"), "{:.3g}"),
                 _fmt(v.get("mfu"), "{:.1%}"),
                 _fmt(v.get("peak_gib"), "{:.1f}"),
                 str(v.get("notes", "")),
@@ -188,16 +211,19 @@ class EncoderSetup:
 
 
 def build_visual(setup: EncoderSetup, kernel: str):
-    """The vision encoder of ``create_model(model_name)`` with ``kernel`` for slice attention."""
+    """The vision encoder of model config ``model_name`` with ``kernel`` for slice attention.
+
+    Only ``VisionEncoder3D`` is built (as ``CTCLIP`` builds it): the text tower plays no part in
+    the encoder numbers and would only load weights.
+    """
     import torch
 
-    from trainer.model import create_model
+    from trainer.model import VisionEncoder3D, get_model_config
 
-    overrides = {"vision.attention.kernel": kernel, **setup.overrides}
-    model = create_model(setup.model_name, **overrides)
-    visual = model.visual.to(torch.device(setup.device))
+    cfg = get_model_config(setup.model_name, **{"vision.attention.kernel": kernel, **setup.overrides})
+    visual = VisionEncoder3D(cfg.vision, embed_dim=cfg.embed_dim).to(torch.device(setup.device))
     visual.train()
-    return visual, model.config
+    return visual, cfg
 
 
 def synthetic_batch(vision, grid_zyx, batch_size: int, device: str) -> dict:
@@ -219,7 +245,7 @@ def synthetic_batch(vision, grid_zyx, batch_size: int, device: str) -> dict:
 
 def encoder_loss(visual, batch):
     """A scalar that depends on every encoder output, so backward reaches every parameter in use."""
-    out = visual(batch)
+    out = visual(batch["image"], batch["mask"], batch["regions"])
     tensors = out.values() if isinstance(out, dict) else (out if isinstance(out, (tuple, list)) else [out])
     total = 0.0
     for t in tensors:
@@ -322,7 +348,7 @@ def encoder_rows(setup: EncoderSetup, kernel: str, sizes: list[int], peak_tflops
     del visual
     if setup.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return rows, largest, per_sample
+    return rows, largest, per_sample, cfg.vision.grad_checkpointing
 
 
 # --------------------------------------------------------------------------- ZeRO-2 run
@@ -399,10 +425,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model and grid, few steps: checks the wiring")
     p.add_argument("--model", default=None, help="model config for the encoder sections (default base; dry run tiny)")
-    p.add_argument("--grid", default=None, help="volume Z,Y,X in voxels (default 64,512,512; dry run 8,32,32)")
+    p.add_argument("--grid", default=None, help="volume Z,Y,X in voxels (default 64,512,512; dry run 16,64,64)")
     p.add_argument("--max-micro-batch", type=int, default=None, help="largest micro-batch tried (default 64; dry run 2)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per size (default 5; dry run 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per size (default 2; dry run 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per size (default 3; dry run 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per size, incl. compile (default 1)")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator (dense bf16)")
     p.add_argument("--sections", default="env,encoder,reference,zero2", help="comma list of sections to run")
     p.add_argument("--shards", default=None, help="existing shard dir for the ZeRO-2 run (default: build demo shards)")
@@ -415,10 +441,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     dry = args.dry_run
     args.model = args.model or ("tiny" if dry else "base")
-    args.grid = tuple(int(v) for v in (args.grid or ("8,32,32" if dry else "64,512,512")).split(","))
+    args.grid = tuple(int(v) for v in (args.grid or ("16,64,64" if dry else "64,512,512")).split(","))
     args.max_micro_batch = args.max_micro_batch or (2 if dry else 64)
-    args.steps = args.steps or (1 if dry else 5)
-    args.warmup = args.warmup or (1 if dry else 2)
+    args.steps = args.steps or (1 if dry else 3)
+    args.warmup = args.warmup or 1
     args.demo_cases = args.demo_cases or (4 if dry else 16)
     args.train_model = args.train_model or ("tiny" if dry else "base")
     args.zero2_steps = args.zero2_steps or (2 if dry else 50)
@@ -470,19 +496,33 @@ def run(args, rows: list[Row]) -> list[Row]:
 
     if "env" in args.sections:
         section("env", lambda: rows.extend(environment_report()))
+    # Each section gets a share of the budget so that a long sweep cannot starve the ZeRO-2 run.
+    encoder_deadline = start + 0.5 * args.budget_s
+    reference_deadline = start + 0.65 * args.budget_s
     if "encoder" in args.sections:
-        out = section("encoder", lambda: encoder_rows(setup, fast_kernel, sizes, args.peak_tflops if cuda else 0, deadline, "encoder"))
+        out = section(
+            "encoder",
+            lambda: encoder_rows(setup, fast_kernel, sizes, args.peak_tflops if cuda else 0, encoder_deadline, "encoder"),
+        )
         if out:
             rows.extend(out[0])
             largest = out[1]
-            rows.append(Row("encoder", "FLOPs/sample (fwd+bwd, model)", {"notes": f"{out[2] / 1e12:.2f} TFLOP; peak {args.peak_tflops:.0f} TFLOP/s"}))
+            note = f"{out[2] / 1e12:.4g} TFLOP; MFU vs {args.peak_tflops:.0f} TFLOP/s (bf16 dense)"
+            if out[3]:
+                note += "; grad checkpointing on: hardware does +1 forward (4/3 x these FLOPs)"
+            rows.append(Row("encoder", "FLOPs/sample (fwd+bwd, model)", {"notes": note}))
     if "reference" in args.sections:
         # Largest size that fitted with the fast kernel, then halve until the reference kernel fits.
         ref_sizes = [s for s in reversed(sizes) if largest is None or s <= largest]
 
         def reference():
             for bs in ref_sizes:
-                got, fitted = encoder_rows(setup, "reference", [bs], args.peak_tflops if cuda else 0, deadline, "reference")
+                if time.monotonic() > reference_deadline:
+                    rows.append(Row("reference", f"mb={bs}", {"notes": "skipped: time budget"}, "skip"))
+                    return
+                got, fitted, *_ = encoder_rows(
+                    setup, "reference", [bs], args.peak_tflops if cuda else 0, reference_deadline, "reference"
+                )
                 rows.extend(got)
                 if fitted is not None:
                     return
