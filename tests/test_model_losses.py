@@ -1,0 +1,202 @@
+"""Losses: InfoNCE == naive full matrix (1 rank and 2 gloo ranks), masks and padding never leak."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.model_helpers import make_batch
+from trainer.losses import (
+    LossConfig, MultiTaskLoss, clip_loss, label_loss, region_text_loss, step_alignment_loss,
+)
+
+
+def naive_clip_loss(image, text, scale):
+    """The textbook full-matrix CLIP loss over the whole (global) batch."""
+    logits = scale * image @ text.T
+    target = torch.arange(image.shape[0])
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _features(n=8, e=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1),
+            F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1))
+
+
+def test_clip_loss_equals_naive_single_rank():
+    image, text = _features()
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    torch.testing.assert_close(clip_loss(image, text, scale), naive_clip_loss(image, text, scale))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, image, text, scale, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        b = image.shape[0] // world
+        img = image[rank * b:(rank + 1) * b].clone().requires_grad_()
+        txt = text[rank * b:(rank + 1) * b].clone().requires_grad_()
+        s = scale.clone().requires_grad_()
+        loss = clip_loss(img, txt, s)
+        # Data parallel averages gradients over ranks: the per-rank objective is loss / world.
+        (loss / world).backward()
+        torch.save((loss.detach(), img.grad, txt.grad, s.grad), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_clip_loss_two_gloo_ranks_equals_naive_loss_and_grads(tmp_path):
+    world = 2
+    image, text = _features(n=6)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    mp.spawn(_rank_worker, args=(world, _free_port(), image, text, scale, str(tmp_path)), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    img, txt, s = (t.clone().requires_grad_() for t in (image, text, scale))
+    full = naive_clip_loss(img, txt, s)
+    full.backward()
+    torch.testing.assert_close(sum(g[0] for g in got) / world, full.detach())
+    torch.testing.assert_close(torch.cat([g[1] for g in got]), img.grad)
+    torch.testing.assert_close(torch.cat([g[2] for g in got]), txt.grad)
+    # The temperature is replicated: data parallel sums the per-rank (loss / world) grads.
+    torch.testing.assert_close(sum(g[3] for g in got), s.grad)
+
+
+def _region_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, r, e, length = 3, 4, 8, 5
+    vis = F.normalize(torch.randn(b, r, e, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(b, r, e, generator=g), dim=-1)
+    present = torch.ones(b, r, dtype=torch.bool)
+    valid = torch.ones(b, r, dtype=torch.bool)
+    has_text = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    ids = torch.randint(100, 200, (b, r, length), generator=g)
+    attn = torch.ones(b, r, length, dtype=torch.bool)
+    return [vis, present, txt, valid, has_text, ids, attn, torch.tensor(10.0)]
+
+
+def test_region_loss_matches_hand_written_rule():
+    vis, present, txt, valid, has_text, ids, attn, scale = _region_inputs()
+    loss = region_text_loss(vis, present, txt, valid, has_text, ids, attn, scale)
+    v, t = vis.reshape(12, -1), txt.reshape(12, -1)
+    anchors = has_text.reshape(-1).nonzero().squeeze(1)
+    expected = 0.5 * (F.cross_entropy(scale * v[anchors] @ t.T, anchors)
+                      + F.cross_entropy(scale * t[anchors] @ v.T, anchors))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_region_loss_default_sentences_and_padding_do_not_leak():
+    vis, present, txt, valid, has_text, ids, attn, scale = _region_inputs()
+    base = region_text_loss(vis, present, txt, valid, has_text, ids, attn, scale)
+    # An absent region / invalid sentence is selected out: its values cannot matter.
+    present2, valid2 = present.clone(), valid.clone()
+    present2[0, 1] = False
+    valid2[1, 0] = False
+    ref = region_text_loss(vis, present2, txt, valid2, has_text, ids, attn, scale)
+    vis2, txt2 = vis.clone(), txt.clone()
+    vis2[0, 1] = 123.0
+    txt2[1, 0] = -7.0
+    torch.testing.assert_close(region_text_loss(vis2, present2, txt2, valid2, has_text, ids, attn, scale), ref)
+    # Padding tokens of the ids are ignored by the duplicate rule.
+    ids2 = ids.clone()
+    attn2 = attn.clone()
+    attn2[..., -1] = False
+    ids2[..., -1] = 0
+    a = region_text_loss(vis, present, txt, valid, has_text, ids, attn2, scale)
+    torch.testing.assert_close(region_text_loss(vis, present, txt, valid, has_text, ids2, attn2, scale), a)
+    assert torch.isfinite(base)
+    # No region with its own text: zero, still attached to the graph.
+    vis.requires_grad_()
+    zero = region_text_loss(vis, present, txt, valid, torch.zeros_like(has_text), ids, attn, scale)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_region_loss_identical_finding_text_is_not_a_negative():
+    vis, present, txt, valid, has_text, ids, attn, scale = _region_inputs()
+    ids[2, 0] = ids[0, 0]  # volume 2 region 0 has the same finding sentence as volume 0 region 0
+    loss = region_text_loss(vis, present, txt, valid, has_text, ids, attn, scale)
+    v, t = vis.reshape(12, -1), txt.reshape(12, -1)
+    anchors = has_text.reshape(-1).nonzero().squeeze(1)  # [0, 2, 6, 7, 8]
+    li, lt = scale * v[anchors] @ t.T, scale * t[anchors] @ v.T
+    li[0, 8] = li[2 * 0 + 4, 0] = float("-inf")  # anchors 0 and 8 mask each other
+    lt[0, 8] = lt[4, 0] = float("-inf")
+    expected = 0.5 * (F.cross_entropy(li, anchors) + F.cross_entropy(lt, anchors))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_step_loss_padded_steps_never_leak_and_matches_naive():
+    g = torch.Generator().manual_seed(0)
+    b, s, k, e = 3, 4, 5, 8
+    steps = F.normalize(torch.randn(b, s, e, generator=g), dim=-1)
+    evidence = F.normalize(torch.randn(b, k, e, generator=g), dim=-1)
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    scale = torch.tensor(10.0)
+    loss = step_alignment_loss(steps, valid, evidence, scale, pool_scale=5.0)
+    steps2 = steps.clone()
+    steps2[~valid] = 99.0  # garbage in padded slots
+    torch.testing.assert_close(step_alignment_loss(steps2, valid, evidence, scale, pool_scale=5.0), loss)
+    rows, targets = [], []
+    for bi in range(b):
+        for si in range(s):
+            if valid[bi, si]:
+                t = steps[bi, si]
+                scores = []
+                for vi in range(b):
+                    w = torch.softmax(5.0 * evidence[vi] @ t, 0)
+                    scores.append(scale * F.normalize(w @ evidence[vi], dim=0) @ t)
+                rows.append(torch.stack(scores))
+                targets.append(bi)
+    torch.testing.assert_close(loss, F.cross_entropy(torch.stack(rows), torch.tensor(targets)))
+    evidence.requires_grad_()
+    zero = step_alignment_loss(steps, torch.zeros_like(valid), evidence, scale)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_label_loss_ignores_unknown():
+    logits = torch.randn(2, 18)
+    labels = torch.randint(0, 2, (2, 18))
+    labels[:, :5] = -1
+    loss = label_loss(logits, labels)
+    logits2 = logits.clone()
+    logits2[:, :5] = 1e4
+    torch.testing.assert_close(label_loss(logits2, labels), loss)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits[:, 5:], labels[:, 5:].float()))
+
+
+def test_multitask_weights_terms_and_padding_invariance():
+    from trainer.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", **{"text.freeze_layers": -1}).eval()
+    batch = make_batch()
+    loss_fn = MultiTaskLoss({"clip": 1.0, "region": 0.5, "step": 0.25, "labels": 0.0})
+    with torch.no_grad():
+        total, terms = loss_fn(model(batch), batch)
+    assert set(terms) == {"clip", "region", "step"}
+    torch.testing.assert_close(total, terms["clip"] + 0.5 * terms["region"] + 0.25 * terms["step"])
+    # Change everything that is padding: padded step, padded report tokens, unknown labels.
+    padded = dict(batch)
+    padded["steps_ids"] = batch["steps_ids"].clone()
+    padded["steps_ids"][0, -1] = 4242
+    padded["steps_ids"][..., 6:] = 777
+    padded["report_ids"] = batch["report_ids"].clone()
+    padded["report_ids"][0, 9:] = 555
+    padded["labels"] = batch["labels"].clone()
+    padded["labels"][batch["labels"] < 0] = -1
+    with torch.no_grad():
+        total2, terms2 = MultiTaskLoss({"labels": 1.0})(model(padded), padded)
+        total1, terms1 = MultiTaskLoss({"labels": 1.0})(model(batch), batch)
+    for name in terms1:
+        torch.testing.assert_close(terms2[name], terms1[name], msg=name)
+    with pytest.raises(ValueError, match="valid choices"):
+        MultiTaskLoss({"clipp": 1.0})
+    assert LossConfig().clip == 1.0
