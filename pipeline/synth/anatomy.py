@@ -421,9 +421,13 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
 
     # Ribs: one band per level in the chest wall, left/right numbered 1..12; sternum in front.
     rib_ring = (rho2 < (1.0 - (a.fat + 10.0) / a.ay) ** 2) & (rho2 >= cage_in) & (np.abs(x2) > 26.0) & (y2 < 0.6 * a.ay)
-    rib_z = (frac > 0.35) & (frac < 0.35 + 10.0 / a.level_h) & (level >= 0) & (level < 12)
-    rib3 = rib_z[:, None, None] & rib_ring[None]
-    rib_id = np.where(x2 > 0, RIB_RIGHT_1, RIB_LEFT_1)[None] + np.clip(level, 0, 11).astype(np.int64)[:, None, None]
+    # Ribs slope down from the spine to the front (~0.6 mm per mm), so an axial slice cuts arcs.
+    rib_phase = (a.z_apex + 22.0 - z + 0.6 * (y - a.spine_y)) / a.level_h  # (Z, Y, 1)
+    rib_level = np.floor(rib_phase)
+    rib_frac = rib_phase - rib_level
+    rib_z = (rib_frac > 0.35) & (rib_frac < 0.35 + 10.0 / a.level_h) & (rib_level >= 0) & (rib_level < 12)
+    rib3 = rib_z & rib_ring[None]
+    rib_id = np.where(x2 > 0, RIB_RIGHT_1, RIB_LEFT_1)[None] + np.clip(rib_level, 0, 11).astype(np.int64)
     hu[rib3] = 600.0
     lab[rib3] = np.broadcast_to(rib_id, lab.shape)[rib3].astype(np.uint8)
     stern2 = (rho2 < (1.0 - (a.fat + 6.0) / a.ay) ** 2) & (rho2 >= cage_in) & (np.abs(x2) <= 16.0) & (y2 > 0)
