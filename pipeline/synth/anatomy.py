@@ -292,7 +292,7 @@ def _put(hu, lab, sl, mask, value, label=None):
     if mask is None or not mask.any():
         return
     h = hu[sl]
-    h[mask] = value if np.ndim(value) == 0 else value[mask]
+    h[mask] = value if np.ndim(value) == 0 else np.broadcast_to(value, mask.shape)[mask]
     if label is not None:
         lab[sl][mask] = label
 
@@ -343,7 +343,7 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     lz, ly, lx = grid.coords(lsl)
     lobes = lobe_at(a, lz, ly, lx)
     lung = lobes > 0
-    lung_hu = np.broadcast_to(-855.0 - 0.35 * ly, lobes.shape).astype(np.float32)
+    lung_hu = (-855.0 - 0.35 * ly).astype(np.float32)  # posterior (dependent) lung slightly denser
     _put(hu, lab, lsl, lung, lung_hu)
     lab[lsl][lung] = lobes[lung]
 
@@ -515,7 +515,7 @@ def _draw_finding(a: Anatomy, grid: Grid, hu, lab, f: Finding):
         z, y, x = grid.coords(sl)
         sph = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
         sph &= ~np.isin(lab[sl], (AORTA, HEART) + tuple(range(27, 51)))
-        _put(hu, lab, sl, sph, np.where(z > c[0] + 0.2 * r, -980.0, 20.0).astype(np.float32) + 0 * y * x, STOMACH)
+        _put(hu, lab, sl, sph, np.where(z > c[0] + 0.2 * r, -980.0, 20.0).astype(np.float32), STOMACH)  # air over fluid
         return sl, sph
     if k == "device":
         c, hs = p["center"], p["half_size"]
