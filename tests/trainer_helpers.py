@@ -27,7 +27,8 @@ class TinyCLIP(nn.Module):
         super().__init__()
         self.config = {"dim": dim, "vocab": vocab, "width": width}
         self.patch = nn.Conv3d(1, width, kernel_size=(4, 8, 8), stride=(4, 8, 8))
-        self.visual_proj = nn.Linear(width, dim)
+        self.pool = nn.AdaptiveAvgPool3d((2, 4, 4))  # keeps where the class blob is
+        self.visual_proj = nn.Linear(width * 32, dim)
         self.token = nn.Embedding(vocab, dim)
         self.text_proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -35,7 +36,7 @@ class TinyCLIP(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         dtype = self.patch.weight.dtype
         x = (batch["image"].to(dtype) / 1000.0).unsqueeze(1)
-        feats = F.gelu(self.patch(x)).mean(dim=(2, 3, 4))
+        feats = self.pool(F.gelu(self.patch(x))).flatten(1)
         image = F.normalize(self.visual_proj(feats), dim=-1)
         ids = batch["report_ids"].clamp(max=self.token.num_embeddings - 1)
         attn = batch["report_attn"].to(dtype).unsqueeze(-1)
@@ -73,7 +74,7 @@ class ClipLoss:
     """Symmetric InfoNCE on the local batch (the stand-in for trainer.losses.MultiTaskLoss)."""
 
     def __init__(self, cfg: dict):
-        self.weight = float(cfg.get("weights", {}).get("clip", 1.0))
+        self.weight = float(cfg.get("clip", 1.0))
 
     def __call__(self, outputs: dict, batch: dict):
         logits = outputs["logit_scale"] * outputs["image_embed"] @ outputs["text_embed"].T

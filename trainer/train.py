@@ -127,7 +127,8 @@ def promote_scalar_params(model: torch.nn.Module) -> list[str]:
 
 def build_loss(cfg: Config) -> Callable:
     factory = resolve_object(cfg.loss.factory)
-    return factory({"weights": dict(cfg.loss.weights), **cfg.loss.options})
+    # MultiTaskLoss takes one flat dict: term weights (clip, region, step, labels) + options.
+    return factory({**cfg.loss.weights, **cfg.loss.options})
 
 
 def expected_tokenizer(cfg: Config, model: torch.nn.Module) -> dict[str, str] | None:
@@ -258,8 +259,8 @@ def train_step(engine, loss_fn, batches: Iterator[dict[str, Any]], cfg: Config, 
         engine.backward(loss)
         engine.step()
         total += float(loss.detach()) / accum
-        for name, value in parts.items():
-            terms[name] = terms.get(name, 0.0) + float(value) / accum
+        for name, value in parts.items():  # "loss_<term>": a term may be called "step"
+            terms[f"loss_{name}"] = terms.get(f"loss_{name}", 0.0) + float(value) / accum
         samples += len(batch["ids"])
         if "logit_scale" in outputs:
             scale = float(outputs["logit_scale"].detach())
@@ -328,7 +329,7 @@ def validate(engine, loss_fn, loader, cfg: Config, device: torch.device) -> dict
         batch = move_batch(batch, device)
         outputs = prepare_outputs(engine(batch), cfg.loss.max_logit_scale)
         loss, parts = loss_fn(outputs, batch)
-        for name, value in {"loss": loss, **parts}.items():
+        for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         batches += 1
         if "image_embed" in outputs and "text_embed" in outputs:

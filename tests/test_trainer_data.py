@@ -1,0 +1,201 @@
+"""Streaming loader: identity checks, tar-by-offset reading, corrupt members, rank splitting."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import data as D
+from trainer.config import DataConfig
+from trainer.testing import TEST_TOKENIZER, make_sample, write_shard, write_test_shards
+
+EXPECT = D.ShardExpectation(tokenizer=TEST_TOKENIZER, patch_size=(4, 16, 16))
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    base = dict(shards=str(root), batch_size=2, buffer_size=4, num_workers=0, tokenizer=dict(TEST_TOKENIZER))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _train_iter(root: Path, *, rank=0, world=1, start=0, **kw):
+    cfg = _cfg(root, **kw)
+    index = D.load_shard_index(root, EXPECT)
+    return iter(D.build_train_loader(cfg, index, EXPECT, rank=rank, world_size=world, start_batch=start))
+
+
+def test_scan_tar_matches_tarfile_and_decodes_all_compressions(tmp_path):
+    rng = np.random.default_rng(0)
+    sample = make_sample("case_a", rng=rng)
+    path = tmp_path / "s.tar"
+    write_shard(path, [sample], compress=("image",))
+    # add a .npy.gz member and a long (pax) name to check format compatibility
+    extra = io.BytesIO()
+    np.save(extra, np.arange(5, dtype=np.int32))
+    with tarfile.open(path, "a", format=tarfile.PAX_FORMAT) as tar:
+        data = gzip.compress(extra.getvalue())
+        info = tarfile.TarInfo("case_a.extra.npy.gz")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        long_key = "d" * 120
+        info = tarfile.TarInfo(f"{long_key}/case_b.extra.npy")
+        info.size = len(extra.getvalue())
+        tar.addfile(info, io.BytesIO(extra.getvalue()))
+    refs, error = D.scan_tar(str(path))
+    assert error is None
+    assert [r.key for r in refs] == ["case_a", f"{long_key}/case_b"]
+    with tarfile.open(path) as tar:
+        expected = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for ref in refs:
+        for name, offset, size in ref.members:
+            assert D.read_member(str(path), offset, size) == expected[f"{ref.key}.{name}"]
+    decoded = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
+    np.testing.assert_array_equal(decoded["image"], sample["image"])
+    np.testing.assert_array_equal(decoded["extra"], np.arange(5))
+    assert decoded["meta"]["id"] == "case_a"
+
+
+def test_object_npy_is_refused_without_unpickling():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(D.CorruptMemberError, match="object"):
+        D.decode_member("x.npy", buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokenizer": {"name": "other", "hash": "f" * 16}}, "tokenizer"),
+        ({"schema_version": 99}, "schema_version"),
+        ({"patch_size": (2, 8, 8)}, "patch_size"),
+    ],
+)
+def test_mismatched_shards_are_refused_with_the_file_named(tmp_path, kwargs, match):
+    write_test_shards(tmp_path, {"train": [2]}, **kwargs)
+    with pytest.raises(D.ShardMismatchError, match=match) as err:
+        D.load_shard_index(tmp_path, EXPECT)
+    assert "index.json" in str(err.value)
+
+
+def test_sample_level_mismatch_is_refused(tmp_path):
+    # index says the right tokenizer, but one shard's samples were made with another
+    index = write_test_shards(tmp_path, {"train": [2]})
+    write_test_shards(tmp_path / "x", {"train": [2]}, tokenizer={"name": "old", "hash": "1" * 16})
+    (tmp_path / "train" / "ctrate-0-000000.tar").write_bytes((tmp_path / "x/train/ctrate-0-000000.tar").read_bytes())
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(D.ShardMismatchError, match="tokenizer") as err:
+        next(_train_iter(tmp_path))
+    assert "ctrate-0-000000.tar" in str(err.value)
+
+
+def test_corrupt_member_is_skipped_and_counted(tmp_path):
+    write_test_shards(tmp_path, {"train": [4]})
+    path = tmp_path / "train" / "ctrate-0-000000.tar"
+    refs, _ = D.scan_tar(str(path))
+    name, offset, size = next(m for m in refs[1].members if m[0].startswith("image"))
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + size] = b"\xff" * size  # garbage zstd frame, tar headers intact
+    path.write_bytes(bytes(raw))
+    it = _train_iter(tmp_path, buffer_size=1)
+    batches = [next(it) for _ in range(2)]
+    ids = [i for b in batches for i in b["ids"]]
+    assert refs[1].key not in ids
+    assert sum(b[D.BATCH_STATS_KEY]["corrupt"] for b in batches) == 1
+
+
+def test_truncated_tar_reads_samples_before_the_damage(tmp_path):
+    write_test_shards(tmp_path, {"train": [3]})
+    path = tmp_path / "train" / "ctrate-0-000000.tar"
+    refs, _ = D.scan_tar(str(path))
+    cut = refs[2].members[3][1] + 10  # inside the third sample
+    path.write_bytes(path.read_bytes()[:cut])
+    found, error = D.scan_tar(str(path))
+    assert [r.key for r in found] == [refs[0].key, refs[1].key, refs[2].key] and "truncated" in error
+    it = _train_iter(tmp_path, buffer_size=1, batch_size=1)
+    batch = next(it)
+    assert batch["image"].shape == (1, 8, 32, 32)
+
+
+def test_batch_contract_dtypes_and_shapes(tmp_path):
+    write_test_shards(tmp_path, {"train": [3]})
+    batch = next(_train_iter(tmp_path, batch_size=3))
+    assert batch["image"].dtype == torch.int16 and batch["image"].shape == (3, 8, 32, 32)
+    assert batch["mask"].dtype == torch.uint8
+    assert batch["regions"].shape == (3, 8, 4)
+    assert batch["report_ids"].dtype == torch.int64 and batch["report_attn"].dtype == torch.bool
+    s = batch["steps_ids"].shape[1]
+    assert batch["steps_attn"].shape[:2] == (3, s) and batch["steps_valid"].shape == (3, s)
+    assert batch["step_regions"].shape == (3, s) and batch["step_regions"].dtype == torch.int64
+    assert (batch["step_regions"][~batch["steps_valid"]] == -1).all()
+    assert not batch["steps_attn"][~batch["steps_valid"]].any()
+    assert batch["region_text_ids"].shape[:2] == (3, 3) and batch["region_has_text"].dtype == torch.bool
+    assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (3, 18)
+    assert len(batch["ids"]) == 3 and len(batch["meta"]) == 3
+
+
+def test_uneven_shards_give_every_rank_endless_equal_batches(tmp_path):
+    # 7 samples in shards of 5, 1, 1 over 2 ranks: one rank gets 5 samples, the other 1 or 2
+    write_test_shards(tmp_path, {"train": [5, 1, 1]})
+    index = D.load_shard_index(tmp_path, EXPECT)
+    shards = index.shards("train", ["ctrate"])
+    for rank in range(2):
+        it = iter(D.TrainBatches(shards, {"ctrate": 1.0}, batch_size=2, buffer_size=2, seed=0, rank=rank,
+                                 world_size=2, expect=EXPECT, tokenizer=TEST_TOKENIZER))
+        for _ in range(10):  # more batches than this rank's share: it cycles instead of ending
+            assert len(next(it)["ids"]) == 2
+
+
+def test_shard_order_is_shared_by_ranks_and_split_disjointly(tmp_path):
+    write_test_shards(tmp_path, {"train": [1] * 8})
+    shards = D.load_shard_index(tmp_path, EXPECT).shards("train")["ctrate"]
+    order = D.shuffled_shards(shards, seed=3, source="ctrate", epoch=0)
+    assert order == D.shuffled_shards(list(reversed(shards)), seed=3, source="ctrate", epoch=0)
+    assert order != D.shuffled_shards(shards, seed=3, source="ctrate", epoch=1)
+    slots = [D.slot_shards(order, s, 4) for s in range(4)]
+    assert sorted(x.path for s in slots for x in s) == sorted(x.path for x in shards)
+
+
+def test_resume_position_replays_the_same_stream(tmp_path):
+    write_test_shards(tmp_path, {"train": [4, 3, 5]})
+    full = _train_iter(tmp_path)
+    ids = [next(full)["ids"] for _ in range(7)]
+    resumed = _train_iter(tmp_path, start=4)
+    assert [next(resumed)["ids"] for _ in range(3)] == ids[4:]
+
+
+def test_sources_are_mixed_by_weight_but_never_within_a_batch(tmp_path):
+    index = write_test_shards(tmp_path, {"train": [6], "valid": [2]})
+    write_test_shards(tmp_path, {"train": [6], "valid": [3]}, source="omniabnorm", shape_zyx=(4, 32, 32),
+                      index=index, seed=1)
+    it = _train_iter(tmp_path, sources={"ctrate": 1.0, "omniabnorm": 1.0})
+    seen = set()
+    for _ in range(12):
+        batch = next(it)
+        source = {m["source"] for m in batch["meta"]}
+        assert len(source) == 1
+        seen |= source
+        assert batch["image"].shape[1] == (8 if source == {"ctrate"} else 4)
+    assert seen == {"ctrate", "omniabnorm"}
+    # validation: every sample once over 2 ranks, equal batch counts
+    cfg = _cfg(tmp_path, sources={"ctrate": 1.0, "omniabnorm": 1.0})
+    idx = D.load_shard_index(tmp_path, EXPECT)
+    per_rank = [list(D.build_valid_loader(cfg, idx, EXPECT, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    positions = {p for batches in per_rank for b in batches for p in b[D.BATCH_STATS_KEY]["positions"]}
+    assert positions == set(range(5))
+
+
+def test_loader_with_workers_yields_in_global_order(tmp_path):
+    write_test_shards(tmp_path, {"train": [3, 3, 3, 3]})
+    plain = _train_iter(tmp_path, num_workers=0)
+    a = [next(plain)[D.BATCH_STATS_KEY]["batch"] for _ in range(4)]
+    workers = _train_iter(tmp_path, num_workers=2)
+    b = [next(workers)[D.BATCH_STATS_KEY]["batch"] for _ in range(4)]
+    assert a == b == [0, 1, 2, 3]

@@ -1,0 +1,123 @@
+"""trainer/train.py end to end on CPU: one process and 2 gloo ranks, ZeRO 2/3, resume.
+
+Each test launches the real script in a subprocess (plain python or torchrun) with a timeout,
+on tiny shards written by trainer.testing. Most use the TinyCLIP stand-in (tests/trainer_helpers)
+to stay within seconds; one runs the real tiny CTCLIP + MultiTaskLoss.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.trainer_helpers import STAND_IN, launch, load_weights, read_metrics
+from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
+from trainer.testing import write_test_shards
+
+CONFIG = "configs/train/demo.yaml"
+
+
+def _args(shards, out, *extra):
+    return ["--config", CONFIG, "--shards", str(shards), "--output", str(out), *STAND_IN,
+            "train.val_every=0", "train.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_test_shards(root, {"train": [6, 5, 1], "valid": [5]})
+    return root
+
+
+def _loss_went_down(rows, factor=0.8):
+    losses = [r["loss"] for r in rows]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < factor * first, losses
+
+
+def test_single_process_overfits_a_fixed_batch_and_writes_everything(shards, tmp_path):
+    out = tmp_path / "run"
+    launch(_args(shards, out, "train.steps=12", "train.overfit_batches=1", "optim.lr=0.001",
+                 "optim.warmup_steps=0", "optim.weight_decay=0", "train.ckpt_every=6", "data.batch_size=4"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "loss_clip", "lr", "temperature", "samples_per_s", "data_wait_frac"):
+        assert key in rows[0]
+    _loss_went_down(rows)
+    valid = read_metrics(out, "valid")
+    assert valid and "image_to_text/R@1" in valid[-1] and valid[-1]["pool_size"] == 5
+    assert [s for s, _ in complete_checkpoints(out)] == [6, 12]
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    export = load_weights(out / "encoder")
+    assert set(export) >= {"patch.weight", "logit_scale"} and export["logit_scale"].shape == ()
+    assert (out / "encoder" / "tokenizer.json").is_file()
+
+
+def test_two_gloo_ranks_zero2_overfit(shards, tmp_path):
+    out = tmp_path / "run"
+    launch(_args(shards, out, "train.steps=10", "train.overfit_batches=1", "optim.lr=0.001",
+                 "optim.warmup_steps=0", "optim.weight_decay=0", "data.batch_size=3"),
+           nproc=2, launcher="torchrun")
+    rows = read_metrics(out)
+    assert len(rows) == 10
+    assert rows[0]["samples_per_s"] > 0
+    _loss_went_down(rows)
+
+
+def test_two_gloo_ranks_zero3_uneven_shards_stream_without_hang(shards, tmp_path):
+    # train shards hold 6, 5 and 1 samples: one rank's share is much smaller; 2 workers per rank
+    out = tmp_path / "run"
+    launch(_args(shards, out, "train.steps=6", "train.deepspeed=configs/deepspeed/zero3.json",
+                 "data.num_workers=2", "train.val_every=3", "train.ckpt_every=3",
+                 "train.deepspeed_overrides={gradient_accumulation_steps: 2}"),
+           nproc=2, launcher="torchrun", timeout=300)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["epoch"] == pytest.approx(6 * 2 / (12 // (2 * 2)))
+    valid = read_metrics(out, "valid")
+    assert [v["step"] for v in valid] == [3, 6] and valid[0]["pool_size"] == 5
+    assert [s for s, _ in complete_checkpoints(out)] == [3, 6]
+    assert load_weights(out / "encoder")["patch.weight"].dtype == torch.float32
+
+
+def test_resume_auto_continues_at_the_right_step_with_the_checkpoint_weights(shards, tmp_path):
+    reference = tmp_path / "reference"
+    launch(_args(shards, reference, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=5"))
+    # "killed" run: its last complete checkpoint is step 2, and it died while writing step 3
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step_00000002", killed / "checkpoints" / "step_00000002")
+    half = killed / "checkpoints" / "step_00000003"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
+    assert not (half / COMPLETE_MARKER).exists()
+
+    launch(_args(shards, killed, "train.steps=4", "train.ckpt_every=2", "--resume", "auto"))
+    resumed = read_metrics(killed, "resume")
+    assert resumed[0]["step"] == 2 and resumed[0]["checkpoint"].endswith("step_00000002")
+    rows = read_metrics(killed)
+    assert [r["step"] for r in rows] == [3, 4]
+    ref_rows = {r["step"]: r for r in read_metrics(reference)}
+    # same weights + same data position => the same step-3 loss as the uninterrupted run
+    assert rows[0]["loss"] == pytest.approx(ref_rows[3]["loss"], rel=1e-5)
+    a, b = load_weights(reference / "encoder"), load_weights(killed / "encoder")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    assert not half.exists()  # the stale half-written checkpoint was cleaned up
+
+
+def test_real_tiny_ctclip_trains_two_steps(shards, tmp_path):
+    pytest.importorskip("trainer.losses")
+    out = tmp_path / "run"
+    launch(["--config", CONFIG, "--shards", str(shards), "--output", str(out), "data.tokenizer=index",
+            "data.num_workers=0", "train.steps=2", "train.val_every=2", "train.ckpt_every=0",
+            "train.progress_bar=false"], timeout=400)
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+    assert {"loss_clip", "loss_region"} <= set(rows[0])
+    from trainer.model import load_pretrained
+
+    model = load_pretrained(out / "encoder")
+    assert model.logit_scale.shape == ()
