@@ -62,7 +62,11 @@ def default_tokenizer_dir() -> Path:
 
 
 def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
-    """(name, folder) of the configured tokenizer; ``None`` = the packaged MiniLM."""
+    """(name, folder) of the configured tokenizer; ``None`` = the packaged MiniLM.
+
+    The name is the folder's name (the packaged MiniLM keeps its own name however it is
+    given), so the same tokenizer at another path on another machine has the same identity.
+    """
     if path is None or str(path) in ("", "default", DEFAULT_TOKENIZER_PACKAGE):
         return DEFAULT_TOKENIZER_NAME, default_tokenizer_dir()
     folder = Path(path).expanduser().resolve()
@@ -71,6 +75,11 @@ def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
             f"tokenizer folder {folder} does not exist (text.tokenizer must be a local Hugging Face "
             "tokenizer folder, or null for the packaged MiniLM; nothing is downloaded)"
         )
+    try:
+        if folder == default_tokenizer_dir().resolve():  # the packaged MiniLM given by path: same identity
+            return DEFAULT_TOKENIZER_NAME, folder
+    except FileNotFoundError:
+        pass
     return folder.name, folder
 
 

@@ -98,6 +98,21 @@ def test_rebuild_is_byte_identical_and_readable(data, tmp_path):
         assert meta["shape"] == [4, 128, 128] and meta["tokenizer"] == index["tokenizer"]
         assert s["regions.npy"].shape == (64, 7) and np.allclose(s["regions.npy"].astype(np.float32).sum(1), 1, atol=4e-3)
         assert (s["labels.npy"] != 0).all()  # slice-level labels: 1 or unknown
+        assert s["report_len.npy"].shape == () and s["steps_ids.npy"].shape[0] == s["steps_len.npy"].shape[0]
+
+
+def test_trainer_reads_the_shards(data, tmp_path):
+    """The contract with the trainer: its reader and collate accept what pack writes."""
+    tdata = pytest.importorskip("trainer.data")
+    out = tmp_path / "s"
+    run([data / "omni" / "batch_01"], out)
+    expect = tdata.ShardExpectation(tokenizer=read_index(out)["tokenizer"])
+    index = tdata.load_shard_index(out, expect)
+    samples = [tdata.decode_sample(ref, expect, index.tokenizer)
+               for shard in index.shards("train")["omniabnorm"] for ref in tdata.scan_tar(shard.path)[0]]
+    batch = tdata.collate_samples(samples)
+    assert tuple(batch["image"].shape) == (3, 4, 128, 128) and tuple(batch["regions"].shape) == (3, 64, 7)
+    assert batch["report_attn"].sum(1).tolist() == [int(s["report_len"]) for s in samples]
 
 
 def test_changed_case_supersedes_its_sample(data, tmp_path):

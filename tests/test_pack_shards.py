@@ -46,6 +46,8 @@ def test_plain_webdataset_and_tar_roundtrip(tmp_path):
         assert s["regions.npy"].dtype == np.float16 and s["labels.npy"].dtype == np.int8
         assert s["labels.npy"][9] == 1 and s["labels.npy"][0] == -1
         assert s["report_ids.npy"].dtype == np.int32 and s["steps_ids.npy"].shape == (2, 16)
+        assert s["report_len.npy"].shape == () and s["steps_len.npy"].shape == (2,)
+        assert s["region_has_text.npy"].dtype == np.uint8 and s["region_text_len.npy"].shape == (6,)
         assert s["meta.json"]["steps_text"] == ["Look at the lungs.", s["meta.json"]["steps_text"][1]]
         assert isinstance(s["image.npy.zst"], bytes)  # zst is not a webdataset codec: raw bytes
 
@@ -135,3 +137,32 @@ def test_check_index_catches_tampering(tmp_path):
     index["splits"]["train"][0]["samples"] = 5
     (out / "index.json").write_text(json.dumps(index))
     assert any("samples" in p for p in check_index(out, hashes=False))
+
+
+def test_killed_pack_leaves_nothing_listed_and_rerun_is_identical(tmp_path, monkeypatch):
+    import ctprep.stages.pack as pack
+
+    cfg = small_config(shard_max_samples=2)
+    entries = build(tmp_path, cfg, [("k1", 1), ("k2", 2), ("k3", 3)])
+    clean = tmp_path / "clean"
+    run_pack(aggregate_task(tmp_path / "work", clean, cfg, entries))
+
+    out = tmp_path / "killed"
+    real, calls = pack.build_sample, []
+
+    def dies_on_third(job):
+        calls.append(job["case_id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill between two samples
+        return real(job)
+
+    monkeypatch.setattr(pack, "build_sample", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
+    assert read_index(out) is None  # nothing was committed
+    (out / "train" / "ctrate-g0001-00001.tmp-deadbeef.tar").write_bytes(b"half a shard")  # a SIGKILL's debris
+    monkeypatch.setattr(pack, "build_sample", real)
+    run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(p.name for p in (clean / "train").iterdir())
+    for p in (clean / "train").iterdir():
+        assert (out / "train" / p.name).read_bytes() == p.read_bytes()

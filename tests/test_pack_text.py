@@ -28,7 +28,8 @@ def tok():
 
 def test_default_identity_is_stable_and_content_based(tmp_path):
     ident = tokenizer_identity(None)
-    assert ident == tokenizer_identity("default") and len(ident["hash"]) == 64
+    assert ident == tokenizer_identity("default") == tokenizer_identity(default_tokenizer_dir())
+    assert len(ident["hash"]) == 64
     copy = tmp_path / "copy"
     shutil.copytree(default_tokenizer_dir(), copy, ignore=shutil.ignore_patterns("*.safetensors"))
     assert tokenizer_identity(copy)["hash"] == ident["hash"]  # same files -> same identity

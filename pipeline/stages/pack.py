@@ -45,7 +45,7 @@ import numpy as np
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
 from ctprep.schema import INDEX_FILE, SCHEMA_VERSION, is_safe_case_id, strip_compression
-from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage
+from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage, remove_temp_debris
 from ctprep.tokenizer import tokenizer_identity
 
 # Members whose compression follows PackConfig.compression. Everything else is
@@ -62,7 +62,8 @@ TAR_BLOCK = 512
 def npy_bytes(array: np.ndarray) -> bytes:
     """``.npy`` bytes of ``array`` (C order, no pickle)."""
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d arrays (report_len) into 1-d.
+    np.lib.format.write_array(buf, np.asarray(array, order="C"), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -567,6 +568,10 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
     config, out_dir = task.config, Path(task.out_dir)
     header = index_header(config)
     index = read_index(out_dir)
+    # A killed run leaves *.tmp-* shards / indexes: never listed, safe to drop.
+    remove_temp_debris(out_dir)
+    for split in {c.case.split for c in task.cases} | set((index or {}).get("splits", {})):
+        remove_temp_debris(out_dir / split)
     plan = plan_pack(index, task.cases, header, out_dir, absent_cases(Path(task.work_dir), task.dropped))
     results: list[CaseResult] = []
     # Cases already in a kept shard with their current key: only the manifest may lag (crash after
