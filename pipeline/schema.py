@@ -46,6 +46,11 @@ patient millimetres in RAS+ (nibabel's convention).
      "splits": {"train": [{"path": str, "samples": int, "bytes": int,
                             "sha256": str, "source": str, "generation": int}], ...}}
 
+Additive keys written by ``ctprep.stages.pack`` (readers may ignore them): each
+shard entry's ``"cases": {case_id: pack_key}``, each generation's ``"retired":
+[path, ...]`` and a top-level ``"retired": [{"path", "generation"}]`` listing
+shards no longer to be read (files kept for readers of an older index).
+
 ``splits`` lists exactly the shards to read; a case never appears in two
 listed shards (a superseded sample's shard is dropped from the list or the
 sample is recorded as superseded, see ctprep.stages.pack).
