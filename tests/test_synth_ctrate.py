@@ -159,7 +159,10 @@ def test_findings_drawn_match_labels_and_text(ds, meta):
                "Emphysema": "emphysema", "Consolidation": "consolidation", "Lung opacity": "ground-glass",
                "Atelectasis": "atelectasis", "Arterial wall calcification": "aorta", "Coronary artery wall calcification":
                "coronary", "Pericardial effusion": "pericardial effusion", "Lymphadenopathy": "lymphadenopathy",
-               "Hiatal hernia": "hiatal hernia", "Medical material": "pacemaker"}  # fmt: skip
+               "Hiatal hernia": "hiatal hernia", "Medical material": "pacemaker", "Mosaic attenuation pattern": "mosaic",
+               "Pulmonary fibrotic sequela": "fibrotic", "Interlobular septal thickening": "septal",
+               "Bronchiectasis": "bronchiectasis", "Peribronchial thickening": "peribronchial"}  # fmt: skip
+    assert set(keyword) == set(ABNORMALITY_LABELS)
     checked = {"nodule": 0, "effusion": 0}
     for scan in scans:
         vol = scan.volumes[0]
@@ -278,3 +281,19 @@ def test_same_seed_byte_identical(tmp_path):
     c = tmp_path / "c"
     write_ctrate(c, cases=3, seed=12)
     assert (a / "metadata/train_metadata.csv").read_bytes() != (c / "metadata/train_metadata.csv").read_bytes()
+
+
+def test_every_finding_kind_draws_something():
+    from ctprep.synth.findings import FINDING_KINDS
+
+    rng = np.random.default_rng(5)
+    a = sample_anatomy(rng, z_apex=0.0)
+    a.findings = sample_findings(a, rng, kinds=list(FINDING_KINDS))
+    assert {f.kind for f in a.findings} == set(FINDING_KINDS)
+    assert {f.label for f in a.findings} == set(ABNORMALITY_LABELS)  # every CT-RATE label can be drawn
+    grid = Grid((60, 160, 160), (5.0, 2.6, 2.6), (a.z_base - 40, -79.5 * 2.6, -79.5 * 2.6))
+    hu, lab, masks = render_chest(a, grid, finding_masks=True)
+    drawn_alone = {"cardiomegaly"}  # drawn by scaling the heart, no separate mask
+    for i, f in enumerate(a.findings):
+        if f.kind not in drawn_alone:
+            assert i in masks and masks[i].any(), f.kind

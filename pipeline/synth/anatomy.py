@@ -247,6 +247,13 @@ def heart_at(a: Anatomy, z, y, x, pad: float = 0.0):
     return ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 
+def lung_rho(a: Anatomy, side: int, z, y, x):
+    """Normalised radius in one lung's footprint: 0 at its axis, 1 at the pleura (costal surface)."""
+    cx, cy, rx, ry = a.lung(side)
+    s = _lung_scale(a, z) + 1e-6
+    return np.sqrt(((x - cx) / (rx * s)) ** 2 + ((y - cy) / (ry * s)) ** 2)
+
+
 def effusion_at(a: Anatomy, side: int, depth: float, z, y, x):
     """Dependent (posterior, basal) part of one pleural space."""
     cx, cy, rx, ry = a.lung(side)
@@ -472,6 +479,42 @@ def _draw_finding(a: Anatomy, grid: Grid, hu, lab, f: Finding):
             bl = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r) & np.isin(lab[sl], p["lobes"])
             _put(hu, lab, sl, bl, -975.0)
         return lsl, tot
+    if k in ("mosaic_attenuation", "fibrotic_sequela", "septal_thickening"):
+        lsl = grid.box((a.z_base, -a.ay, -a.ax), (a.z_apex, a.ay, a.ax))
+        z, y, x = grid.coords(lsl)
+        inl = np.isin(lab[lsl], p["lobes"])
+        if k == "mosaic_attenuation":
+            # Lobular patches of higher and lower attenuation (air trapping vs perfused lung).
+            w = p["period"]
+            pat = np.sin(z / w + p["phase"][0]) * np.sin(y / w + p["phase"][1]) * np.sin(x / w + p["phase"][2]) > 0
+            h = hu[lsl]
+            h[inl & pat] += 90.0
+            h[inl & ~pat] -= 45.0
+            return lsl, inl & pat
+        rho = np.maximum(np.where(x > 0, lung_rho(a, 1, z, y, x), 0), np.where(x <= 0, lung_rho(a, -1, z, y, x), 0))
+        if k == "fibrotic_sequela":
+            # Subpleural reticular bands in the lower lobes.
+            band = inl & (rho > 0.78) & (np.sin(0.45 * (x + 0.7 * y) + 0.3 * z) > 0.1)
+            _put(hu, lab, lsl, band, -200.0)
+            return lsl, band
+        period = p["spacing_mm"]
+        lines = (np.abs(np.sin(np.pi * z / period)) < 0.25) | (np.abs(np.sin(np.pi * y / period)) < 0.25)
+        lines = lines | (np.abs(np.sin(np.pi * x / period)) < 0.25)
+        sept = inl & (rho > 0.55) & lines
+        _put(hu, lab, lsl, sept, -420.0)
+        return lsl, sept
+    if k in ("bronchiectasis", "peribronchial_thickening"):
+        tot = np.zeros(grid.shape, bool)
+        for p0, p1 in p["airways"]:
+            box = grid.box(tuple(min(u, v) - 12 for u, v in zip(p0, p1)), tuple(max(u, v) + 12 for u, v in zip(p0, p1)))
+            z, y, x = grid.coords(box)
+            inl = np.isin(lab[box], p["lobes"])
+            wall = _capsule(z, y, x, p0, p1, p["lumen"] + p["wall"]) & inl
+            lumen = _capsule(z, y, x, p0, p1, p["lumen"]) & inl
+            _put(hu, lab, box, wall & ~lumen, 30.0)
+            _put(hu, lab, box, lumen, -990.0)
+            tot[box] |= wall
+        return (slice(None),) * 3, tot
     if k == "atelectasis":
         lsl = grid.box((a.z_base, -a.ay, -a.ax), (a.z_base + 0.5 * a.lung_h, a.ay, a.ax))
         z, y, x = grid.coords(lsl)

@@ -41,11 +41,16 @@ FINDING_KINDS = {
     "lymphadenopathy": ("Lymphadenopathy", 0.15),
     "hiatal_hernia": ("Hiatal hernia", 0.07),
     "device": ("Medical material", 0.07),
+    "mosaic_attenuation": ("Mosaic attenuation pattern", 0.07),
+    "fibrotic_sequela": ("Pulmonary fibrotic sequela", 0.08),
+    "septal_thickening": ("Interlobular septal thickening", 0.07),
+    "bronchiectasis": ("Bronchiectasis", 0.07),
+    "peribronchial_thickening": ("Peribronchial thickening", 0.07),
 }
 # Drawn last: fluid replaces lung, so earlier lung lesions are placed outside it.
 DRAW_ORDER = (
     "cardiomegaly", "pericardial_effusion", "aortic_calcification", "coronary_calcification", "emphysema",
-    "opacity", "consolidation", "atelectasis", "nodule", "lymphadenopathy", "hiatal_hernia", "device", "effusion",
+    "mosaic_attenuation", "septal_thickening", "fibrotic_sequela", "bronchiectasis", "peribronchial_thickening", "opacity", "consolidation", "atelectasis", "nodule", "lymphadenopathy", "hiatal_hernia", "device", "effusion",
 )  # fmt: skip
 NORMAL_FRACTION = 0.25
 
@@ -72,7 +77,8 @@ def place_in_lobe(a: Anatomy, rng: np.random.Generator, lobe: int, r: float, avo
     pts = cand[:, None, :] + r * _OFFSETS[None]  # (n, 15, 3)
     z, y, x = pts[..., 0], pts[..., 1], pts[..., 2]
     ok = (lobe_at(a, z, y, x) == lobe).all(1)
-    ok &= ~heart_at(a, z, y, x, pad=4.0).any(1)
+    peri = a.finding("pericardial_effusion")
+    ok &= ~heart_at(a, z, y, x, pad=4.0 + (peri.params["thickness"] if peri else 0.0)).any(1)
     ok &= ~aorta_at(a, z, y, x, a.z_base - 50, r=a.aorta_r + 4).any(1)
     ok &= ((x**2 + (y - a.spine_y) ** 2) > (a.spine_r + 30) ** 2).all(1)
     ok &= (x**2 + (y - a.trachea_y) ** 2 > 40**2).all(1)  # clear of trachea and main bronchi
@@ -80,6 +86,20 @@ def place_in_lobe(a: Anatomy, rng: np.random.Generator, lobe: int, r: float, avo
         ok &= ~effusion_at(a, side, depth + 4, z, y, x).any(1)
     idx = np.flatnonzero(ok)
     return tuple(float(v) for v in cand[idx[0]]) if len(idx) else None
+
+
+def points_in_lobe(a: Anatomy, rng: np.random.Generator, lobe: int, n: int) -> list[tuple[float, float, float]]:
+    """Up to ``n`` random points (z, y, x mm) inside ``lobe``."""
+    cand = np.stack(
+        [rng.uniform(a.z_base, a.z_apex, 1500), rng.uniform(-a.ay, a.ay, 1500), rng.uniform(-a.ax, a.ax, 1500)], 1
+    ).astype(np.float32)
+    cand = cand[lobe_at(a, cand[:, 0], cand[:, 1], cand[:, 2]) == lobe][:n]
+    return [tuple(float(v) for v in c) for c in cand]
+
+
+def _hilum(a: Anatomy, lobe: int) -> tuple[float, float, float]:
+    side = 1 if lobe in RIGHT_LOBES else -1
+    return (a.z_carina - 30.0, a.trachea_y - 4.0, side * 0.27 * a.ax)
 
 
 def _lobe_choice(rng, lobes, weights=None) -> int:
@@ -103,6 +123,7 @@ def sample_findings(
         kinds = [list(FINDING_KINDS)[rng.integers(len(FINDING_KINDS))]]
     kinds.sort(key=DRAW_ORDER.index)
     out: list[Finding] = []
+    a.findings = out  # placement below must see an enlarged heart / pericardial fluid drawn first
     avoid: list[tuple[int, float]] = []
     if "effusion" in kinds:  # decide the fluid first so lung lesions avoid it
         side_opt = rng.choice(["right", "left", "bilateral"], p=[0.4, 0.35, 0.25])
@@ -206,6 +227,23 @@ def sample_findings(
             ex, ey = a.esophagus_xy
             r = float(rng.uniform(20, 27))
             p = {"center": (a.z_base + 0.3 * r, ey + 12.0, ex - 12.0), "radius": r, "size_mm": int(round(2 * r))}
+        elif k == "mosaic_attenuation":
+            p = {"lobes": list(LUNG_IDS), "period": float(rng.uniform(7, 10)),
+                 "phase": [float(v) for v in rng.uniform(0, 6.28, 3)]}  # fmt: skip
+        elif k == "fibrotic_sequela":
+            p = {"lobes": [LUNG_LOWER_LEFT, LUNG_LOWER_RIGHT]}
+        elif k == "septal_thickening":
+            lobes = [LUNG_LOWER_LEFT, LUNG_LOWER_RIGHT] if rng.random() < 0.6 else list(LUNG_IDS)
+            p = {"lobes": lobes, "spacing_mm": float(rng.uniform(10, 14))}
+        elif k in ("bronchiectasis", "peribronchial_thickening"):
+            if k == "bronchiectasis":
+                lobes = [_lobe_choice(rng, (LUNG_LOWER_LEFT, LUNG_LOWER_RIGHT))]
+                lumen, wall, per_lobe = float(rng.uniform(4.5, 6.0)), 2.0, 3
+            else:
+                lobes = [LUNG_LOWER_LEFT, LUNG_LOWER_RIGHT]
+                lumen, wall, per_lobe = 2.5, float(rng.uniform(3.0, 4.0)), 2
+            airways = [(_hilum(a, lb), end) for lb in lobes for end in points_in_lobe(a, rng, lb, per_lobe)]
+            p = {"lobes": lobes, "lobe": lobes[0], "airways": airways, "lumen": lumen, "wall": wall}
         elif k == "device":
             x = -0.55 * a.ax
             y = a.ay * np.sqrt(1 - 0.55**2) - 0.5 * a.fat - 3.0

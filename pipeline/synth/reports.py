@@ -69,6 +69,24 @@ def _lung_sentences(f: Finding, rng) -> list[tuple[int, str]]:
             f"Both upper lobes show {sev} emphysema with low-attenuation areas.",
         ])  # fmt: skip
         return [(0, s)]
+    if f.kind == "mosaic_attenuation":
+        return [(0, _pick(rng, ["Mosaic attenuation pattern in both lungs.",
+                                "Both lungs show a mosaic attenuation pattern with patchy density differences."]))]  # fmt: skip
+    if f.kind == "fibrotic_sequela":
+        return [(0, _pick(rng, ["Subpleural fibrotic bands and reticulation in both lower lobes, consistent with "
+                                "fibrotic sequelae.", "Fibrotic sequelae with subpleural reticular opacities in the "
+                                "lower lobes."]))]  # fmt: skip
+    if f.kind == "septal_thickening":
+        where = "both lower lobes" if len(p["lobes"]) == 2 else "both lungs"
+        return [(0, _pick(rng, [f"Interlobular septal thickening in {where}.",
+                                f"Smooth interlobular septal thickening is seen in {where}."]))]  # fmt: skip
+    if f.kind == "bronchiectasis":
+        lobe = LOBE_NAMES[p["lobe"]]
+        return [(p["lobe"], _pick(rng, [f"Cylindrical bronchiectasis in the {lobe}.",
+                                         f"Dilated bronchi consistent with bronchiectasis in the {lobe}."]))]  # fmt: skip
+    if f.kind == "peribronchial_thickening":
+        return [(0, _pick(rng, ["Peribronchial thickening in both lower lobes.",
+                                "Bronchial walls in the lower lobes are thickened (peribronchial thickening)."]))]  # fmt: skip
     return []
 
 
@@ -105,6 +123,16 @@ def _impression_phrase(f: Finding) -> str:
         return "hiatal hernia"
     if k == "device":
         return "cardiac pacemaker in place"
+    if k == "mosaic_attenuation":
+        return "mosaic attenuation pattern"
+    if k == "fibrotic_sequela":
+        return "fibrotic sequelae in both lower lobes"
+    if k == "septal_thickening":
+        return "interlobular septal thickening"
+    if k == "bronchiectasis":
+        return f"bronchiectasis in the {LOBE_NAMES[p['lobe']]}"
+    if k == "peribronchial_thickening":
+        return "peribronchial thickening"
     raise ValueError(k)
 
 
