@@ -166,3 +166,29 @@ def test_killed_pack_leaves_nothing_listed_and_rerun_is_identical(tmp_path, monk
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(p.name for p in (clean / "train").iterdir())
     for p in (clean / "train").iterdir():
         assert (out / "train" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_dask_fan_out_writes_the_same_bytes(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    cfg = small_config(shard_max_samples=2)
+    entries = build(tmp_path, cfg, [("d1", 1), ("d2", 2), ("d3", 3)])
+    run_pack(aggregate_task(tmp_path / "work", tmp_path / "inline", cfg, entries))
+    task = aggregate_task(tmp_path / "work", tmp_path / "dask", cfg, entries)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        task.client = client
+        run_pack(task)
+    a, b = read_index(tmp_path / "inline"), read_index(tmp_path / "dask")
+    assert a["splits"] == b["splits"]
+
+
+def test_text_stage_quarantines_a_case_without_text(tmp_path):
+    from ctprep.quarantine import QuarantineError
+    from ctprep.sources.base import CaseInput
+    from ctprep.stages.base import CaseTask
+    from ctprep.stages.text import run_text
+
+    case = CaseInput("empty_1", "omniabnorm", "train", text={"findings": "", "impression": "Not given.", "steps": []})
+    task = CaseTask("text", case, "k", str(tmp_path / "text" / "empty_1"), str(tmp_path), small_config(), {})
+    with pytest.raises(QuarantineError) as e:
+        run_text(task)
+    assert e.value.kind == "missing_report" and not (tmp_path / "text" / "empty_1").exists()

@@ -124,6 +124,7 @@ def tokenize_case_text(
 
 # --------------------------------------------------------------------------- stage wrapper
 
+from ctprep.quarantine import MISSING_REPORT, QuarantineError  # noqa: E402
 from ctprep.stages.base import CaseTask, atomic_path, case_stage  # noqa: E402
 from ctprep.tokenizer import load_tokenizer, tokenizer_identity  # noqa: E402
 
@@ -142,6 +143,9 @@ def text_config_slice(config) -> dict:
 def run_text(task: CaseTask) -> dict:
     """Writer: folder ``text/<case>/`` with ``text.json`` (strings as tokenized) and one ``.npy`` per array."""
     cfg = task.config.text
+    if not report_text(task.case.text) and not ordered_steps(task.case.text.get("steps")):
+        # Without any text the case cannot be trained contrastively (and would match every empty report).
+        raise QuarantineError(MISSING_REPORT, "no findings, impression, report or CoT steps for this case")
     tok = load_tokenizer(cfg.tokenizer)
     arrays, meta = tokenize_case_text(
         task.case.text, tok, task.config.regions.names, cfg.region_keywords,
