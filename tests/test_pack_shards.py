@@ -161,6 +161,7 @@ def test_killed_pack_leaves_nothing_listed_and_rerun_is_identical(tmp_path, monk
         run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
     assert read_index(out) is None  # nothing was committed
     (out / "train" / "ctrate-g0001-00001.tmp-deadbeef.tar").write_bytes(b"half a shard")  # a SIGKILL's debris
+    (out / "train" / "ctrate-g0001-00007.tar").write_bytes(b"an unlisted shard of a killed run")
     monkeypatch.setattr(pack, "build_sample", real)
     run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(p.name for p in (clean / "train").iterdir())

@@ -584,6 +584,11 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
 
     prev_generations = list((index or {}).get("generations", []))
     generation = 1 + max((g["generation"] for g in prev_generations), default=0)
+    # Shards of this generation number on disk can only be leftovers of a run killed before its
+    # index was written (never listed): remove them so a shorter rerun leaves no stray files.
+    for split_dir in {out_dir / c.case.split for c in plan.todo}:
+        for stray in split_dir.glob(f"*-g{generation:04d}-*.tar"):
+            stray.unlink()
     groups: dict[tuple[str, str], list[AggregateCase]] = {}
     for c in plan.todo:
         groups.setdefault((c.case.split, c.case.source), []).append(c)
