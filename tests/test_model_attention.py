@@ -7,7 +7,7 @@ import torch
 
 from trainer.model.slice_attention import (
     KERNELS, SliceAwareAttention, blocked_slice_attention, flex_available, flex_slice_attention,
-    reference_slice_attention, select_kernel, slice_distance_index,
+    raster_layer_size, reference_slice_attention, select_kernel, slice_distance_index,
 )
 from trainer.model.patch_embed import token_z_index
 
@@ -34,9 +34,15 @@ def test_distance_index_hand_computed():
     assert torch.equal(idx, expected)
 
 
+@pytest.mark.parametrize("layout", ["raster", "arbitrary"])
 @pytest.mark.parametrize("block_size", [1, 5, 7, 1000])
-def test_blocked_equals_reference_output_and_grads(block_size):
+def test_blocked_equals_reference_output_and_grads(block_size, layout):
     q, k, v, table, z = _inputs()
+    if layout == "arbitrary":  # not CLS + equal z-major layers: the generic per-token gather path
+        z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(1))]
+        assert raster_layer_size(z) == 0
+    else:
+        assert raster_layer_size(z) == 6
     ref = reference_slice_attention(q, k, v, table, z)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v, table), grad_out)

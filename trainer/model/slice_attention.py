@@ -53,43 +53,88 @@ def reference_slice_attention(q, k, v, table, z_index, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
 
 
+def raster_layer_size(z_index: torch.Tensor) -> int:
+    """Tokens per z-layer if ``z_index`` is the standard layout (CLS, then equal z-major layers), else 0."""
+    n = z_index.numel()
+    if n < 2 or int(z_index[0]) != -1:
+        return 0
+    layers = int(z_index[-1]) + 1
+    if layers <= 0 or (n - 1) % layers:
+        return 0
+    size = (n - 1) // layers
+    expected = torch.arange(layers, device=z_index.device).repeat_interleave(size)
+    return size if torch.equal(z_index[1:], expected) else 0
+
+
+def _add_bias_(scores, table, z_q, z_index, layer_size: int):
+    """scores (B, H, bq, N) += slice bias for queries ``z_q``, without an (H, bq, N) gather if possible.
+
+    Returns the table columns used (for the backward scatter): (bq, N) generic, or (bq, layers) when
+    keys follow the raster layout (``layer_size`` > 0), in which case the bias is broadcast per layer.
+    """
+    max_distance = table.shape[1] - 1
+    if layer_size:
+        layers = (z_index.numel() - 1) // layer_size
+        idx = slice_distance_index(z_q, torch.arange(layers, device=z_q.device), max_distance)  # (bq, layers)
+        cls_col = slice_distance_index(z_q, z_index[:1], max_distance)  # (bq, 1): CLS key column
+        b, h, bq, n = scores.shape
+        scores[..., :1] += table[:, cls_col].to(scores.dtype)
+        scores[..., 1:].view(b, h, bq, layers, layer_size).add_(table[:, idx].to(scores.dtype)[None, ..., None])
+        return idx, cls_col
+    idx = slice_distance_index(z_q, z_index, max_distance)
+    scores += table[:, idx].to(scores.dtype)
+    return idx, None
+
+
+def _bias_grad_(dtable, ds, idx, cls_col, layer_size: int):
+    """dtable += the sum of dS over every (query, key) pair that used each table column."""
+    h = dtable.shape[0]
+    ds = ds.sum(0)  # (H, bq, N): the table is shared over the batch
+    if layer_size:
+        bq = ds.shape[1]
+        per_layer = ds[..., 1:].reshape(h, bq, -1, layer_size).sum(-1)  # (H, bq, layers)
+        dtable.index_add_(1, idx.reshape(-1), per_layer.reshape(h, -1))
+        dtable.index_add_(1, cls_col.reshape(-1), ds[..., 0])
+    else:
+        dtable.index_add_(1, idx.reshape(-1), ds.reshape(h, -1))
+
+
 class _BlockedSliceAttention(torch.autograd.Function):
     """Exact attention with the slice bias, one query block at a time, O(block x N) memory.
 
     Forward keeps only q, k, v, the output and the per-row log-sum-exp; backward rebuilds
-    each block's scores (bias gathered again) and accumulates dq, dk, dv and the table grad.
+    each block's scores (bias added again) and accumulates dq, dk, dv and the table grad.
+    With the standard token layout the bias is broadcast per z-layer, never gathered per token.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, table, z_index, block_size: int, scale: float):
+    def forward(ctx, q, k, v, table, z_index, block_size: int, scale: float, layer_size: int):
         b, h, n, _ = q.shape
-        max_distance = table.shape[1] - 1
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in >= fp32 even for bf16 inputs
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, dtype=acc, device=q.device)
         kt = k.transpose(-1, -2)
         for s in range(0, n, block_size):
             e = min(s + block_size, n)
-            idx = slice_distance_index(z_index[s:e], z_index, max_distance)
-            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale).add_(table[:, idx].to(acc))
+            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale)
+            _add_bias_(scores, table, z_index[s:e], z_index, layer_size)
             m = torch.logsumexp(scores, dim=-1, keepdim=True)
             p = scores.sub_(m).exp_()
             out[:, :, s:e] = torch.matmul(p.to(v.dtype), v)
             lse[:, :, s:e] = m.squeeze(-1)
         ctx.save_for_backward(q, k, v, table, z_index, out, lse)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.layer_size = block_size, scale, layer_size
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, table, z_index, out, lse = ctx.saved_tensors
-        block_size, scale = ctx.block_size, ctx.scale
+        block_size, scale, layer_size = ctx.block_size, ctx.scale, ctx.layer_size
         n = q.shape[2]
-        max_distance = table.shape[1] - 1
         dout = dout.contiguous()
-        dq = torch.empty_like(q)
         acc = lse.dtype
+        dq = torch.empty_like(q)
         dk = torch.zeros_like(k, dtype=acc)
         dv = torch.zeros_like(v, dtype=acc)
         dtable = torch.zeros(table.shape, dtype=acc, device=table.device)
@@ -97,8 +142,8 @@ class _BlockedSliceAttention(torch.autograd.Function):
         kt = k.transpose(-1, -2)
         for s in range(0, n, block_size):
             e = min(s + block_size, n)
-            idx = slice_distance_index(z_index[s:e], z_index, max_distance)
-            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale).add_(table[:, idx].to(acc))
+            scores = torch.matmul(q[:, :, s:e], kt).to(acc).mul_(scale)
+            idx, cls_col = _add_bias_(scores, table, z_index[s:e], z_index, layer_size)
             p = scores.sub_(lse[:, :, s:e, None]).exp_()  # (B, H, bq, N)
             do = dout[:, :, s:e]
             dv += torch.matmul(p.transpose(-1, -2), do.to(acc))
@@ -107,14 +152,15 @@ class _BlockedSliceAttention(torch.autograd.Function):
             dq[:, :, s:e] = torch.matmul(ds, k.to(acc)).mul_(scale).to(q.dtype)
             dk += torch.matmul(ds.transpose(-1, -2), q[:, :, s:e].to(acc)).mul_(scale)
             if ctx.needs_input_grad[3]:
-                dtable.index_add_(1, idx.reshape(-1), ds.sum(0).reshape(table.shape[0], -1))
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype), None, None, None
+                _bias_grad_(dtable, ds, idx, cls_col, layer_size)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype), None, None, None, None
 
 
 def blocked_slice_attention(q, k, v, table, z_index, block_size: int = 256, scale=None):
     """Memory-bounded exact slice-biased attention (CPU training path). Shapes as the reference."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockedSliceAttention.apply(q, k, v, table, z_index, int(block_size), float(scale))
+    return _BlockedSliceAttention.apply(q, k, v, table, z_index, int(block_size), float(scale),
+                                        raster_layer_size(z_index))
 
 
 def flex_available() -> bool:
