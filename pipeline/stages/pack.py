@@ -719,13 +719,29 @@ def measure_shard_read(shape_zyx: tuple[int, int, int], samples: int, work_dir: 
 
 def _main(argv: Iterable[str] | None = None) -> None:
     import argparse
+    import sys
     import tempfile
 
-    ap = argparse.ArgumentParser(description="Measure image/mask member compression (README 'pack').")
+    ap = argparse.ArgumentParser(
+        prog="python -m ctprep.stages.pack",
+        description="Check a shard folder against its index.json, or measure member compression (README 'pack').")
+    ap.add_argument("--check", metavar="OUT", help="verify OUT/index.json against the files (sizes, sha256, samples)")
+    ap.add_argument("--prune-retired", action="store_true", help="with --check: delete retired shard files")
     ap.add_argument("--shape", type=int, nargs=3, default=(240, 480, 480), metavar=("Z", "Y", "X"))
     ap.add_argument("--zstd-level", type=int, default=3)
     ap.add_argument("--read-samples", type=int, default=0, help="also time reading a shard of this many samples")
     args = ap.parse_args(list(argv) if argv is not None else None)
+    if args.check:
+        problems = check_index(args.check)
+        index = read_index(args.check) or {}
+        n = sum(e["samples"] for entries in index.get("splits", {}).values() for e in entries)
+        for p in problems:
+            print(p)
+        print(f"{args.check}: {n} samples in {sum(len(v) for v in index.get('splits', {}).values())} listed shards, "
+              f"{len(index.get('generations', []))} generations, {len(problems)} problems")
+        if args.prune_retired and not problems:
+            print("removed:", prune_retired(args.check))
+        sys.exit(1 if problems else 0)
     for row in measure_compression(tuple(args.shape), zstd_level=args.zstd_level):
         print(json.dumps(row))
     if args.read_samples:
