@@ -143,3 +143,14 @@ def test_save_load_round_trip(tiny, batch, tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path / "missing")
+
+
+def test_bf16_weights_forward_backward(batch):
+    # DeepSpeed bf16 converts the module, not the inputs: int16 HU and float masks must still work.
+    model = create_model("tiny", **{"text.freeze_layers": -1}).to(torch.bfloat16)
+    out = model(batch)
+    assert out["image_embed"].dtype == torch.bfloat16
+    total, _ = MultiTaskLoss()({k: v.float() if v.is_floating_point() else v for k, v in out.items()}, batch)
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(p.grad).all() for p in model.visual.parameters() if p.grad is not None)

@@ -33,7 +33,8 @@ class CTCLIP(nn.Module):
         self.step_logit_scale = nn.Parameter(init.clone())
 
     def _scale(self, p: nn.Parameter) -> torch.Tensor:
-        return p.exp().clamp(max=self.cfg.max_logit_scale)
+        # reshape(()): the trainer may promote 0-dim parameters to (1,) for DeepSpeed's broadcast.
+        return p.exp().clamp(max=self.cfg.max_logit_scale).reshape(())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

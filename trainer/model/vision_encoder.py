@@ -126,7 +126,8 @@ class VisionEncoder3D(nn.Module):
         Returns a dict: ``tokens`` (B, 1+P, C) fused multi-scale tokens (CLS first), ``assignment``
         (B, P, R+1) or None, ``grid`` (gz, gy, gx).
         """
-        x, grid = self.patch_embed(self.input_norm(image))
+        # Cast to the weights' dtype: DeepSpeed bf16 converts the module, not its inputs.
+        x, grid = self.patch_embed(self.input_norm(image).to(self.patch_embed.proj.weight.dtype))
         b = x.shape[0]
         z_index = token_z_index(grid, device=x.device)
         assignment = self.region_assignment(mask, regions, grid, b, x.device, num_regions)
