@@ -157,9 +157,8 @@ class Source:
 # name -> Source subclass
 _REGISTRY: dict[str, type[Source]] = {}
 
-# Modules that define sources; imported lazily on first registry access. A module
-# that does not exist yet (built by another area) is skipped; any other import
-# error is raised, so a broken source is never silently missing.
+# Modules that define sources; imported lazily on first registry access (they
+# import this module). All are required: an import error is raised.
 SOURCE_MODULES = ("ctprep.sources.ctrate", "ctprep.sources.omniabnorm")
 _loaded = False
 
@@ -176,13 +175,9 @@ def _load_source_modules() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for mod in SOURCE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of *its* imports is missing: a real error
-                raise
+        importlib.import_module(mod)
+    _loaded = True  # only after all imported: a failed import fails again next time, loudly
 
 
 def available_sources() -> list[str]:

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ctprep.config import PipelineConfig, stable_hash, to_jsonable
+from ctprep.config import PipelineConfig, stable_hash
 from ctprep.quarantine import Quarantine, QuarantineError
 from ctprep.sources.base import CaseInput
 
@@ -98,9 +98,9 @@ __all__ = [
 ]
 
 STAGE_ORDER = ("scan", "resample", "regions", "text", "pack")
-# Modules that register stages, imported lazily on first registry access. A
-# module that does not exist yet is skipped (its stage is simply absent);
-# any other ImportError is raised so a broken stage never disappears silently.
+# Modules that register the stages (one per stage), imported lazily on first
+# registry access (not at package import: stage modules import this module).
+# All are required: an import error is raised, never turned into a missing stage.
 STAGE_MODULES = tuple(f"ctprep.stages.{name}" for name in STAGE_ORDER)
 
 StageKind = Literal["scan", "case", "aggregate"]
@@ -302,13 +302,9 @@ def _load_stage_modules() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for mod in STAGE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
+    _loaded = True  # only after all imported: a failed import fails again next time, loudly
 
 
 def get_stage(name: str) -> StageSpec:
@@ -393,7 +389,3 @@ def remove_temp_debris(folder: str | os.PathLike[str]) -> int:
                 n += 1
     return n
 
-
-def config_json(config: PipelineConfig) -> dict[str, Any]:
-    """The full config as JSON (recorded in the manifest for status)."""
-    return to_jsonable(config)

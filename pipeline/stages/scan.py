@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ctprep.quarantine import UNSAFE_NAME, Quarantine
 from ctprep.schema import is_safe_case_id
@@ -148,7 +148,3 @@ def _batches(paths: list[str], stats: dict[str, tuple[int, int]], target_bytes: 
         out.append(cur)
     return out
 
-
-def scan_record(case: CaseInput) -> dict[str, Any]:
-    """What the manifest stores for a scanned case (kept for symmetry with other stages)."""
-    return case.to_json()
