@@ -354,31 +354,37 @@ def encoder_rows(setup: EncoderSetup, kernel: str, sizes: list[int], peak_tflops
 # --------------------------------------------------------------------------- ZeRO-2 run
 
 
-def build_demo_shards(out: Path, cases: int, env: dict) -> Path:
-    """Synthetic CT-RATE -> shards with the pipeline's own commands (as `make demo` does)."""
+def build_demo_shards(out: Path, cases: int, env: dict, workers: int) -> Path:
+    """Synthetic CT-RATE -> shards with the pipeline's own commands (as `make demo` does).
+
+    ``workers`` local Dask processes (0 = in process, the dry run: no cluster start-up).
+    """
     ctprep = [sys.executable, "-m", "ctprep.cli"]
-    subprocess.run(
-        [*ctprep, "demo-data", "--out", str(out / "ctrate"), "--source", "ctrate", "--cases", str(cases), "--grid", "demo", "--seed", "0"],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    subprocess.run(
-        [*ctprep, "build-shards", "--src", str(out / "ctrate"), "--out", str(out / "shards"), "--workers", "1"],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    demo = ["demo-data", "--out", str(out / "ctrate"), "--source", "ctrate", "--cases", str(cases), "--grid", "demo", "--seed", "0"]
+    build = ["build-shards", "--src", str(out / "ctrate"), "--out", str(out / "shards"), "--workers", str(workers), "--no-progress"]
+    for cmd in (demo, build):
+        res = subprocess.run([*ctprep, *cmd], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = " / ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"ctprep {cmd[0]} failed ({res.returncode}): {tail}")
     return out / "shards"
 
 
 def zero2_rows(args, deadline: float) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    try:
+        return _zero2_rows(args, deadline, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _zero2_rows(args, deadline: float, work: Path) -> list[Row]:
     env = dict(os.environ)
     if args.dry_run:
         env["DS_ACCELERATOR"] = "cpu"
     t0 = time.monotonic()
-    shards = Path(args.shards) if args.shards else build_demo_shards(work, args.demo_cases, env)
+    workers = 0 if args.dry_run else max(1, min(8, (os.cpu_count() or 2) - 1))
+    shards = Path(args.shards) if args.shards else build_demo_shards(work, args.demo_cases, env, workers)
     built_s = time.monotonic() - t0
     out = work / "run"
     cmd = train_command(args, shards, out)
@@ -390,7 +396,7 @@ def zero2_rows(args, deadline: float) -> list[Row]:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         return [Row("zero2", " ".join(cmd[:3]), {"notes": " / ".join(tail)[:300]}, status="FAIL")]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [m for m in metrics if "loss" in m]
+    train = [m for m in metrics if m.get("kind", "train") == "train" and "loss" in m]
     sps = [m["samples_per_s"] for m in train if "samples_per_s" in m]
     tail = sps[len(sps) // 2 :] or sps  # second half: past DeepSpeed / compile warm-up
     notes = (
