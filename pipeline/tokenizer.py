@@ -64,8 +64,9 @@ def default_tokenizer_dir() -> Path:
 def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
     """(name, folder) of the configured tokenizer; ``None`` = the packaged MiniLM.
 
-    The name is the folder's name (the packaged MiniLM keeps its own name however it is
-    given), so the same tokenizer at another path on another machine has the same identity.
+    The name is ``name_or_path`` from ``tokenizer_config.json`` when it is there (part of the
+    hashed files), else the folder's name; the packaged MiniLM keeps its own name however it
+    is given. So the same tokenizer at another path on another machine has the same identity.
     """
     if path is None or str(path) in ("", "default", DEFAULT_TOKENIZER_PACKAGE):
         return DEFAULT_TOKENIZER_NAME, default_tokenizer_dir()
@@ -80,7 +81,18 @@ def resolve_tokenizer_dir(path: str | os.PathLike | None) -> tuple[str, Path]:
             return DEFAULT_TOKENIZER_NAME, folder
     except FileNotFoundError:
         pass
-    return folder.name, folder
+    return _name_from_config(folder) or folder.name, folder
+
+
+def _name_from_config(folder: Path) -> str | None:
+    """``name_or_path`` saved in ``tokenizer_config.json`` (e.g. the hub name of the original)."""
+    import json
+
+    try:
+        name = json.loads((folder / "tokenizer_config.json").read_text()).get("name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(name) if name else None
 
 
 def tokenizer_files_hash(folder: Path) -> str:

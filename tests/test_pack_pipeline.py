@@ -77,7 +77,7 @@ def test_batches_generations_and_tokenizer_change(data, tmp_path):
     third = run([data / "ctrate", data / "omni"], out, cfg)
     assert ran(third) == {"resample": 0, "regions": 0, "text": 8, "pack": 8}
     index = read_index(out)
-    assert index["tokenizer"]["hash"] != first_tokenizer["hash"] and index["tokenizer"]["name"] == "tok"
+    assert index["tokenizer"]["hash"] != first_tokenizer["hash"] and index["tokenizer"]["name"] == "nreimers/MiniLM-L6-H384-uncased"
     assert {e["generation"] for e in index["splits"]["train"]} == {3}
     assert {r["path"] for r in index["retired"]} == set(after)  # all old shards retired, still on disk
     assert all((out / p).is_file() for p in after) and check_index(out) == []

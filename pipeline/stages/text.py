@@ -130,11 +130,11 @@ from ctprep.tokenizer import load_tokenizer, tokenizer_identity  # noqa: E402
 
 
 def text_config_slice(config) -> dict:
-    """Text settings, the tokenizer's *content* identity and the region list (not the tokenizer path:
-    the same tokenizer copied elsewhere must not rerun anything)."""
+    """Text settings, the tokenizer identity (content hash + name, both recorded in every sample)
+    and the region list - not the tokenizer path: the same tokenizer copied elsewhere reruns nothing."""
     settings = to_jsonable(config.text)
     settings.pop("tokenizer", None)
-    return {"text": settings, "tokenizer_hash": tokenizer_identity(config.text.tokenizer)["hash"],
+    return {"text": settings, "tokenizer": tokenizer_identity(config.text.tokenizer),
             "regions": list(config.regions.names)}
 
 
