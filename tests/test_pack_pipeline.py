@@ -132,3 +132,14 @@ def test_changed_case_supersedes_its_sample(data, tmp_path):
     index = read_index(out)
     assert [r["path"] for r in index["retired"]] == [e["path"] for e in old]
     assert sorted(listed_keys(out)) == sorted(r["id"] for r in records) and check_index(out) == []
+
+
+def test_run_with_one_source_root_keeps_the_other_roots_shards(data, tmp_path):
+    out = tmp_path / "shards"
+    both = [data / "ctrate", data / "omni" / "batch_01"]
+    run(both, out)
+    first = read_index(out)
+    run([data / "omni" / "batch_01"], out)  # ctrate not given this time: its cases are not "gone"
+    assert read_index(out)["splits"] == first["splits"]
+    again = run(both, out)  # the manifest catches up without rewriting anything
+    assert ran(again)["pack"] == 3 and read_index(out) == first and check_index(out) == []
