@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctprep.stages.base import CaseTask, atomic_path, case_stage
+
 # float16 keeps the shard small (a 64x512x512 grid has 16,384 patches); its
 # spacing near 1 is 2**-11, so each stored fraction is within 4.9e-4 of the
 # float32 value and a row of R + 1 fractions sums to 1 within (R + 1) * 4.9e-4.
@@ -77,8 +79,6 @@ def patch_region_fraction(
 
 
 # --------------------------------------------------------------------------- stage wrapper
-
-from ctprep.stages.base import CaseTask, atomic_path, case_stage  # noqa: E402
 
 
 def regions_config_slice(config) -> dict:

@@ -19,8 +19,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ctprep.config import to_jsonable
+from ctprep.quarantine import MISSING_REPORT, QuarantineError
 from ctprep.region_text import region_texts, step_regions
-from ctprep.tokenizer import LoadedTokenizer, tokenize_padded
+from ctprep.stages.base import CaseTask, atomic_path, case_stage
+from ctprep.tokenizer import LoadedTokenizer, load_tokenizer, tokenize_padded, tokenizer_identity
 
 # CT-RATE writes a missing report section as this string.
 NOT_GIVEN = "not given."
@@ -123,10 +125,6 @@ def tokenize_case_text(
 
 
 # --------------------------------------------------------------------------- stage wrapper
-
-from ctprep.quarantine import MISSING_REPORT, QuarantineError  # noqa: E402
-from ctprep.stages.base import CaseTask, atomic_path, case_stage  # noqa: E402
-from ctprep.tokenizer import load_tokenizer, tokenizer_identity  # noqa: E402
 
 
 def text_config_slice(config) -> dict:
