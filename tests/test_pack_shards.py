@@ -193,3 +193,17 @@ def test_text_stage_quarantines_a_case_without_text(tmp_path):
     with pytest.raises(QuarantineError) as e:
         run_text(task)
     assert e.value.kind == "missing_report" and not (tmp_path / "text" / "empty_1").exists()
+
+
+def test_a_bad_case_is_quarantined_and_the_rest_packed(tmp_path):
+    cfg = small_config()
+    entries = build(tmp_path, cfg, [("b1", 1), ("b2", 2)])
+    np.save(entries[0][1]["regions"].path, np.zeros((3, 7), np.float16))  # wrong patch count for b1
+    out = tmp_path / "s"
+    results = {r.case_id: r for r in run_pack(aggregate_task(tmp_path / "work", out, cfg, entries))}
+    assert results["b1"].status == "quarantined" and "regions" in results["b1"].reason
+    assert results["b2"].status == "done" and listed(out) == ["b2"] and check_index(out) == []
+
+
+def listed(out):
+    return [k for e in read_index(out)["splits"]["train"] for k in tar_sample_keys(out / e["path"])]
