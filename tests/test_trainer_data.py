@@ -199,3 +199,36 @@ def test_loader_with_workers_yields_in_global_order(tmp_path):
     workers = _train_iter(tmp_path, num_workers=2)
     b = [next(workers)[D.BATCH_STATS_KEY]["batch"] for _ in range(4)]
     assert a == b == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_large_uncompressed_volumes_are_read_straight_into_the_batch(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)  # every uncompressed .npy member takes the lazy path
+    write_test_shards(tmp_path, {"train": [4]}, compress=())
+    refs, _ = D.scan_tar(str(tmp_path / "train" / "ctrate-0-000000.tar"))
+    lazy = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
+    assert isinstance(lazy["image"], D.LazyNpy)
+    batch = next(_train_iter(tmp_path, batch_size=2, buffer_size=1, num_workers=workers))
+    assert batch["image"].dtype == torch.int16 and batch["mask"].dtype == torch.uint8
+    by_key = {r.key: r for r in refs}
+    for i, key in enumerate(batch["ids"]):
+        monkeypatch.setattr(D, "LAZY_MIN_BYTES", 1 << 40)
+        eager = D.decode_sample(by_key[key], EXPECT, TEST_TOKENIZER)
+        monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+        np.testing.assert_array_equal(batch["image"][i].numpy(), eager["image"])
+        np.testing.assert_array_equal(batch["mask"][i].numpy(), eager["mask"])
+
+
+def test_lazy_member_with_truncated_data_is_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4), np.int16))
+    data = buf.getvalue()[:-8]
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("k.image.npy")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    refs, _ = D.scan_tar(str(path))
+    with pytest.raises(D.CorruptMemberError, match="truncated"):
+        D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)

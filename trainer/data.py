@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,25 +299,49 @@ def _gzip_decompress(data: bytes) -> bytes:
         return gzip.decompress(data)
 
 
-def decode_npy(buf: bytes) -> np.ndarray:
-    """Parse an ``.npy`` buffer without copying the data and without pickle."""
-    stream = io.BytesIO(buf[:65536 + 128])
+_NPY_HEADER_RE = re.compile(
+    rb"^\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), *\} *\n?$"
+)
+
+
+def _npy_header(buf: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran, dtype, data offset) of an .npy buffer.
+
+    The common header (simple dtype, as np.save writes it) is parsed with a regex; numpy's own
+    parser (ast.literal_eval, ~1 ms per header) is the fallback for anything else.
+    """
+    head = bytes(buf[:10])
+    if head[:6] == b"\x93NUMPY" and head[6] in (1, 2, 3):
+        if head[6] == 1:
+            size, start = int.from_bytes(head[8:10], "little"), 10
+        else:
+            size, start = int.from_bytes(bytes(buf[8:12]), "little"), 12
+        match = _NPY_HEADER_RE.match(bytes(buf[start : start + size]))
+        if match:
+            shape = tuple(int(d) for d in match.group(3).replace(b" ", b"").split(b",") if d)
+            return shape, match.group(2) == b"True", np.dtype(match.group(1).decode()), start + size
+    stream = io.BytesIO(bytes(buf[: 65536 + 128]))
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
     else:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    return shape, fortran, dtype, stream.tell()
+
+
+def decode_npy(buf: bytes | memoryview) -> np.ndarray:
+    """Parse an ``.npy`` buffer without copying the data and without pickle."""
+    shape, fortran, dtype, offset = _npy_header(buf)
     if dtype.hasobject:
         raise CorruptMemberError("object arrays are refused (would need pickle)")
     count = int(np.prod(shape)) if shape else 1
-    offset = stream.tell()
     if len(buf) - offset < count * dtype.itemsize:
         raise CorruptMemberError(f"npy data truncated: {len(buf) - offset} < {count * dtype.itemsize} bytes")
     array = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
     return array.reshape(shape, order="F" if fortran else "C")
 
 
-def decode_member(name: str, data: bytes) -> Any:
+def decode_member(name: str, data: bytes | memoryview) -> Any:
     """Decode one member by its extension: ``.npy[.zst|.gz]`` -> ndarray, ``.json`` -> object."""
     base, suffix = schema.strip_compression(name)
     try:
@@ -327,24 +352,99 @@ def decode_member(name: str, data: bytes) -> Any:
         if base.endswith(".npy"):
             return decode_npy(data)
         if base.endswith(".json"):
-            return json.loads(data)
+            return json.loads(bytes(data))
     except CorruptMemberError:
         raise
     except Exception as exc:  # zstd/zlib/npy-header/json errors all mean "unusable member"
         raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
-    return data  # unknown extension: raw bytes (kept, not interpreted)
+    return bytes(data)  # unknown extension: raw bytes (kept, not interpreted)
 
 
 REQUIRED_MEMBERS = (*schema.NPY_MEMBERS, "meta")
 
 
+LAZY_MIN_BYTES = 1 << 20  # uncompressed volume members above this are read straight into the batch
+LAZY_FIELDS = ("image", "mask")  # the (Z, Y, X) volumes; everything else is small
+
+
+class LazyNpy:
+    """An uncompressed ``.npy`` tar member whose header is parsed but whose data is not read yet.
+
+    ``collate_samples`` reads the data with one ``preadv`` directly into the batch tensor, so a
+    volume is copied once (page cache -> batch), like a plain ``read``; ``np.asarray`` also works.
+    """
+
+    __slots__ = ("path", "offset", "shape", "dtype", "fortran")
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool):
+        self.path, self.offset, self.shape, self.dtype, self.fortran = path, offset, shape, dtype, fortran
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill the C-contiguous ``out`` (same shape) from the file."""
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < self.nbytes:
+                n = os.preadv(fd, [target[done:]], self.offset + done)
+                if n <= 0:
+                    raise CorruptMemberError(f"{self.path}: short read at {self.offset + done}")
+                done += n
+        finally:
+            os.close(fd)
+        if self.fortran:  # rare: stored column-major; reorder in place via a copy
+            out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None:
+    if not name.endswith(".npy") or size < LAZY_MIN_BYTES:
+        return None
+    head = read_member(path, offset, min(size, 4096))
+    shape, fortran, dtype, data_at = _npy_header(head)
+    if dtype.hasobject:
+        raise CorruptMemberError(f"{name}: object arrays are refused (would need pickle)")
+    lazy = LazyNpy(path, offset + data_at, tuple(shape), dtype, fortran)
+    if data_at + lazy.nbytes > size:
+        raise CorruptMemberError(f"{name}: npy data truncated ({size - data_at} < {lazy.nbytes} bytes)")
+    return lazy
+
+
 def decode_sample(ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str, str]) -> dict[str, Any]:
-    """Read and decode one sample; raises CorruptMemberError or ShardMismatchError."""
+    """Read and decode one sample; raises CorruptMemberError or ShardMismatchError.
+
+    Large uncompressed ``.npy`` members become ``LazyNpy`` (header parsed, data read later
+    straight into the batch). The other members are contiguous in the tar and are fetched with
+    one ``pread``; each is then a zero-copy slice of it.
+    """
     sample: dict[str, Any] = {"__key__": ref.key}
+    small = []
     for name, offset, size in ref.members:
-        base, _ = schema.strip_compression(name)
-        field_name = base.rsplit(".", 1)[0]
-        sample[field_name] = decode_member(name, read_member(ref.shard, offset, size))
+        field_name = schema.strip_compression(name)[0].rsplit(".", 1)[0]
+        try:
+            lazy = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
+        except CorruptMemberError:
+            raise
+        except Exception as exc:
+            raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+        if lazy is not None:
+            sample[field_name] = lazy
+        else:
+            small.append((field_name, name, offset, size))
+    if small:
+        start = min(offset for _, _, offset, _ in small)
+        end = max(offset + size for _, _, offset, size in small)
+        blob = memoryview(read_member(ref.shard, start, end - start))
+        for field_name, name, offset, size in small:
+            sample[field_name] = decode_member(name, blob[offset - start : offset - start + size])
     missing = [m for m in REQUIRED_MEMBERS if m not in sample]
     if missing:
         raise CorruptMemberError(f"missing member(s) {missing}")
@@ -369,6 +469,45 @@ def _lengths_to_mask(lengths: np.ndarray, width: int) -> np.ndarray:
     return np.arange(width) < lengths[..., None]
 
 
+@dataclass
+class LazyVolumes:
+    """A batch's volumes still in the tar: (path, offset) per sample, read by ``BatchLoader``.
+
+    DataLoader workers hand batches to the trainer process through shared memory, which costs
+    a fresh shared mapping, its page faults and one more copy per volume; a worker therefore
+    sends only where the bytes are, and the trainer process reads them with one ``preadv``
+    per volume straight into the (pinned) batch tensor, in a background thread (preadv releases
+    the GIL).
+    """
+
+    parts: list[LazyNpy]
+    dtype: torch.dtype
+
+    def materialize(self, pin: bool = False) -> torch.Tensor:
+        shape = (len(self.parts), *self.parts[0].shape)
+        out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
+        view = out.numpy()
+        for i, part in enumerate(self.parts):
+            part.read_into(view[i])
+        return out
+
+
+def _stack_volumes(arrays: list[np.ndarray | LazyNpy], dtype: torch.dtype) -> torch.Tensor | LazyVolumes:
+    """Stack same-shape volumes (one copy), or defer uncompressed ones as ``LazyVolumes``."""
+    shape = tuple(arrays[0].shape)
+    for array in arrays:
+        if tuple(array.shape) != shape:
+            raise ValueError(f"volume shapes differ within a batch: {tuple(array.shape)} vs {shape}")
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    if all(isinstance(a, LazyNpy) and a.dtype == np_dtype and not a.fortran for a in arrays):
+        return LazyVolumes(list(arrays), dtype)
+    out = torch.empty((len(arrays), *shape), dtype=dtype)
+    view = out.numpy()
+    for i, array in enumerate(arrays):
+        view[i] = np.asarray(array)
+    return out
+
+
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack decoded samples into the ``Batch`` of notes/plan.md (Trainer <-> model contract).
 
@@ -377,8 +516,8 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     step-less cases still has a valid (all-False) ``steps_valid``.
     """
     n = len(samples)
-    image = np.stack([s["image"] for s in samples]).astype(np.int16, copy=False)
-    mask = np.stack([s["mask"] for s in samples]).astype(np.uint8, copy=False)
+    image = _stack_volumes([s["image"] for s in samples], torch.int16)
+    mask = _stack_volumes([s["mask"] for s in samples], torch.uint8)
     regions = np.stack([s["regions"] for s in samples])
 
     report_l = max(s["report_ids"].shape[0] for s in samples)
@@ -405,8 +544,8 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     labels = np.stack([s["labels"].astype(np.int64) for s in samples])
     return {
-        "image": torch.from_numpy(image),
-        "mask": torch.from_numpy(mask),
+        "image": image,
+        "mask": mask,
         "regions": torch.from_numpy(regions),
         "report_ids": torch.from_numpy(report_ids),
         "report_attn": torch.from_numpy(_lengths_to_mask(report_len, report_l)),
@@ -480,6 +619,7 @@ class SourceStream:
         self.expect, self.tokenizer, self.counter = expect, tokenizer, counter
         self.rng = random.Random(f"{seed}/{source}/buffer/{slot}")
         self.buffer_size = max(1, buffer_size)
+        self._scanned: dict[str, list[SampleRef]] = {}  # shard -> its samples (offsets only)
         self._refs = self._buffered(self._refs_forever())
 
     def _refs_forever(self) -> Iterator[SampleRef]:
@@ -487,10 +627,14 @@ class SourceStream:
         while True:
             produced = 0
             for shard in slot_shards(shuffled_shards(self.shards, self.seed, self.source, epoch), self.slot, self.num_slots):
-                try:
-                    refs, error = scan_tar(shard.path)
-                except OSError as exc:
-                    refs, error = [], f"{type(exc).__name__}: {exc}"
+                if shard.path in self._scanned:  # later passes: headers already known
+                    refs, error = self._scanned[shard.path], None
+                else:
+                    try:
+                        refs, error = scan_tar(shard.path)
+                    except OSError as exc:
+                        refs, error = [], f"{type(exc).__name__}: {exc}"
+                    self._scanned[shard.path] = refs
                 if error:
                     self.counter.corrupt += 1
                     log.warning("%s: %s; reading the %d sample(s) before it", shard.path, error, len(refs))
@@ -669,17 +813,77 @@ class ValidBatches(IterableDataset):
 # --------------------------------------------------------------------------- loaders
 
 
-def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class BatchLoader:
+    """Iterate a DataLoader, turning ``LazyVolumes`` into tensors in a background thread.
+
+    Keeps up to ``prefetch`` materialized batches ahead of the consumer. Errors raised by the
+    DataLoader or while reading are re-raised in the consumer.
+    """
+
+    def __init__(self, loader: DataLoader, pin_memory: bool, prefetch: int = 2) -> None:
+        self.loader, self.pin_memory, self.prefetch = loader, pin_memory, max(1, prefetch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import queue
+        import threading
+
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fill() -> None:
+            try:
+                for batch in self.loader:
+                    for key, value in batch.items():
+                        if isinstance(value, LazyVolumes):
+                            batch[key] = value.materialize(self.pin_memory)
+                    if not put(batch):
+                        return
+                put(done)
+            except BaseException as exc:  # hand every failure to the consumer
+                put(exc)
+
+        thread = threading.Thread(target=fill, name="batch-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> BatchLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
-    return DataLoader(
+    pin = pin_memory and torch.cuda.is_available()
+    loader = DataLoader(
         dataset,
         batch_size=None,  # batches are formed per source inside the dataset
+        collate_fn=_as_is,  # default_convert would walk every meta dict of every batch
         num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(),
+        pin_memory=pin,
         **kwargs,
     )
+    return BatchLoader(loader, pin, prefetch=prefetch_factor)
 
 
 def expectation_from_config(data_cfg, tokenizer: dict[str, str] | None = None) -> ShardExpectation:
@@ -695,7 +899,7 @@ def expectation_from_config(data_cfg, tokenizer: dict[str, str] | None = None) -
 
 def build_train_loader(
     data_cfg, index: ShardIndex, expect: ShardExpectation, *, rank: int, world_size: int, start_batch: int = 0
-) -> DataLoader:
+) -> BatchLoader:
     """Endless training batches for this rank (see ``TrainBatches``)."""
     weights = {k: float(v) for k, v in data_cfg.sources.items() if float(v) > 0}
     dataset = TrainBatches(
@@ -715,7 +919,7 @@ def build_train_loader(
 
 def build_valid_loader(
     data_cfg, index: ShardIndex, expect: ShardExpectation, *, rank: int, world_size: int
-) -> DataLoader | None:
+) -> BatchLoader | None:
     """Validation batches for this rank, or None if the index has no validation split."""
     if data_cfg.valid_split not in index.raw.get("splits", {}):
         return None
