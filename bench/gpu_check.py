@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -275,6 +276,7 @@ def time_train_steps(visual, batch, setup: EncoderSetup) -> dict:
 
     try:
         if cuda:
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         for _ in range(setup.warmup):
@@ -287,8 +289,17 @@ def time_train_steps(visual, batch, setup: EncoderSetup) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / setup.steps
-    except torch.OutOfMemoryError as exc:
-        raise OutOfMemory(str(exc).splitlines()[0]) from None
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        # Triton / compiled kernels can report OOM as a plain RuntimeError.
+        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
+        message = str(exc).splitlines()[0]
+        del exc  # drop the traceback's frames (and their tensors) before freeing the cache
+        for p in visual.parameters():
+            p.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise OutOfMemory(message) from None
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"seconds_per_step": seconds, "peak_gib": peak}
 
@@ -432,8 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model and grid, few steps: checks the wiring")
     p.add_argument("--model", default=None, help="model config for the encoder sections (default base; dry run tiny)")
     p.add_argument("--grid", default=None, help="volume Z,Y,X in voxels (default 64,512,512; dry run 16,64,64)")
-    p.add_argument("--max-micro-batch", type=int, default=None, help="largest micro-batch tried (default 64; dry run 2)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per size (default 3; dry run 1)")
+    p.add_argument("--max-micro-batch", type=int, default=None, help="largest micro-batch tried (default 128; dry run 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per size (default 2; dry run 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per size, incl. compile (default 1)")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator (dense bf16)")
     p.add_argument("--sections", default="env,encoder,reference,zero2", help="comma list of sections to run")
@@ -448,8 +459,8 @@ def parse_args(argv=None):
     dry = args.dry_run
     args.model = args.model or ("tiny" if dry else "base")
     args.grid = tuple(int(v) for v in (args.grid or ("16,64,64" if dry else "64,512,512")).split(","))
-    args.max_micro_batch = args.max_micro_batch or (2 if dry else 64)
-    args.steps = args.steps or (1 if dry else 3)
+    args.max_micro_batch = args.max_micro_batch or (2 if dry else 128)
+    args.steps = args.steps or (1 if dry else 2)
     args.warmup = args.warmup or 1
     args.demo_cases = args.demo_cases or (4 if dry else 16)
     args.train_model = args.train_model or ("tiny" if dry else "base")

@@ -88,6 +88,25 @@ def test_sweep_stops_at_the_first_micro_batch_that_does_not_fit():
     assert results[-1][0] == 8 and results[-1][1].startswith("OOM")
 
 
+def test_an_out_of_memory_step_ends_the_sweep_and_is_reported(monkeypatch):
+    """The real measuring path on CPU, with an allocator failure injected at micro-batch 2."""
+    import torch
+
+    real_loss = gpu_check.encoder_loss
+
+    def loss_or_oom(visual, batch):
+        if batch["image"].shape[0] >= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+        return real_loss(visual, batch)
+
+    monkeypatch.setattr(gpu_check, "encoder_loss", loss_or_oom)
+    setup = gpu_check.EncoderSetup("tiny", (16, 64, 64), "cpu", "fp32", steps=1, warmup=0, overrides={})
+    rows, largest, per_sample, _ = gpu_check.encoder_rows(setup, "blocked", [1, 2, 4], 0, float("inf"), "encoder")
+    assert largest == 1 and per_sample > 0
+    assert [r.status for r in rows] == ["ok", "OOM"]
+    assert "Tried to allocate" in rows[1].values["notes"]
+
+
 def test_sweep_respects_the_time_budget():
     results, largest = gpu_check.sweep_micro_batches(lambda bs: {}, [1, 2], deadline=0.0)
     assert largest is None and results == [(1, "skipped: time budget")]
