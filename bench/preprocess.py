@@ -6,8 +6,9 @@ noise, a TotalSegmentator-style label map beside it), with the ``ctclip`` preset
 
 * **floor**: ``nibabel.load(path).dataobj`` into an int16 array (zlib inflate + copy): the least
   any reader of this file has to do.
-* **ct-clip way**: ``get_fdata()`` (float64), slope/intercept, HU clip, torch trilinear
-  ``interpolate`` to the target spacing, centre crop/pad, ``np.savez`` (image only, float32).
+* **ct-clip way**: CT-CLIP's recipe: ``get_fdata()`` (float64), slope/intercept, HU clip, torch
+  trilinear ``interpolate`` in float64 to the target spacing, /1000 to float32, centre crop/pad,
+  ``np.savez`` (image only).
 * **ours**: the resample stage as a worker runs it (``ctprep.runner.execute_case``): ISA-L
   inflate, zero-copy int16 view, v1/v2 detection, canonical reorientation, z-slab resample of the
   image (linear) *and* the mask (nearest + region remap), checks, zarr v3 write (Blosc zstd +
@@ -111,7 +112,10 @@ def floor_read(path: Path) -> np.ndarray:
 
 
 def ctclip_way(path: Path, out_npz: Path, target_spacing_zyx, target_shape_zyx, hu=(-1000, 1000)) -> int:
-    """What CT-CLIP's preprocessing does per volume (image only)."""
+    """CT-CLIP's per-volume recipe (``nii_img_to_tensor`` / ``resize_array`` in its data scripts):
+    ``get_fdata()`` float64, slope/intercept, clip, ``torch.tensor`` (float64) trilinear
+    ``interpolate`` to ``int(n * spacing / target)``, /1000 to float32, crop/pad, ``np.savez``
+    (image only)."""
     img = nib.load(str(path))
     data = img.get_fdata()  # float64
     slope, inter = 1.0, 0.0  # from the metadata CSV
@@ -120,10 +124,11 @@ def ctclip_way(path: Path, out_npz: Path, target_spacing_zyx, target_shape_zyx, 
     zooms = img.header.get_zooms()  # (x, y, z)
     data = data.transpose(2, 1, 0)  # (z, y, x)
     cur = (zooms[2], zooms[1], zooms[0])
-    size = [int(round(n * c / t)) for n, c, t in zip(data.shape, cur, target_spacing_zyx)]
-    t = torch.from_numpy(data.astype(np.float32))[None, None]
-    t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-    out = np.full(target_shape_zyx, hu[0], np.float32)
+    size = [int(n * c / t) for n, c, t in zip(data.shape, cur, target_spacing_zyx)]
+    t = torch.tensor(data)[None, None]  # float64, as in the original
+    t = F.interpolate(t, size=size, mode="trilinear", align_corners=False).cpu().numpy()[0, 0]
+    t = (t / 1000).astype(np.float32)
+    out = np.full(target_shape_zyx, -1.0, np.float32)
     src, dst = [], []
     for n, m in zip(t.shape, target_shape_zyx):
         if n >= m:
