@@ -174,9 +174,10 @@ def test_kill_midway_then_rerun_matches_uninterrupted(dataset, first_build, tmp_
         if len(list((out / "work" / "zarr").glob("*.zarr"))) >= 2:
             break
         time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, "the build finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert len(list((out / "work" / "zarr").glob("*.zarr"))) < len(_zarr_cases(ref_out))  # really midway
     rc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr
     assert _zarr_cases(out) == _zarr_cases(ref_out)
