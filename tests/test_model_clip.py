@@ -111,6 +111,8 @@ def test_ablation_switches_build_and_run(overrides, batch):
     total, _ = MultiTaskLoss()(out, batch)
     total.backward()
     assert torch.isfinite(total)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing  # no dead parameters in any ablation (DDP/ZeRO would choke)
     vis = model.visual
     assert (vis.blocks[0].attn.self_attn.slice_bias_table is None) == (not model.cfg.vision.attention.slice_bias)
     assert (vis.blocks[0].attn.region_attn is None) == (not model.cfg.vision.attention.region_attention)

@@ -124,7 +124,7 @@ class VisionEncoder3D(nn.Module):
         """Tokens after the blocks and the multi-scale fused tokens.
 
         Returns a dict: ``tokens`` (B, 1+P, C) fused multi-scale tokens (CLS first), ``assignment``
-        (B, P, R+1) or None, ``grid`` (gz, gy, gx).
+        (B, P, R+1) or None, ``grid`` (gz, gy, gx), ``region_embed`` (B, R+1, C) or None.
         """
         # Cast to the weights' dtype: DeepSpeed bf16 converts the module, not its inputs.
         x, grid = self.patch_embed(self.input_norm(image).to(self.patch_embed.proj.weight.dtype))
@@ -144,7 +144,8 @@ class VisionEncoder3D(nn.Module):
             if i in self.scale_indices:
                 scales.append(x)
         fused = self.fuse(torch.cat([n(s) for n, s in zip(self.scale_norms, scales)], dim=-1))
-        return {"tokens": self.norm(fused), "assignment": assignment, "grid": grid}
+        return {"tokens": self.norm(fused), "assignment": assignment, "grid": grid,
+                "region_embed": ctx.region_embed}
 
     def forward_head(self, feats: dict) -> dict:
         """Projection heads on ``forward_features`` output.
@@ -162,6 +163,10 @@ class VisionEncoder3D(nn.Module):
             w = assignment[..., 1:].to(patches.dtype)  # (B, P, R): background column dropped
             mass = w.sum(1)  # (B, R) patches' worth of each region
             region_feat = torch.einsum("bpr,bpc->brc", w, patches) / mass.clamp_min(1e-6).unsqueeze(-1)
+            if feats.get("region_embed") is not None:
+                # The anatomy encoder's shape code joins the pooled content, so the local head (and
+                # the anatomy encoder itself, even with region attention ablated) learns from it.
+                region_feat = region_feat + feats["region_embed"][:, 1:].to(region_feat.dtype)
             out["local"] = self.head_local(region_feat)
             out["region_present"] = mass > 0
         evidence, attn = self.evidence(patches)
