@@ -133,6 +133,12 @@ def test_changed_input_and_config_rerun_exactly_affected(dataset, first_build, t
     assert report.tallies["resample"].ran == 0
 
 
+def test_layout_detected_as_ctrate(dataset):
+    from ctprep.sources import detect_source
+
+    assert detect_source(dataset) == "ctrate"
+
+
 def test_status_render(first_build):
     out, _ = first_build
     text = status(out).render()
