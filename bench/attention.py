@@ -140,7 +140,8 @@ def print_cpu_table(rows: list[dict], args) -> None:
         n = refs[-1]["n"]
         b = next((r for r in blocked if r["n"] == n), None)
         if b:
-            print(f"largest N where reference ran: {n}: blocked uses {b['peak_mb'] / refs[-1]['peak_mb']:.3f} "
+            ratio = b["peak_mb"] / refs[-1]["peak_mb"] if refs[-1]["peak_mb"] > 0 else float("nan")
+            print(f"largest N where reference ran: {n}: blocked uses {ratio:.3f} "
                   f"of the reference's memory (target <= 0.333)")
 
 

@@ -38,8 +38,9 @@ class CTCLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
-        if hasattr(self.text.transformer, "gradient_checkpointing_enable") and enable:
-            self.text.transformer.gradient_checkpointing_enable()
+        hf = self.text.transformer
+        if getattr(hf, "supports_gradient_checkpointing", False):
+            hf.gradient_checkpointing_enable() if enable else hf.gradient_checkpointing_disable()
 
     def no_weight_decay(self) -> set[str]:
         names = {f"visual.{n}" for n in self.visual.no_weight_decay()}

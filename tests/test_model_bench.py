@@ -1,0 +1,32 @@
+"""bench/attention.py's measurement and table code at tiny sizes (the real run is in the README)."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_bench_measures_and_prints_table(capsys):
+    # In-process (the CLI runs each row in a fresh subprocess only to isolate max-RSS peaks).
+    bench = _bench_module()
+    args = argparse.Namespace(heads=2, head_dim=8, block_size=8)
+    rows = []
+    for layers in (1, 2):
+        for kernel in bench.CPU_KERNELS:
+            rows.append(bench.cpu_worker(dict(kernel=kernel, grid=(layers, 4, 4), heads=2, head_dim=8,
+                                              max_distance=4, block_size=8, reps=1)))
+    assert {r["n"] for r in rows} == {17, 33}
+    assert all(r["seconds"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    bench.print_cpu_table(rows, args)
+    out = capsys.readouterr().out
+    for kernel in bench.CPU_KERNELS:
+        assert f"| {kernel:9} |" in out
+    assert "largest N where reference ran: 33" in out and "memory growth / N growth" in out
