@@ -13,9 +13,10 @@ Kernels (exact, all compute the same function):
 - ``flex``: FlexAttention with a ``score_mod`` that gathers the bias from the table; no
   N x N tensor ever exists. Compiled on CUDA. On CPU FlexAttention runs forward only
   (torch raises NotImplementedError in backward), so it is usable there for inference only.
-- ``blocked``: the memory-bounded exact CPU path. Query blocks of ``block_size``; the bias
-  block is gathered per block and recomputed in backward from the saved log-sum-exp
-  (flash-attention style), so memory is O(block_size x N), not O(N^2).
+- ``blocked``: the memory-bounded exact CPU path. Query blocks of ``block_size``; the bias is
+  added per block (broadcast per z-layer for the standard layout, gathered otherwise) and the
+  block's scores are recomputed in backward from the saved log-sum-exp (flash-attention style),
+  so memory is O(block_size x N), not O(N^2).
 - ``reference``: the bias materialized as (H, N, N) + ``scaled_dot_product_attention``;
   the test oracle only (16,385 tokens x 12 heads would be 12.9 GB per layer).
 - ``sdpa``: plain SDPA, no bias; what ``auto`` picks when the slice bias is switched off.
