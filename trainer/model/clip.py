@@ -40,7 +40,9 @@ class CTCLIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         hf = self.text.transformer
         if getattr(hf, "supports_gradient_checkpointing", False):
-            hf.gradient_checkpointing_enable() if enable else hf.gradient_checkpointing_disable()
+            # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has only the old names.
+            prefix = "activation_checkpointing" if hasattr(hf, "activation_checkpointing_enable") else "gradient_checkpointing"
+            getattr(hf, f"{prefix}_{'enable' if enable else 'disable'}")()
 
     def no_weight_decay(self) -> set[str]:
         names = {f"visual.{n}" for n in self.visual.no_weight_decay()}
