@@ -455,6 +455,11 @@ def parse_args(argv=None):
     p.add_argument("--zero2-steps", type=int, default=None, help="default 50; dry run 2")
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; later sections are skipped")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="print the analytic FLOP count of --model at --grid (and samples/s per GPU at 25/40%% MFU) and exit; no GPU needed",
+    )
     args = p.parse_args(argv)
     dry = args.dry_run
     args.model = args.model or ("tiny" if dry else "base")
@@ -551,8 +556,30 @@ def run(args, rows: list[Row]) -> list[Row]:
     return rows
 
 
+def flops_report(model: str, grid_zyx: tuple[int, int, int], peak_tflops: float) -> str:
+    """FLOP terms of one training sample and what they mean per GPU (capacity planning)."""
+    from trainer.model import get_model_config
+
+    cfg = get_model_config(model)
+    terms = encoder_flops(cfg.vision, grid_zyx, cfg.vision.anatomy.max_regions + 1)
+    fwd = sum(terms.values())
+    train = train_flops_per_sample(terms)
+    tokens = math.prod(g // p for g, p in zip(grid_zyx, cfg.vision.patch.patch_size)) + 1
+    lines = [
+        f"{model} at {'x'.join(map(str, grid_zyx))} ({tokens} tokens): forward {fwd / 1e12:.2f} TFLOP, "
+        f"train (fwd + bwd) {train / 1e12:.2f} TFLOP per sample, attention QK+AV {(terms['attn_qk'] + terms['attn_av']) / fwd:.0%}",
+        "  " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in terms.items()),
+    ]
+    for mfu in (0.25, 0.40):
+        lines.append(f"  at {mfu:.0%} MFU of {peak_tflops:.0f} TFLOP/s: {peak_tflops * 1e12 * mfu / train:.2f} samples/s per GPU")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.flops_only:
+        print(flops_report(args.model, args.grid, args.peak_tflops))
+        return 0
     rows: list[Row] = []
     try:
         run(args, rows)

@@ -166,3 +166,9 @@ def test_dry_run_runs_every_section_on_cpu(tmp_path):
     zero2 = next(r for r in rows if r["section"] == "zero2")
     assert "steps" in zero2["values"]["notes"]
     assert res.stdout.lstrip().startswith("| section")
+
+
+def test_flops_only_report_for_capacity_planning(capsys):
+    assert gpu_check.main(["--flops-only", "--model", "base", "--grid", "64,512,512"]) == 0
+    out = capsys.readouterr().out
+    assert "16385 tokens" in out and "39.85 TFLOP per sample" in out and "samples/s per GPU" in out
