@@ -501,18 +501,25 @@ def _stack_volumes(arrays: list[np.ndarray | LazyNpy], dtype: torch.dtype) -> to
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     if all(isinstance(a, LazyNpy) and a.dtype == np_dtype and not a.fortran for a in arrays):
         return LazyVolumes(list(arrays), dtype)
-    out = torch.empty((len(arrays), *shape), dtype=dtype)
+    full = (len(arrays), *shape)
+    if get_worker_info() is not None:  # allocate in shared memory: the hand-over then copies nothing
+        nbytes = int(np.prod(full)) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, full)
+    else:
+        out = torch.empty(full, dtype=dtype)
     view = out.numpy()
     for i, array in enumerate(arrays):
         view[i] = np.asarray(array)
     return out
 
 
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_samples(samples: list[dict[str, Any]], *, small_as_numpy: bool = False) -> dict[str, Any]:
     """Stack decoded samples into the ``Batch`` of notes/plan.md (Trainer <-> model contract).
 
     Token ids are int32 in shards and int64 in the batch; lengths become bool attention
-    masks. ``S`` (steps) is the largest step count in the batch, at least 1, so that a batch of
+    masks. ``small_as_numpy`` keeps the small arrays as numpy (the streaming datasets use it:
+    a DataLoader worker pickles numpy inline, while each torch tensor would cost a shared-memory
+    segment and a file descriptor; ``BatchLoader`` turns them into tensors). ``S`` (steps) is the largest step count in the batch, at least 1, so that a batch of
     step-less cases still has a valid (all-False) ``steps_valid``.
     """
     n = len(samples)
@@ -543,20 +550,25 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     region_has = _pad_stack([s["region_has_text"].reshape(-1) for s in samples], (region_r,), 0, np.uint8)
 
     labels = np.stack([s["labels"].astype(np.int64) for s in samples])
+    small = {
+        "regions": regions,
+        "report_ids": report_ids,
+        "report_attn": _lengths_to_mask(report_len, report_l),
+        "steps_ids": steps_ids,
+        "steps_attn": _lengths_to_mask(steps_len, steps_l) & steps_valid[..., None],
+        "steps_valid": steps_valid,
+        "region_text_ids": region_ids,
+        "region_text_attn": _lengths_to_mask(region_len, region_l),
+        "region_has_text": region_has.astype(bool),
+        "labels": labels,
+        "step_regions": step_regions,
+    }
+    if not small_as_numpy:
+        small = {k: torch.from_numpy(v) for k, v in small.items()}
     return {
         "image": image,
         "mask": mask,
-        "regions": torch.from_numpy(regions),
-        "report_ids": torch.from_numpy(report_ids),
-        "report_attn": torch.from_numpy(_lengths_to_mask(report_len, report_l)),
-        "steps_ids": torch.from_numpy(steps_ids),
-        "steps_attn": torch.from_numpy(_lengths_to_mask(steps_len, steps_l) & steps_valid[..., None]),
-        "steps_valid": torch.from_numpy(steps_valid),
-        "region_text_ids": torch.from_numpy(region_ids),
-        "region_text_attn": torch.from_numpy(_lengths_to_mask(region_len, region_l)),
-        "region_has_text": torch.from_numpy(region_has.astype(bool)),
-        "labels": torch.from_numpy(labels),
-        "step_regions": torch.from_numpy(step_regions),
+        **small,
         "ids": [s["__key__"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
@@ -742,7 +754,7 @@ class TrainBatches(IterableDataset):
         k = self.start_batch + (worker - self.start_batch) % workers
         while True:
             source = self.schedule(k)
-            batch = collate_samples(streams[source].next_batch(self.batch_size))
+            batch = collate_samples(streams[source].next_batch(self.batch_size), small_as_numpy=True)
             batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": source, "batch": k}
             yield batch
             k += workers
@@ -805,7 +817,7 @@ class ValidBatches(IterableDataset):
                         log.warning("skipping corrupt sample %s in %s: %s", ref.key, ref.shard, exc)
                 if not samples:  # an empty batch would desynchronise ranks: stop loudly
                     raise RuntimeError(f"validation batch of source '{name}' has no readable sample")
-                batch = collate_samples(samples)
+                batch = collate_samples(samples, small_as_numpy=True)
                 batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": name, "positions": kept}
                 yield batch
 
@@ -850,6 +862,9 @@ class BatchLoader:
                     for key, value in batch.items():
                         if isinstance(value, LazyVolumes):
                             batch[key] = value.materialize(self.pin_memory)
+                        elif isinstance(value, np.ndarray):
+                            tensor = torch.from_numpy(value)
+                            batch[key] = tensor.pin_memory() if self.pin_memory else tensor
                     if not put(batch):
                         return
                 put(done)
@@ -867,7 +882,15 @@ class BatchLoader:
                     raise item
                 yield item
         finally:
+            # Let the reader leave its DataLoader loop (it shuts the workers down) before the
+            # interpreter exits; a thread killed inside torch aborts the process.
             stop.set()
+            while True:
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    break
+            thread.join(timeout=30)
 
 
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> BatchLoader:

@@ -1,0 +1,241 @@
+"""Benchmark the streaming shard loader against a raw read and against on-the-fly .nii.gz loading.
+
+Three ways to get the same cases into training batches, each with 0, 1 and 2 DataLoader
+workers (samples/s and MB/s, median of --repeats runs, warm page cache):
+
+* raw    : read every shard tar with 16 MB reads into one reused buffer (the floor: no
+           parsing, no decoding; what ``cat`` does).
+* stream : trainer.data.build_train_loader on those shards (tar by offset, npy decode,
+           collate into the Batch contract).
+* ctclip : what CT-CLIP does per sample: nibabel load .nii.gz, get_fdata (float64), apply
+           slope/intercept, torch trilinear resample to the same grid, clip, per case.
+
+MB/s is always counted in shard-tar bytes per sample so the three are comparable.
+Usage::
+
+    python bench/loader.py                      # defaults: 12 cases, src 120x320x320 -> 64x256x256
+    python bench/loader.py --cases 8 --grid 32 128 128 --src 60 160 160 --compress zst
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from trainer import data as D
+from trainer.config import DataConfig
+from trainer.testing import TEST_TOKENIZER, make_sample, write_shard
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """A chest-like int16 HU volume (body, two lungs, spine, noise): compresses like CT."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    zc, yc, xc = (s / 2 for s in shape)
+    hu = np.full(shape, -1000, dtype=np.float32)
+    body = ((y - yc) / (0.42 * shape[1])) ** 2 + ((x - xc) / (0.47 * shape[2])) ** 2 < 1
+    hu[np.broadcast_to(body, shape)] = 40
+    for side in (-1, 1):
+        lung = ((y - yc) / (0.3 * shape[1])) ** 2 + ((x - xc - side * 0.2 * shape[2]) / (0.16 * shape[2])) ** 2 + (
+            (z - zc) / (0.55 * shape[0])
+        ) ** 2 < 1
+        hu[lung] = -850
+    spine = ((y - yc - 0.3 * shape[1]) / (0.06 * shape[1])) ** 2 + ((x - xc) / (0.06 * shape[2])) ** 2 < 1
+    hu[np.broadcast_to(spine, shape)] = 700
+    hu += rng.normal(0, 25, size=shape).astype(np.float32)
+    return hu.astype(np.int16)
+
+
+SLOPE, INTERCEPT = 1.0, -1024.0  # CT-RATE v1: raw stored values, slope/intercept from the CSV
+
+
+def ctclip_load(path: str, grid: tuple[int, int, int]) -> torch.Tensor:
+    """CT-CLIP's per-sample path: float64 NIfTI read, rescale, trilinear resample, clip."""
+    import nibabel as nib
+
+    data = nib.load(path).get_fdata()  # float64 (X, Y, Z)
+    data = SLOPE * data + INTERCEPT
+    volume = torch.from_numpy(data.transpose(2, 1, 0).astype(np.float32))[None, None]
+    volume = F.interpolate(volume, size=grid, mode="trilinear", align_corners=False)[0, 0]
+    return volume.clamp_(-1000, 1000)
+
+
+def prepare(root: Path, cases: int, src: tuple[int, int, int], grid: tuple[int, int, int], compress: str) -> dict:
+    """Write ``cases`` .nii.gz files and the same cases, pre-resampled, as two shard tars."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    nii_dir, shard_dir = root / "nii", root / "shards"
+    nii_dir.mkdir(parents=True, exist_ok=True)
+    samples, paths = [], []
+    for i in range(cases):
+        raw = phantom(src, rng) - np.int16(INTERCEPT)  # stored raw = HU - intercept
+        path = nii_dir / f"case_{i:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(raw.transpose(2, 1, 0), np.diag([0.75, 0.75, 1.5, 1.0])), path)
+        paths.append(str(path))
+        sample = make_sample(f"case_{i:04d}", rng=rng, shape_zyx=grid)
+        sample["image"] = ctclip_load(str(path), grid).round().to(torch.int16).numpy()
+        samples.append(sample)
+    members = ("image", "mask") if compress == "zst" else ()
+    half = cases // 2
+    entries = []
+    for n, chunk in enumerate((samples[:half], samples[half:])):
+        rel = f"train/bench-{n:06d}.tar"
+        size = write_shard(shard_dir / rel, chunk, compress=members)
+        entries.append({"path": rel, "samples": len(chunk), "bytes": size, "sha256": "", "source": "ctrate",
+                        "generation": 0})
+    index = {"schema_version": 1, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
+             "patch_size": [4, 16, 16], "region_names": ["lung", "heart", "aorta"],
+             "generations": [], "splits": {"train": entries}}
+    (shard_dir / "index.json").write_text(json.dumps(index))
+    return {"nii": paths, "shards": shard_dir, "tars": [str(shard_dir / e["path"]) for e in entries],
+            "tar_bytes": sum(e["bytes"] for e in entries)}
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def measure_raw(tars: list[str], block: int = 16 << 20) -> float:
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total = 0
+    start = time.perf_counter()
+    for path in tars:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return time.perf_counter() - start
+
+
+def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int) -> tuple[float, int]:
+    """Seconds for ``n_batches`` after the first one (steady state), samples counted."""
+    cfg = DataConfig(shards=str(shards), batch_size=batch_size, num_workers=workers, buffer_size=4,
+                     tokenizer=dict(TEST_TOKENIZER))
+    expect = D.expectation_from_config(cfg)
+    loader = D.build_train_loader(cfg, D.load_shard_index(shards, expect), expect, rank=0, world_size=1)
+    it = iter(loader)
+    next(it)  # worker start-up is a one-time cost
+    start = time.perf_counter()
+    samples = 0
+    for _ in range(n_batches):
+        samples += len(next(it)["ids"])
+    elapsed = time.perf_counter() - start
+    del it
+    return elapsed, samples
+
+
+class NiftiCases(Dataset):
+    def __init__(self, paths: list[str], grid: tuple[int, int, int]):
+        self.paths, self.grid = paths, grid
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return ctclip_load(self.paths[i], self.grid)
+
+
+def measure_ctclip(paths: list[str], grid, workers: int, batch_size: int) -> tuple[float, int]:
+    loader = DataLoader(NiftiCases(paths, grid), batch_size=batch_size, num_workers=workers)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    samples = sum(len(b) for b in it)
+    return time.perf_counter() - start, samples
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--src", type=int, nargs=3, default=[120, 320, 320], help="nii grid (z y x)")
+    parser.add_argument("--grid", type=int, nargs=3, default=[64, 256, 256], help="training grid (z y x)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compress", choices=("none", "zst"), default="none", help="image/mask members")
+    parser.add_argument("--work", help="folder for the generated inputs (default: a temp folder)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--skip-ctclip", action="store_true", help="only raw read and the streaming loader")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-loader-"))
+    t0 = time.perf_counter()
+    key = {"cases": args.cases, "src": args.src, "grid": args.grid, "compress": args.compress}
+    stamp = work / "prepared.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["key"] == key:  # reuse inputs of an earlier run
+        inputs = json.loads(stamp.read_text())["inputs"]
+        inputs["shards"] = Path(inputs["shards"])
+    else:
+        inputs = prepare(work, args.cases, tuple(args.src), tuple(args.grid), args.compress)
+        stamp.write_text(json.dumps({"key": key, "inputs": {**inputs, "shards": str(inputs["shards"])}}))
+    per_sample = inputs["tar_bytes"] / args.cases
+    print(f"inputs: {args.cases} cases, nii {tuple(args.src)} -> grid {tuple(args.grid)}, "
+          f"{per_sample / 1e6:.1f} MB/sample in tars, members {args.compress}; prepared in "
+          f"{time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+
+    # The machine is shared: every loader measurement is paired with a raw read taken right
+    # before it, and the ratio is the median of the per-pair ratios.
+    measure_raw(inputs["tars"])  # warm the page cache
+
+    def raw_rate(passes: int = 3) -> float:  # as many bytes as one loader measurement reads
+        return passes * inputs["tar_bytes"] / measure_raw(inputs["tars"] * passes) / 1e6
+
+    n_batches = max(2, 3 * args.cases // args.batch_size)  # three passes over the shards
+    raw_all: list[float] = []
+    rows = []
+    ctclip_rate = {}
+    for workers in [] if args.skip_ctclip else args.workers:
+        pairs = []
+        for _ in range(args.repeats):
+            raw = raw_rate()
+            elapsed, samples = measure_ctclip(inputs["nii"], tuple(args.grid), workers, args.batch_size)
+            pairs.append((raw, samples / elapsed))
+        raw_all += [r for r, _ in pairs]
+        ctclip_rate[workers] = statistics.median(rate for _, rate in pairs)
+        rows.append({"method": "ctclip nii.gz", "workers": workers, "samples_s": ctclip_rate[workers],
+                     "mb_s": ctclip_rate[workers] * per_sample / 1e6,
+                     "vs_raw": statistics.median(rate * per_sample / 1e6 / raw for raw, rate in pairs)})
+    for workers in args.workers:
+        pairs = []
+        for _ in range(args.repeats):
+            raw = raw_rate()
+            elapsed, samples = measure_stream(inputs["shards"], workers, args.batch_size, n_batches)
+            pairs.append((raw, samples / elapsed))
+        raw_all += [r for r, _ in pairs]
+        rate = statistics.median(rate for _, rate in pairs)
+        rows.append({"method": "stream shards", "workers": workers, "samples_s": rate, "mb_s": rate * per_sample / 1e6,
+                     "vs_raw": statistics.median(r * per_sample / 1e6 / raw for raw, r in pairs),
+                     **({"vs_ctclip": rate / ctclip_rate[workers]} if workers in ctclip_rate else {})})
+    raw_mbs = statistics.median(raw_all)
+    rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / per_sample, "mb_s": raw_mbs,
+                    "vs_raw": 1.0})
+
+    print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['vs_ctclip']:.1f}x" if "vs_ctclip" in r else ""
+        print(f"| {r['method']} | {r['workers']} | {r['samples_s']:.2f} | {r['mb_s']:.0f} | {r['vs_raw']:.0%} | {vs} |")
+    result = {"args": vars(args), "bytes_per_sample": per_sample, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
