@@ -150,8 +150,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         apply_override(tree, item)
     cfg = _build(Config, tree, "")
+    if path is not None:
+        cfg.train.deepspeed = str(_find_beside(cfg.train.deepspeed, Path(path)))
     _check(cfg)
     return cfg
+
+
+def _find_beside(relative: str, config_file: Path) -> Path:
+    """A relative path as given if it exists from the working directory, else looked up from
+    the YAML's folder upwards (so ``configs/deepspeed/zero2.json`` in
+    ``configs/train/demo.yaml`` works from any directory)."""
+    candidate = Path(relative)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    for folder in config_file.resolve().parents:
+        if (folder / candidate).exists():
+            return folder / candidate
+    return candidate
 
 
 def _check(cfg: Config) -> None:

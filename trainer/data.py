@@ -893,7 +893,7 @@ class BatchLoader:
             thread.join(timeout=30)
 
 
-def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> BatchLoader:
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int, seed: int) -> BatchLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
@@ -904,6 +904,9 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefet
         collate_fn=_as_is,  # default_convert would walk every meta dict of every batch
         num_workers=num_workers,
         pin_memory=pin,
+        # Its own generator: the loader is started in the reader thread, and drawing worker
+        # seeds from the global RNG there would race with dropout in the training step.
+        generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )
     return BatchLoader(loader, pin, prefetch=prefetch_factor)
@@ -937,7 +940,7 @@ def build_train_loader(
         tokenizer=index.tokenizer,
         start_batch=start_batch,
     )
-    return _loader(dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor)
+    return _loader(dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed)
 
 
 def build_valid_loader(
@@ -960,7 +963,7 @@ def build_valid_loader(
         tokenizer=index.tokenizer,
         max_samples=data_cfg.valid_max_samples,
     )
-    return _loader(dataset, 0, data_cfg.pin_memory, data_cfg.prefetch_factor)
+    return _loader(dataset, 0, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed)
 
 
 def samples_per_epoch(index: ShardIndex, data_cfg) -> int:
