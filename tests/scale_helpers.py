@@ -158,7 +158,10 @@ def epoch_ids_on_rank(rank: int, world_size: int, init_file: str, scenarios: lis
                 if i == scenario["steps"]:
                     break
                 batches.append([str(case) for case in batch["ids"]])
-            del loader  # stops its DataLoader workers before the next scenario
+            close = getattr(loader, "close", None)
+            if close is not None:  # stop its reader thread / DataLoader workers before the next scenario
+                close()
+            del loader
             Path(scenario["out"], f"rank{dist.get_rank()}.json").write_text(json.dumps(batches))
             dist.barrier()  # every rank reached the end of the epoch: nobody hung on uneven shards
     finally:

@@ -26,7 +26,7 @@ PER_CASE_STAGES = ("resample", "regions", "text")
 
 
 def wait_and_kill_busy_worker(cluster, proc: subprocess.Popen, zarr_dir: Path, timeout: float = 240.0) -> list[str]:
-    """Kill worker ``w1`` the first time it is running a case task after some case finished.
+    """Kill worker ``w1`` the first time it is running a case's task after some case finished.
 
     Returns the task keys it was processing when killed.
     """
@@ -40,7 +40,8 @@ def wait_and_kill_busy_worker(cluster, proc: subprocess.Popen, zarr_dir: Path, t
             finished = list(zarr_dir.glob("*.zarr")) if zarr_dir.is_dir() else []
             if addr is not None and finished:
                 busy = [str(k) for k in client.processing(workers=[addr]).get(addr, ())]
-                if any("execute_case" in k for k in busy):
+                # per-case stage tasks, or pack's per-sample encoding on a fast machine
+                if any("execute_case" in k or "build_sample" in k for k in busy):
                     cluster.kill_worker(1)
                     return busy
             time.sleep(0.05)
