@@ -165,7 +165,7 @@ def test_dry_run_runs_every_section_on_cpu(tmp_path):
     assert len(encoder) == 2  # micro-batch 1 and 2
     zero2 = next(r for r in rows if r["section"] == "zero2")
     assert "steps" in zero2["values"]["notes"]
-    assert res.stdout.lstrip().startswith("| section")
+    assert "| section" in res.stdout  # one table on stdout
 
 
 def test_flops_only_report_for_capacity_planning(capsys):
