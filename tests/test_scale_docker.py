@@ -348,3 +348,33 @@ def test_slurm_recipes_are_valid_scripts():
     text = (REPO / "docker/cluster/slurm_dask.sbatch").read_text()
     assert "--nthreads 1" in text and "--memory-limit" in text and "--scheduler" in text
     py_compile.compile(str(REPO / "docker/cluster/jobqueue_build_shards.py"), doraise=True)
+
+
+def _flags(args: list) -> set[str]:
+    return {str(a) for a in args if str(a).startswith("--")}
+
+
+def test_recipe_flags_exist_in_the_installed_clis():
+    """Every flag the compose file and recipes pass is one the installed dask / ctprep accept."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    helps = {}
+    for name, cmd in {
+        "worker": [str(bin_dir / "dask"), "worker", "--help"],
+        "scheduler": [str(bin_dir / "dask"), "scheduler", "--help"],
+        "build": [str(bin_dir / "ctprep"), "build-shards", "--help"],
+    }.items():
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr
+        helps[name] = res.stdout
+    services = load_compose()["services"]
+    k8s = yaml.safe_load((REPO / "docker/cluster/daskcluster.yaml").read_text())["spec"]
+    used = {
+        "worker": _flags(services["worker"]["command"]) | _flags(k8s["worker"]["spec"]["containers"][0]["args"]),
+        "scheduler": _flags(services["scheduler"]["command"]) | _flags(k8s["scheduler"]["spec"]["containers"][0]["args"]),
+        "build": _flags(services["build"]["command"]),
+    }
+    for name, flags in used.items():
+        missing = sorted(f for f in flags if f not in helps[name])
+        assert not missing, f"{name}: flags not accepted by the installed CLI: {missing}"
