@@ -232,3 +232,18 @@ def test_lazy_member_with_truncated_data_is_corrupt(tmp_path, monkeypatch):
     refs, _ = D.scan_tar(str(path))
     with pytest.raises(D.CorruptMemberError, match="truncated"):
         D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
+
+
+def test_buffer_pool_reuses_only_unreferenced_buffers():
+    pool = D.BufferPool()
+    a = pool.take((4, 8), torch.int16)
+    a_id = id(a)
+    b = pool.take((4, 8), torch.int16)
+    assert b is not a  # a is still held by the caller
+    del a
+    c = pool.take((4, 8), torch.int16)
+    assert id(c) == a_id  # released: handed out again
+    view = c[1:]
+    del c
+    d = pool.take((4, 8), torch.int16)
+    assert id(d) != a_id and view.untyped_storage().data_ptr() != d.untyped_storage().data_ptr()

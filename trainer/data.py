@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,13 +484,47 @@ class LazyVolumes:
     parts: list[LazyNpy]
     dtype: torch.dtype
 
-    def materialize(self, pin: bool = False) -> torch.Tensor:
+    def materialize(self, pin: bool = False, pool: BufferPool | None = None) -> torch.Tensor:
         shape = (len(self.parts), *self.parts[0].shape)
-        out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
+        if pool is not None and not pin:
+            out = pool.take(shape, self.dtype)
+        else:
+            out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         view = out.numpy()
         for i, part in enumerate(self.parts):
             part.read_into(view[i])
         return out
+
+
+class BufferPool:
+    """Reuse CPU batch buffers once nothing references them any more.
+
+    Fresh anonymous memory has to be zeroed and faulted in by the kernel, which costs about as
+    much as the read itself for tens of MB per batch. A pooled tensor is handed out again only
+    when its Python object and its storage are referenced by the pool alone (no batch, view or
+    copy-in-flight holds it). Pinned (CUDA) buffers are not pooled here: torch's caching host
+    allocator already reuses them and tracks pending device copies.
+    """
+
+    def __init__(self, max_per_shape: int = 8) -> None:
+        self.max_per_shape = max_per_shape
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _unused(t: torch.Tensor) -> bool:
+        # refs: the pool's list, take()'s loop variable, this argument, getrefcount's argument;
+        # storage use count: t itself + the temporary storage wrapper
+        return sys.getrefcount(t) <= 4 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensors = self._free.setdefault((shape, dtype), [])
+        for t in tensors:
+            if self._unused(t):
+                return t
+        t = torch.empty(shape, dtype=dtype)
+        if len(tensors) < self.max_per_shape:
+            tensors.append(t)
+        return t
 
 
 def _stack_volumes(arrays: list[np.ndarray | LazyNpy], dtype: torch.dtype) -> torch.Tensor | LazyVolumes:
@@ -856,12 +891,14 @@ class BatchLoader:
                     continue
             return False
 
+        pool = BufferPool(max_per_shape=2 * self.prefetch + 4)
+
         def fill() -> None:
             try:
                 for batch in self.loader:
                     for key, value in batch.items():
                         if isinstance(value, LazyVolumes):
-                            batch[key] = value.materialize(self.pin_memory)
+                            batch[key] = value.materialize(self.pin_memory, pool)
                         elif isinstance(value, np.ndarray):
                             tensor = torch.from_numpy(value)
                             batch[key] = tensor.pin_memory() if self.pin_memory else tensor
