@@ -68,10 +68,13 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def local_dask_cluster(tmp: Path, n_workers: int = 2, memory_limit: str = "1GiB", timeout: float = 120.0):
+def local_dask_cluster(tmp: Path, n_workers: int = 2, memory_limit: str = "1GiB", timeout: float = 120.0,
+                       scheduler_env: dict[str, str] | None = None):
     """Start ``dask scheduler`` + ``n_workers`` x ``dask worker --nthreads 1`` on 127.0.0.1.
 
-    Yields a ``LocalDaskCluster``; every process started here is killed by its own id on exit.
+    ``scheduler_env`` adds Dask config for the scheduler only (e.g. ``DASK_DISTRIBUTED__SCHEDULER__
+    ALLOWED_FAILURES``). Yields a ``LocalDaskCluster``; every process started here is killed by its
+    own id on exit.
     """
     from distributed import Client
 
@@ -83,7 +86,7 @@ def local_dask_cluster(tmp: Path, n_workers: int = 2, memory_limit: str = "1GiB"
     scheduler = _spawn(
         [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
         logs / "scheduler.log",
-        env,
+        {**env, **(scheduler_env or {})},
     )
     cluster = LocalDaskCluster(address=address, scheduler=scheduler, logs=logs)
     try:

@@ -25,7 +25,10 @@ CASES = 12  # CT-RATE demo volumes: ~1 s of resample each on one core, so a kill
 PER_CASE_STAGES = ("resample", "regions", "text")
 
 
-def wait_and_kill_busy_worker(cluster, proc: subprocess.Popen, zarr_dir: Path, timeout: float = 240.0) -> list[str]:
+def wait_and_kill_busy_worker(
+    cluster, proc: subprocess.Popen, zarr_dir: Path, timeout: float = 240.0,
+    task_names: tuple[str, ...] = ("execute_case", "build_sample"),
+) -> list[str]:
     """Kill worker ``w1`` the first time it is running a case's task after some case finished.
 
     Returns the task keys it was processing when killed.
@@ -41,7 +44,7 @@ def wait_and_kill_busy_worker(cluster, proc: subprocess.Popen, zarr_dir: Path, t
             if addr is not None and finished:
                 busy = [str(k) for k in client.processing(workers=[addr]).get(addr, ())]
                 # per-case stage tasks, or pack's per-sample encoding on a fast machine
-                if any("execute_case" in k or "build_sample" in k for k in busy):
+                if any(name in k for k in busy for name in task_names):
                     cluster.kill_worker(1)
                     return busy
             time.sleep(0.05)
