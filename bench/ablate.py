@@ -108,7 +108,7 @@ def config_diff(name: str) -> str:
         raise SystemExit(f"{path} missing; known ablations: {sorted(ABLATIONS)}")
     full = _flatten(yaml.safe_load((CONFIG_DIR / "ablation_full.yaml").read_text()))
     mine = _flatten(yaml.safe_load(path.read_text()))
-    keys = sorted(k for k in set(full) | set(mine) if full.get(k) != mine.get(k))
+    keys = sorted(k for k in set(full) | set(mine) if full.get(k) != mine.get(k) and k != "train.output")
     return ", ".join(f"{k}={mine.get(k)}" for k in keys)
 
 
