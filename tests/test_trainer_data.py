@@ -247,3 +247,24 @@ def test_buffer_pool_reuses_only_unreferenced_buffers():
     del c
     d = pool.take((4, 8), torch.int16)
     assert id(d) != a_id and view.untyped_storage().data_ptr() != d.untyped_storage().data_ptr()
+
+
+def test_compressed_volume_corrupt_past_its_header_is_replaced_and_counted(tmp_path):
+    # 16 x 128 x 128 int16 = 512 KB: four zstd blocks, so the header decodes and a later block fails
+    write_test_shards(tmp_path, {"train": [6]}, shape_zyx=(16, 128, 128))
+    path = tmp_path / "train" / "ctrate-0-000000.tar"
+    refs, _ = D.scan_tar(str(path))
+    sample = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
+    assert isinstance(sample["image"], D.CompressedNpy)
+    name, offset, size = next(m for m in refs[0].members if m[0].startswith("image"))
+    raw = bytearray(path.read_bytes())
+    start = offset + size * 3 // 4
+    raw[start : offset + size - 4] = b"\x00" * (offset + size - 4 - start)
+    path.write_bytes(bytes(raw))
+    assert isinstance(D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)["image"], D.CompressedNpy)  # header still fine
+    it = _train_iter(tmp_path, batch_size=4, buffer_size=1)
+    batch = next(it)
+    assert refs[0].key not in batch["ids"] and len(batch["ids"]) == 4
+    assert batch[D.BATCH_STATS_KEY]["corrupt"] == 1
+    eager = np.asarray(D.decode_sample(refs[1], EXPECT, TEST_TOKENIZER)["image"])
+    np.testing.assert_array_equal(batch["image"][batch["ids"].index(refs[1].key)].numpy(), eager)

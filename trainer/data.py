@@ -419,6 +419,80 @@ def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None
     return lazy
 
 
+class CompressedNpy:
+    """A ``.npy.zst`` / ``.npy.gz`` volume member held compressed, header already parsed.
+
+    ``collate_samples`` decompresses it straight into the batch tensor (shared memory inside a
+    DataLoader worker), instead of into a fresh buffer that is then copied: one pass over the
+    decompressed bytes instead of three. Data errors past the header surface there as
+    ``CorruptVolumeError`` and the sample is replaced (see ``TrainBatches``).
+    """
+
+    __slots__ = ("data", "suffix", "shape", "dtype", "fortran", "data_at")
+
+    def __init__(self, data: bytes, suffix: str):
+        self.data, self.suffix = data, suffix
+        with self._reader() as reader:
+            head = _read_up_to(reader, 4096)
+        shape, fortran, dtype, data_at = _npy_header(head)
+        if dtype.hasobject:
+            raise CorruptMemberError("object arrays are refused (would need pickle)")
+        self.shape, self.dtype, self.fortran, self.data_at = tuple(shape), dtype, fortran, data_at
+
+    def _reader(self):
+        if self.suffix == ".zst":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(self.data)
+        try:
+            from isal import igzip
+
+            return igzip.IGzipFile(fileobj=io.BytesIO(self.data))
+        except ImportError:
+            return gzip.GzipFile(fileobj=io.BytesIO(self.data))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray) -> None:
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        with self._reader() as reader:
+            _read_up_to(reader, self.data_at)  # skip the header
+            done = 0
+            while done < self.nbytes:
+                n = reader.readinto(target[done:])
+                if not n:
+                    raise CorruptMemberError(f"compressed npy ends after {done} of {self.nbytes} bytes")
+                done += n
+        if self.fortran:
+            out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _read_up_to(reader, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class CorruptVolumeError(CorruptMemberError):
+    """A volume failed while being written into its batch slot ``index``."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 def decode_sample(ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str, str]) -> dict[str, Any]:
     """Read and decode one sample; raises CorruptMemberError or ShardMismatchError.
 
@@ -445,7 +519,17 @@ def decode_sample(ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str,
         end = max(offset + size for _, _, offset, size in small)
         blob = memoryview(read_member(ref.shard, start, end - start))
         for field_name, name, offset, size in small:
-            sample[field_name] = decode_member(name, blob[offset - start : offset - start + size])
+            member = blob[offset - start : offset - start + size]
+            base, suffix = schema.strip_compression(name)
+            if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
+                try:
+                    sample[field_name] = CompressedNpy(bytes(member), suffix)
+                except CorruptMemberError:
+                    raise
+                except Exception as exc:
+                    raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+            else:
+                sample[field_name] = decode_member(name, member)
     missing = [m for m in REQUIRED_MEMBERS if m not in sample]
     if missing:
         raise CorruptMemberError(f"missing member(s) {missing}")
@@ -544,7 +628,13 @@ def _stack_volumes(arrays: list[np.ndarray | LazyNpy], dtype: torch.dtype) -> to
         out = torch.empty(full, dtype=dtype)
     view = out.numpy()
     for i, array in enumerate(arrays):
-        view[i] = np.asarray(array)
+        try:
+            if isinstance(array, (LazyNpy, CompressedNpy)) and array.dtype == view.dtype:
+                array.read_into(view[i])
+            else:
+                view[i] = np.asarray(array)
+        except Exception as exc:
+            raise CorruptVolumeError(i, f"volume {i} of the batch: {type(exc).__name__}: {exc}") from exc
     return out
 
 
@@ -789,7 +879,15 @@ class TrainBatches(IterableDataset):
         k = self.start_batch + (worker - self.start_batch) % workers
         while True:
             source = self.schedule(k)
-            batch = collate_samples(streams[source].next_batch(self.batch_size), small_as_numpy=True)
+            samples = streams[source].next_batch(self.batch_size)
+            while True:
+                try:
+                    batch = collate_samples(samples, small_as_numpy=True)
+                    break
+                except CorruptVolumeError as exc:  # found only while decompressing into the batch
+                    counter.corrupt += 1
+                    log.warning("skipping corrupt sample %s: %s", samples[exc.index]["__key__"], exc)
+                    samples[exc.index] = streams[source].next_sample()
             batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": source, "batch": k}
             yield batch
             k += workers
@@ -852,7 +950,16 @@ class ValidBatches(IterableDataset):
                         log.warning("skipping corrupt sample %s in %s: %s", ref.key, ref.shard, exc)
                 if not samples:  # an empty batch would desynchronise ranks: stop loudly
                     raise RuntimeError(f"validation batch of source '{name}' has no readable sample")
-                batch = collate_samples(samples, small_as_numpy=True)
+                while True:
+                    try:
+                        batch = collate_samples(samples, small_as_numpy=True)
+                        break
+                    except CorruptVolumeError as exc:
+                        counter.corrupt += 1
+                        log.warning("skipping corrupt sample %s: %s", samples[exc.index]["__key__"], exc)
+                        del samples[exc.index], kept[exc.index]
+                        if not samples:
+                            raise RuntimeError(f"validation batch of source '{name}' has no readable sample") from exc
                 batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": name, "positions": kept}
                 yield batch
 
