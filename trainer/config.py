@@ -86,6 +86,9 @@ class TrainConfig:
     overfit_batches: int = 0
     seed: int = 0  # torch RNG seed (model init, dropout); rank is added for dropout streams
     progress_bar: bool = True
+    # torch intra-op threads per rank on CPU (0 = torch's default). OpenMP threads spin at
+    # barriers, so oversubscribed cores (loader threads, other jobs) can cost 10x per step.
+    cpu_threads: int = 0
 
 
 @dataclass

@@ -370,6 +370,8 @@ def client_state(step: int, cfg: Config, engine, world_size: int, steps_per_epoc
 def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train; return a summary (final step, last train/valid metrics)."""
     info = init_distributed()
+    if info.device.type == "cpu" and cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
     output = Path(cfg.train.output)
     is_main = info.rank == 0
     if is_main:
