@@ -60,20 +60,11 @@ def test_hostfile_example_parses_with_deepspeeds_own_reader():
     assert len(hosts) >= 2 and all(slots >= 1 for slots in hosts.values())
 
 
-# Known bug in trainer/data.py (reported to the trainer helper, /work/notes/request-scale-to-trainer.md):
-# SourceStream's shuffle buffer is fed across pass boundaries, so the last buffer_size-1 samples of a
-# pass mix with the next pass and an epoch holds a repeat and a miss. strict=True: when it is fixed,
-# these XPASS and fail, and the marker must go.
-BUFFER_CROSSES_EPOCH = pytest.mark.xfail(
-    strict=True, reason="trainer/data.py shuffle buffer crosses the epoch boundary (repeat + miss in one epoch)"
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("even_in_process", marks=BUFFER_CROSSES_EPOCH),
-        pytest.param("even_two_loader_workers", marks=BUFFER_CROSSES_EPOCH),
+        "even_in_process",
+        "even_two_loader_workers",
     ],
 )
 def test_two_ranks_read_every_sample_exactly_once_per_epoch(epoch_ids, name):

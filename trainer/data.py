@@ -780,15 +780,24 @@ class SourceStream:
             if produced == 0:
                 raise RuntimeError(f"source '{self.source}': no readable sample in shards of slot {self.slot}")
             epoch += 1
+            yield None  # end of this slot's pass: the buffer must not carry it into the next one
 
-    def _buffered(self, refs: Iterator[SampleRef]) -> Iterator[SampleRef]:
+    def _buffered(self, refs: Iterator[SampleRef | None]) -> Iterator[SampleRef]:
+        # The buffer is drained at every pass boundary (the None marker); otherwise the
+        # tail of pass e would mix with pass e+1 and one epoch would repeat some samples
+        # and miss others.
         buf: list[SampleRef] = []
         for ref in refs:
-            buf.append(ref)
-            if len(buf) >= self.buffer_size:
+            if ref is not None:
+                buf.append(ref)
+                if len(buf) < self.buffer_size:
+                    continue
+            while buf:
                 i = self.rng.randrange(len(buf))
                 buf[i], buf[-1] = buf[-1], buf[i]
                 yield buf.pop()
+                if ref is not None:
+                    break
 
     def skip(self, n_samples: int) -> None:
         """Advance without decoding (resume): only tar headers of the skipped shards are read."""
