@@ -247,6 +247,11 @@ def write_report(result: dict[str, Any], figs: list[tuple[str, str]], path: Path
     for d in ("image_to_text", "text_to_image"):
         rb = r["random_baseline"][d]
         lines.append(f"| random baseline ({d.replace('_', ' ')}) | " + " | ".join(_fmt(rb[k]) for k in ks) + " | | |")
+    base5 = r["random_baseline"].get("R@5")
+    if base5:
+        lines += ["", f"R@5 vs random: image->text {r['image_to_text']['R@5'] / base5:.1f}x, text->image "
+                  f"{r['text_to_image']['R@5'] / base5:.1f}x (random R@5 {_fmt(base5)}, the larger of the two "
+                  "directions' baselines)."]
     lines += ["", f"Protocol: {r['protocol']}", ""]
     if "by_source" in r:
         lines += ["Per source:", ""]
