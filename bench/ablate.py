@@ -55,7 +55,7 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
         return {"name": name, "result": result, "train_s": None}
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"train.steps={args.steps}", f"train.seed={args.seed}", f"data.seed={args.seed}",
-                 "train.val_every=0", "train.ckpt_every=0", "train.progress_bar=false"]
+                 "train.val_every=0", "train.ckpt_every=0", "train.progress_bar=false", *args.override]
     train_cmd = [sys.executable, "trainer/train.py", "--config", str(cfg), "--shards", str(args.shards),
                  "--output", str(out), *overrides]
     print(f"[ablate] {name}: training {args.steps} steps ...", flush=True)
@@ -64,6 +64,8 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
                 str(args.shards), "--split", args.split, "--out", str(out / "eval"), "--picture-cases", "1"]
     if args.source:
         eval_cmd += ["--source", args.source]
+    if args.max_cases:
+        eval_cmd += ["--max-cases", str(args.max_cases)]
     run(eval_cmd, out / "eval.log")
     result = json.loads(result_file.read_text())
     return {"name": name, "result": result, "train_s": train_s}
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="valid")
     p.add_argument("--source", default="ctrate", help="evaluation pool source (default ctrate volumes)")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra trainer key=value for every run (e.g. data.batch_size=4 for a smoke run)")
+    p.add_argument("--max-cases", type=int, default=None, help="cap on evaluated cases (smoke runs)")
     p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(ABLATIONS))
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(ABLATIONS)
