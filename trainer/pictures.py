@@ -162,7 +162,7 @@ def plot_step_attention(
     n = max(len(steps), 1)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 4.0 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for s, (text, gm) in enumerate(zip(steps, step_maps)):
