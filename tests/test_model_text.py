@@ -74,3 +74,27 @@ def test_flex_requested_for_cpu_training_fails_loudly():
 
     with pytest.raises(RuntimeError, match="blocked"):
         model(make_batch())
+
+
+def test_feature_cache_matches_the_tower_and_skips_seen_sequences(encoder):
+    torch.manual_seed(0)
+    cached = TextEncoder(TextConfig(freeze_layers=-1, feature_cache=3), embed_dim=32).eval()
+    cached.load_state_dict(encoder.state_dict())
+    ids = torch.tensor([[101, 2023, 2003, 102, 0], [101, 7592, 102, 0, 0], [101, 2023, 2003, 102, 0]])
+    attn = ids != 0
+    torch.testing.assert_close(cached(ids, attn), encoder(ids, attn), rtol=1e-5, atol=1e-5)
+    assert len(cached._cache) == 2  # the repeated sequence is computed once
+    calls = []
+    hook = cached.transformer.register_forward_hook(lambda *a: calls.append(1))
+    out = cached(ids[1:2, :3], attn[1:2, :3])  # same tokens, other padding: a cache hit
+    hook.remove()
+    assert not calls
+    torch.testing.assert_close(out, encoder(ids[1:2], attn[1:2]), rtol=1e-5, atol=1e-5)
+    cached(torch.tensor([[101, 1, 102], [101, 2, 102], [101, 3, 102]]), torch.ones(3, 3, dtype=torch.bool))
+    assert len(cached._cache) == 3  # bounded: least recently used entries go first
+    assert out.requires_grad  # the projection on top still learns
+
+
+def test_feature_cache_refuses_a_trainable_tower():
+    with pytest.raises(ValueError, match="freeze_layers: -1"):
+        TextEncoder(TextConfig(freeze_layers=2, feature_cache=10, pretrained=False), 16)

@@ -90,6 +90,10 @@ class TextConfig:
     pretrained: bool = True  # load the weights from ``path`` (False: random init from its config)
     pooling: str = "mean"  # mean (over attended tokens) | cls
     freeze_layers: int = 0  # embeddings + this many lower layers frozen; -1 = whole tower frozen
+    # Pooled features of a fully frozen tower depend only on the token ids, so up to this many
+    # sequences are kept and not recomputed (0 = off). The text tower dominates CPU step time
+    # when it is frozen (LiT-style); only allowed with freeze_layers = -1.
+    feature_cache: int = 0
     hf_config: dict | None = None  # the HF config, written by save_pretrained so loading needs no path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -66,6 +67,12 @@ class TextEncoder(nn.Module):
         self.proj = nn.Linear(hidden, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=hidden**-0.5)
         self.freeze(cfg.freeze_layers)
+        if cfg.feature_cache < 0:
+            raise ValueError(f"text.feature_cache must be >= 0, got {cfg.feature_cache}")
+        if cfg.feature_cache and not self.fully_frozen:
+            raise ValueError("text.feature_cache needs text.freeze_layers: -1 (a trainable tower changes its features)")
+        # token-id bytes -> pooled feature (hidden size); not a parameter or buffer, never saved
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def hf_config_dict(self) -> dict:
         return self.transformer.config.to_dict()
@@ -109,14 +116,37 @@ class TextEncoder(nn.Module):
         used = attn.any(0).nonzero()
         length = int(used.max()) + 1 if used.numel() else 1
         ids, attn = ids[:, :length], attn[:, :length]
+        if self.cfg.feature_cache:
+            return self.proj(self._pooled_cached(ids, attn))
+        return self.proj(self._pooled(ids, attn))
+
+    def _pooled(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.fully_frozen):
             hidden = self.transformer(input_ids=ids.long(), attention_mask=attn.long()).last_hidden_state
         if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            w = attn.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return self.proj(pooled)
+            return hidden[:, 0]
+        w = attn.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def _pooled_cached(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a frozen tower, computing only sequences not seen before."""
+        keys = [row[mask].cpu().numpy().astype("int64").tobytes() for row, mask in zip(ids, attn)]
+        first_of: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._cache:
+                first_of.setdefault(key, i)
+        if first_of:
+            rows = torch.tensor(list(first_of.values()), device=ids.device)
+            with torch.no_grad():
+                fresh = self._pooled(ids[rows], attn[rows]).float()
+            for key, feat in zip(first_of, fresh):
+                self._cache[key] = feat
+        out = torch.stack([self._cache[k] for k in keys])
+        for key in keys:
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.cfg.feature_cache:
+            self._cache.popitem(last=False)
+        return out.to(self.proj.weight.dtype)
 
     def encode_grouped(self, ids: torch.Tensor, attn: torch.Tensor, valid: torch.Tensor | None = None):
         """ids, attn: (B, S, L); valid: (B, S) -> ((B, S, E) with zeros where invalid, (B, S) bool valid).
