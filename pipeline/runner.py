@@ -124,9 +124,16 @@ class Cluster:
     (no Dask; for debugging and small tests).
     """
 
-    def __init__(self, scheduler: str | None = None, workers: int | None = None):
+    def __init__(self, scheduler: str | None = None, workers: int | None = None,
+                 retries: int = 0, memory_limit: str | None = None):
         self.scheduler = scheduler
         self.workers = default_workers() if workers is None else workers
+        # Dask re-runs a task that *raised* up to ``retries`` times; a task whose worker *died* is
+        # re-run by the scheduler (``distributed.scheduler.allowed-failures``) whatever this says.
+        self.retries = retries
+        # Per local worker process (the nanny restarts a worker past it); with ``scheduler`` the
+        # workers' own ``dask worker --memory-limit`` applies.
+        self.memory_limit = memory_limit
         self.client = None
         self._cluster = None
 
@@ -145,6 +152,7 @@ class Cluster:
             else:
                 os.environ.update({k: os.environ.get(k, v) for k, v in THREAD_ENV.items()})
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                             memory_limit=self.memory_limit or "auto",
                                              dashboard_address=":0", env=dict(THREAD_ENV))
                 self.client = Client(self._cluster)
             self.client.run(pin_threads)
@@ -161,7 +169,7 @@ class Cluster:
             return
         from distributed import as_completed
 
-        futures = client.map(fn, items, pure=False)
+        futures = client.map(fn, items, pure=False, retries=self.retries)
         item_of = {f.key: item for f, item in zip(futures, items)}
         for fut in as_completed(futures):
             try:
@@ -178,6 +186,11 @@ class Cluster:
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+
+# Manifest ``info`` flag of a row quarantined because its task failed on the cluster (worker died
+# repeatedly, lost connection) rather than because the case is bad: such rows are stale on rerun.
+CLUSTER_FAILURE = "cluster_failure"
 
 
 # --------------------------------------------------------------------- keys
@@ -213,6 +226,8 @@ def stale_reason(row: StageRow | None, parts: KeyParts, output_ok: bool) -> str 
     if row.key == parts.key:
         if row.status == "done" and not output_ok:
             return "output missing"
+        if row.status == "quarantined" and (row.info or {}).get(CLUSTER_FAILURE):
+            return "failed on the cluster last run"  # a lost worker, not a bad case: try again
         return None
     if row.input_fp != parts.input_fp:
         return "changed input"
@@ -298,6 +313,8 @@ def build(
     source: str | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    retries: int = 2,
+    memory_limit: str | None = None,
     strict: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -310,7 +327,7 @@ def build(
     work_dir.mkdir(parents=True, exist_ok=True)
     wanted = resolve_stages(stages)
     specs = list_stages()
-    cluster = Cluster(scheduler, workers)
+    cluster = Cluster(scheduler, workers, retries=retries, memory_limit=memory_limit)
     manifest = Manifest(work_dir / MANIFEST_FILE)
     try:
         manifest.set_setting("config", to_jsonable(config))
@@ -443,7 +460,8 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
     for task, result in cluster.map(execute_case, todo):
         if isinstance(result, BaseException):  # e.g. the worker died on this case again and again (memory?)
             result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=STAGE_ERROR,
-                                reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"))
+                                reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"),
+                                info={CLUSTER_FAILURE: True})
         tally.ran += 1
         parts = parts_of[result.case_id]
         case = by_id[result.case_id]

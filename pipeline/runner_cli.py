@@ -25,6 +25,8 @@ def build_shards(
     source: Optional[str] = typer.Option(None, "--source", help="Source layout (ctrate, omniabnorm). Default: detected."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local Dask worker processes (1 thread each). Default: min(2, CPUs); 0 = in process."),
+    retries: int = typer.Option(2, "--retries", help="Re-run a task that raised on a Dask worker up to N times (a dead worker's tasks are re-run anyway)."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Per local worker process, e.g. 6GiB (default: Dask's share of RAM). With --scheduler, set it on the workers."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (2) if any case is quarantined."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -34,7 +36,8 @@ def build_shards(
     try:
         cfg = load_config(config)
         report = build(src, out, cfg, work=work, stages=stages, source=source, scheduler=scheduler,
-                       workers=workers, strict=strict, progress=progress)
+                       workers=workers, retries=retries, memory_limit=memory_limit, strict=strict,
+                       progress=progress)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)

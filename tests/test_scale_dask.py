@@ -11,6 +11,7 @@ must find nothing to do.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -126,3 +127,68 @@ def test_build_shards_survives_a_killed_worker_and_does_every_case_once(tmp_path
     )
     assert rerun.returncode == 0, rerun.stderr
     assert "nothing to do" in rerun.stderr + rerun.stdout
+
+
+def _raise_once(marker: str) -> str:
+    """Fails the first time (a transient error on a worker), succeeds when re-run."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        raise OSError("transient: network filesystem hiccup")
+    return "ok"
+
+
+def test_runner_cluster_retries_raised_tasks_and_limits_local_worker_memory(tmp_path):
+    from ctprep.runner import Cluster
+
+    cluster = Cluster(workers=1, retries=1, memory_limit="600MiB")
+    try:
+        results = dict(cluster.map(_raise_once, [str(tmp_path / "m1"), str(tmp_path / "m2")]))
+        assert set(results.values()) == {"ok"}, results
+        limits = {w["memory_limit"] for w in cluster.get().scheduler_info()["workers"].values()}
+        assert limits == {600 * 2**20}
+    finally:
+        cluster.close()
+    no_retry = Cluster(workers=1, retries=0)
+    try:
+        (result,) = [r for _, r in no_retry.map(_raise_once, [str(tmp_path / "m3")])]
+        assert isinstance(result, OSError)
+    finally:
+        no_retry.close()
+
+
+def test_cases_lost_with_their_workers_are_redone_by_the_next_run(tmp_path):
+    """allowed-failures=0: one dead worker fails its tasks (KilledWorker) instead of re-running them.
+
+    Those healthy cases are quarantined for this run, and the next run must redo them (a lost
+    worker is not a bad case), ending with every case done.
+    """
+    env = quiet_env()
+    src, out = tmp_path / "ctrate", tmp_path / "out"
+    subprocess.run(
+        [str(BIN / "ctprep"), "demo-data", "--out", str(src), "--source", "ctrate", "--cases", "6", "--seed", "1"],
+        check=True, env=env, capture_output=True,
+    )
+    with local_dask_cluster(tmp_path, n_workers=2, memory_limit="1.5GiB",
+                            scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}) as cluster:
+        proc = subprocess.Popen(
+            [str(BIN / "ctprep"), "build-shards", "--src", str(src), "--out", str(out),
+             "--scheduler", cluster.address, "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        try:
+            wait_and_kill_busy_worker(cluster, proc, out / "work" / "zarr")
+            first, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, first
+    assert "KilledWorker" in (out / "quarantine.jsonl").read_text(), first
+
+    rerun = subprocess.run(
+        [str(BIN / "ctprep"), "build-shards", "--src", str(src), "--out", str(out), "--workers", "0", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert not (out / "quarantine.jsonl").read_text().strip(), rerun.stderr
+    assert sorted(shard_sample_keys(out)) == sorted(p.name[: -len(".zarr")] for p in (out / "work" / "zarr").glob("*.zarr") if ".tmp-" not in p.name)
