@@ -454,7 +454,8 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
         parts_of[case.case_id] = parts
     if not todo:
         return tally
-    for folder in {Path(t.output_path).parent for t in todo}:
+    folders = {Path(t.output_path).parent for t in todo}
+    for folder in folders:
         remove_temp_debris(folder)
     bar = _progress_bar(len(todo), spec.name, progress)
     for task, result in cluster.map(execute_case, todo):
@@ -480,6 +481,10 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
             bar.update(1)
     if bar is not None:
         bar.close()
+    # Every task of this stage has returned: what is still named *.tmp-* belongs to a writer
+    # whose worker died mid-task (its retry wrote and renamed its own temp), so it goes now.
+    for folder in folders:
+        remove_temp_debris(folder)
     return tally
 
 
