@@ -561,7 +561,8 @@ def absent_cases(work_dir: Path, dropped: Iterable[str]) -> set[str]:
     return {cid for cid in dropped if cid not in present or cid in bad}
 
 
-@aggregate_stage("pack", upstream=("resample", "regions", "text"), version="1",
+# version 2: 0-d members (report_len) stay 0-d; shards packed by version 1 must be rebuilt.
+@aggregate_stage("pack", upstream=("resample", "regions", "text"), version="2",
                  config_slice=pack_config_slice, case_fields=("labels", "split"))
 def run_pack(task: AggregateTask) -> list[CaseResult]:
     """Write new shards for new/changed cases and commit them in ``index.json``."""
