@@ -79,6 +79,16 @@ def plot_slice_bias(tables: Sequence[np.ndarray], path: str | Path, title: str =
     return path
 
 
+def _save(fig, path: str | Path, title: str = "") -> Path:
+    """Title, lay out, write and close a figure (closing matters: evaluate draws many)."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
 def _overlay(ax, base: np.ndarray, heat: np.ndarray | None, title: str, contour: np.ndarray | None = None) -> None:
     ax.imshow(base, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], interpolation="nearest")
     if heat is not None:
@@ -131,12 +141,7 @@ def plot_attention_overlays(
         _overlay(axes[1, c], _coronal(image, y), _coronal(vm, y), f"{name} (coronal)")
     for ax in axes[1]:
         ax.set_aspect(max(1.0, image.shape[1] / max(image.shape[0], 1) / 2), adjustable="box")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_step_attention(
@@ -177,12 +182,7 @@ def plot_step_attention(
         label = f"step {s + 1}" + (f" [{region}]" if region else "")
         _overlay(ax, _axial(image, z), _axial(vm, z), label + "\n" + textwrap.fill(text, 40)[:160], outline)
         ax.axis("on")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_cot_alignment(per_region: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -197,7 +197,4 @@ def plot_cot_alignment(per_region: dict[str, dict[str, float]], path: str | Path
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("fraction")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
