@@ -6,7 +6,7 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
 * raw    : read every shard tar with 16 MB reads into one reused buffer (the floor: no
            parsing, no decoding; what ``cat`` does).
 * stream : trainer.data.build_train_loader on those shards (tar by offset, npy decode,
-           collate into the Batch contract).
+           collate into the Batch contract; volumes copied by ``--read-threads`` threads).
 * ctclip : what CT-CLIP does per sample: nibabel load .nii.gz, get_fdata (float64), apply
            slope/intercept, torch trilinear resample to the same grid, clip, per case.
 
@@ -119,10 +119,10 @@ def measure_raw(tars: list[str], block: int = 16 << 20) -> float:
     return time.perf_counter() - start
 
 
-def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int) -> tuple[float, int]:
+def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, read_threads: int = 2) -> tuple[float, int]:
     """Seconds for ``n_batches`` after the first one (steady state), samples counted."""
     cfg = DataConfig(shards=str(shards), batch_size=batch_size, num_workers=workers, buffer_size=4,
-                     tokenizer=dict(TEST_TOKENIZER))
+                     read_threads=read_threads, tokenizer=dict(TEST_TOKENIZER))
     expect = D.expectation_from_config(cfg)
     loader = D.build_train_loader(cfg, D.load_shard_index(shards, expect), expect, rank=0, world_size=1)
     it = iter(loader)
@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=10,
+                        help="passes over the shards per measurement (steady state, not start-up)")
+    parser.add_argument("--read-threads", type=int, default=DataConfig.read_threads,
+                        help="data.read_threads of the streaming loader (volume copy threads per rank)")
     parser.add_argument("--compress", choices=("none", "zst"), default="none", help="image/mask members")
     parser.add_argument("--work", help="folder for the generated inputs (default: a temp folder)")
     parser.add_argument("--json", help="also write the results here")
@@ -186,17 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
         stamp.write_text(json.dumps({"key": key, "inputs": {**inputs, "shards": str(inputs["shards"])}}))
     per_sample = inputs["tar_bytes"] / args.cases
     print(f"inputs: {args.cases} cases, nii {tuple(args.src)} -> grid {tuple(args.grid)}, "
-          f"{per_sample / 1e6:.1f} MB/sample in tars, members {args.compress}; prepared in "
+          f"{per_sample / 1e6:.1f} MB/sample in tars, members {args.compress}, batch {args.batch_size}, "
+          f"read_threads {args.read_threads}, {args.passes} passes per measurement; prepared in "
           f"{time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
 
     # The machine is shared: every loader measurement is paired with a raw read taken right
     # before it, and the ratio is the median of the per-pair ratios.
     measure_raw(inputs["tars"])  # warm the page cache
 
-    def raw_rate(passes: int = 3) -> float:  # as many bytes as one loader measurement reads
-        return passes * inputs["tar_bytes"] / measure_raw(inputs["tars"] * passes) / 1e6
+    def raw_rate() -> float:  # as many bytes as one loader measurement reads
+        return args.passes * inputs["tar_bytes"] / measure_raw(inputs["tars"] * args.passes) / 1e6
 
-    n_batches = max(2, 3 * args.cases // args.batch_size)  # three passes over the shards
+    n_batches = max(2, args.passes * args.cases // args.batch_size)
     raw_all: list[float] = []
     rows = []
     ctclip_rate = {}
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = []
         for _ in range(args.repeats):
             raw = raw_rate()
-            elapsed, samples = measure_stream(inputs["shards"], workers, args.batch_size, n_batches)
+            elapsed, samples = measure_stream(inputs["shards"], workers, args.batch_size, n_batches, args.read_threads)
             pairs.append((raw, samples / elapsed))
         raw_all += [r for r, _ in pairs]
         rate = statistics.median(rate for _, rate in pairs)

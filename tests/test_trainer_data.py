@@ -201,14 +201,15 @@ def test_loader_with_workers_yields_in_global_order(tmp_path):
     assert a == b == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_large_uncompressed_volumes_are_read_straight_into_the_batch(tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers,read_threads", [(0, 1), (1, 1), (0, 3), (1, 2)])
+def test_large_uncompressed_volumes_are_read_straight_into_the_batch(tmp_path, monkeypatch, workers, read_threads):
     monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)  # every uncompressed .npy member takes the lazy path
+    monkeypatch.setattr(D, "READ_CHUNK", 1000)  # parallel reads split volumes at odd, unaligned offsets
     write_test_shards(tmp_path, {"train": [4]}, compress=())
     refs, _ = D.scan_tar(str(tmp_path / "train" / "ctrate-0-000000.tar"))
     lazy = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
     assert isinstance(lazy["image"], D.LazyNpy)
-    batch = next(_train_iter(tmp_path, batch_size=2, buffer_size=1, num_workers=workers))
+    batch = next(_train_iter(tmp_path, batch_size=2, buffer_size=1, num_workers=workers, read_threads=read_threads))
     assert batch["image"].dtype == torch.int16 and batch["mask"].dtype == torch.uint8
     by_key = {r.key: r for r in refs}
     for i, key in enumerate(batch["ids"]):
@@ -232,6 +233,21 @@ def test_lazy_member_with_truncated_data_is_corrupt(tmp_path, monkeypatch):
     refs, _ = D.scan_tar(str(path))
     with pytest.raises(D.CorruptMemberError, match="truncated"):
         D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
+
+
+def test_parallel_read_of_a_truncated_file_is_a_corrupt_member_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "READ_CHUNK", 64)
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(range(200)))
+    part = D.LazyNpy(str(path), 8, (2, 100), np.dtype(np.uint8), False)  # wants 200 bytes from offset 8
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(D.CorruptMemberError, match="short read"):
+        D.LazyVolumes([part], torch.uint8).materialize(executor=pool)
+    ok = D.LazyNpy(str(path), 8, (2, 96), np.dtype(np.uint8), False)
+    with ThreadPoolExecutor(2) as pool:
+        out = D.LazyVolumes([ok, ok], torch.uint8).materialize(executor=pool)
+    np.testing.assert_array_equal(out.numpy().reshape(2, -1), np.tile(np.arange(8, 200, dtype=np.uint8), (2, 1)))
 
 
 def test_buffer_pool_reuses_only_unreferenced_buffers():

@@ -38,6 +38,9 @@ class DataConfig:
     buffer_size: int = 8  # shuffle buffer, in samples; holds only tar offsets, decode is lazy
     num_workers: int = 1  # DataLoader worker processes per rank
     prefetch_factor: int = 2  # batches prefetched per worker
+    # Threads per rank copying volume bytes from the shard files into batch tensors (preadv
+    # releases the GIL, so two threads keep up with memory bandwidth where one cannot).
+    read_threads: int = 2
     seed: int = 0  # one seed on every rank: shard order, buffer, source choice
     pin_memory: bool = True  # used only when a CUDA device is present
     schema_version: int = 1  # refuse shards written with another ctprep.schema.SCHEMA_VERSION

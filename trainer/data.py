@@ -32,11 +32,13 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,7 +384,7 @@ class LazyNpy:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read_into(self, out: np.ndarray) -> None:
         """Fill the C-contiguous ``out`` (same shape) from the file."""
@@ -453,7 +455,7 @@ class CompressedNpy:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read_into(self, out: np.ndarray) -> None:
         target = memoryview(out.reshape(-1).view(np.uint8))
@@ -568,16 +570,45 @@ class LazyVolumes:
     parts: list[LazyNpy]
     dtype: torch.dtype
 
-    def materialize(self, pin: bool = False, pool: BufferPool | None = None) -> torch.Tensor:
+    def materialize(
+        self, pin: bool = False, pool: BufferPool | None = None, executor: Executor | None = None
+    ) -> torch.Tensor:
+        """The stacked batch tensor; with ``executor``, read in ``READ_CHUNK`` pieces in parallel."""
         shape = (len(self.parts), *self.parts[0].shape)
         if pool is not None and not pin:
             out = pool.take(shape, self.dtype)
         else:
             out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         view = out.numpy()
+        if executor is None:
+            for i, part in enumerate(self.parts):
+                part.read_into(view[i])
+            return out
+        jobs = []
         for i, part in enumerate(self.parts):
-            part.read_into(view[i])
+            target = memoryview(view[i].reshape(-1).view(np.uint8))
+            jobs += [(part, target, start) for start in range(0, part.nbytes, READ_CHUNK)]
+        for future in [executor.submit(_read_chunk, *job) for job in jobs]:
+            future.result()  # re-raises a short read in the consumer
         return out
+
+
+READ_CHUNK = 4 << 20  # bytes per parallel read: small enough to balance threads, large enough to stream
+
+
+def _read_chunk(part: LazyNpy, target: memoryview, start: int) -> None:
+    """Copy bytes [start, start + READ_CHUNK) of ``part``'s data into the same range of ``target``."""
+    end = min(start + READ_CHUNK, part.nbytes)
+    fd = os.open(part.path, os.O_RDONLY)
+    try:
+        done = start
+        while done < end:
+            n = os.preadv(fd, [target[done:end]], part.offset + done)
+            if n <= 0:
+                raise CorruptMemberError(f"{part.path}: short read at {part.offset + done}")
+            done += n
+    finally:
+        os.close(fd)
 
 
 class BufferPool:
@@ -987,8 +1018,9 @@ class BatchLoader:
     DataLoader or while reading are re-raised in the consumer.
     """
 
-    def __init__(self, loader: DataLoader, pin_memory: bool, prefetch: int = 2) -> None:
+    def __init__(self, loader: DataLoader, pin_memory: bool, prefetch: int = 2, read_threads: int = 1) -> None:
         self.loader, self.pin_memory, self.prefetch = loader, pin_memory, max(1, prefetch)
+        self.read_threads = max(1, read_threads)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import queue
@@ -1008,13 +1040,15 @@ class BatchLoader:
             return False
 
         pool = BufferPool(max_per_shape=2 * self.prefetch + 4)
+        # The reader thread is one of the copiers: with read_threads=1 it reads alone.
+        readers = ThreadPoolExecutor(self.read_threads, "volume-read") if self.read_threads > 1 else None
 
         def fill() -> None:
             try:
                 for batch in self.loader:
                     for key, value in batch.items():
                         if isinstance(value, LazyVolumes):
-                            batch[key] = value.materialize(self.pin_memory, pool)
+                            batch[key] = value.materialize(self.pin_memory, pool, readers)
                         elif isinstance(value, np.ndarray):
                             tensor = torch.from_numpy(value)
                             batch[key] = tensor.pin_memory() if self.pin_memory else tensor
@@ -1044,9 +1078,13 @@ class BatchLoader:
                 except queue.Empty:
                     break
             thread.join(timeout=30)
+            if readers is not None:
+                readers.shutdown(wait=False, cancel_futures=True)
 
 
-def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int, seed: int) -> BatchLoader:
+def _loader(
+    dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int, seed: int, read_threads: int = 1
+) -> BatchLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
@@ -1062,7 +1100,7 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefet
         generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )
-    return BatchLoader(loader, pin, prefetch=prefetch_factor)
+    return BatchLoader(loader, pin, prefetch=prefetch_factor, read_threads=read_threads)
 
 
 def expectation_from_config(data_cfg, tokenizer: dict[str, str] | None = None) -> ShardExpectation:
@@ -1093,7 +1131,9 @@ def build_train_loader(
         tokenizer=index.tokenizer,
         start_batch=start_batch,
     )
-    return _loader(dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed)
+    return _loader(
+        dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed, data_cfg.read_threads
+    )
 
 
 def build_valid_loader(
@@ -1116,7 +1156,7 @@ def build_valid_loader(
         tokenizer=index.tokenizer,
         max_samples=data_cfg.valid_max_samples,
     )
-    return _loader(dataset, 0, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed)
+    return _loader(dataset, 0, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed, data_cfg.read_threads)
 
 
 def samples_per_epoch(index: ShardIndex, data_cfg) -> int:
