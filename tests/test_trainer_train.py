@@ -82,9 +82,13 @@ def test_two_gloo_ranks_zero3_uneven_shards_stream_without_hang(shards, tmp_path
     assert load_weights(out / "encoder")["patch.weight"].dtype == torch.float32
 
 
+# Augmentation on: a resumed run must also replay the same shifts and jitter.
+AUGMENT = ("augment.enabled=true", "augment.shift_voxels=[1,4,4]", "augment.hu_scale=0.05", "augment.noise_hu=10")
+
+
 def test_resume_auto_continues_at_the_right_step_with_the_checkpoint_weights(shards, tmp_path):
     reference = tmp_path / "reference"
-    launch(_args(shards, reference, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=5"))
+    launch(_args(shards, reference, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=5", *AUGMENT))
     # "killed" run: its last complete checkpoint is step 2, and it died while writing step 3
     killed = tmp_path / "killed"
     (killed / "checkpoints").mkdir(parents=True)
@@ -94,7 +98,7 @@ def test_resume_auto_continues_at_the_right_step_with_the_checkpoint_weights(sha
     (half / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
     assert not (half / COMPLETE_MARKER).exists()
 
-    launch(_args(shards, killed, "train.steps=4", "train.ckpt_every=2", "--resume", "auto"))
+    launch(_args(shards, killed, "train.steps=4", "train.ckpt_every=2", *AUGMENT, "--resume", "auto"))
     resumed = read_metrics(killed, "resume")
     assert resumed[0]["step"] == 2 and resumed[0]["checkpoint"].endswith("step_00000002")
     rows = read_metrics(killed)

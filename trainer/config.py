@@ -53,6 +53,18 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """trainer.augment: per-sample shifts and HU jitter on the device; no flips (reports name sides)."""
+
+    enabled: bool = False
+    shift_voxels: list[int] = field(default_factory=lambda: [0, 0, 0])  # max |shift| (z, y, x), voxels
+    hu_scale: float = 0.0  # relative contrast jitter: hu * (1 + U(-s, s))
+    hu_offset: float = 0.0  # level jitter: + U(-o, o) HU
+    noise_hu: float = 0.0  # Gaussian noise std, HU
+    pad_hu: float = -1024.0  # shifted-in voxels (air)
+
+
+@dataclass
 class LossConfig:
     # "module:callable" building the loss from the options below.
     factory: str = "trainer.losses:MultiTaskLoss"
@@ -98,6 +110,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # trainer.augment (off by default)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -128,6 +141,7 @@ def _build(cls: type, values: dict[str, Any], where: str):
 _SECTIONS = {
     "ModelConfig": ModelConfig,
     "DataConfig": DataConfig,
+    "AugmentConfig": AugmentConfig,
     "LossConfig": LossConfig,
     "OptimConfig": OptimConfig,
     "TrainConfig": TrainConfig,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer import data as data_lib
+from trainer.augment import augment_batch
 from trainer.config import Config, load_config, load_deepspeed_config
 from trainer.run_log import RunLog
 
@@ -247,13 +248,16 @@ def train_step(engine, loss_fn, batches: Iterator[dict[str, Any]], cfg: Config, 
     wait = 0.0
     total, terms, samples, corrupt, scale = 0.0, {}, 0, 0, float("nan")
     accum = engine.gradient_accumulation_steps()
-    for _ in range(accum):
+    for micro in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
         stats = batch.pop(data_lib.BATCH_STATS_KEY, {})
         corrupt += int(stats.get("corrupt", 0))
         batch = move_batch(batch, device)
+        if cfg.augment.enabled:  # seeded by (seed, rank, micro-batch): a resumed run repeats it
+            batch = augment_batch(batch, cfg.augment, cfg.data.patch_size, seed=cfg.train.seed,
+                                  rank=dist.get_rank(), step=engine.global_steps * accum + micro)
         outputs = prepare_outputs(engine(batch), cfg.loss.max_logit_scale)
         loss, parts = loss_fn(outputs, batch)
         engine.backward(loss)

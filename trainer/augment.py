@@ -1,0 +1,71 @@
+"""Training-time augmentation of a batch on the device: shifts and HU jitter, never flips.
+
+Left-right (and any) flips are left out on purpose: reports and CoT steps name sides ("right
+lower lobe"), so a flipped volume would contradict its own text. What is applied, per sample:
+
+* translation by a whole number of voxels, up to ``shift_voxels`` (z, y, x) each way; the volume
+  is padded with air (``pad_hu``) and the mask with background (0), and the patch-to-region
+  assignment is recomputed from the shifted mask (the pipeline's ``regions.npy`` rule), so image,
+  mask and regions stay consistent;
+* HU jitter: ``hu * (1 + U(-hu_scale, hu_scale)) + U(-hu_offset, hu_offset)``, then Gaussian
+  noise of ``noise_hu`` HU.
+
+The random numbers come from a generator seeded with (seed, rank, step), so a resumed run
+augments its batches as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.config import AugmentConfig
+from trainer.model.anatomical_encoder import patch_region_fraction
+
+__all__ = ["AugmentConfig", "augment_batch"]
+
+
+def _shift(volume: torch.Tensor, shift: tuple[int, int, int], fill: float) -> torch.Tensor:
+    """(Z, Y, X) volume moved by ``shift`` voxels; uncovered voxels are ``fill``."""
+    out = torch.full_like(volume, fill)
+    src, dst = [], []
+    for n, s in zip(volume.shape, shift):
+        src.append(slice(max(0, -s), n - max(0, s)))
+        dst.append(slice(max(0, s), n - max(0, -s)))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, patch_size, *, seed: int, rank: int, step: int) -> dict[str, Any]:
+    """Return ``batch`` with augmented ``image`` (float32 HU), ``mask`` and ``regions``; in place safe."""
+    if not cfg.enabled:
+        return batch
+    image = batch["image"]
+    device = image.device
+    gen = torch.Generator().manual_seed(hash((int(seed), int(rank), int(step))) & 0x7FFF_FFFF)
+    b = image.shape[0]
+    limits = [int(v) for v in cfg.shift_voxels]
+    if len(limits) != 3 or min(limits) < 0:
+        raise ValueError(f"augment.shift_voxels must be three non-negative voxel counts, got {cfg.shift_voxels}")
+    shifts = [
+        tuple(int(torch.randint(-m, m + 1, (), generator=gen)) if m else 0 for m in limits) for _ in range(b)
+    ]
+    image = image.float()
+    if any(any(s) for s in shifts):
+        image = torch.stack([_shift(image[i], shifts[i], cfg.pad_hu) for i in range(b)])
+        if batch.get("mask") is not None:
+            mask = torch.stack([_shift(batch["mask"][i], shifts[i], 0) for i in range(b)])
+            batch["mask"] = mask
+            if batch.get("regions") is not None:
+                r = batch["regions"].shape[-1] - 1
+                batch["regions"] = patch_region_fraction(mask, patch_size, r).to(batch["regions"].dtype)
+    if cfg.hu_scale or cfg.hu_offset:
+        scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * cfg.hu_scale
+        offset = (torch.rand(b, generator=gen) * 2 - 1) * cfg.hu_offset
+        image = image * scale.to(device).view(b, 1, 1, 1) + offset.to(device).view(b, 1, 1, 1)
+    if cfg.noise_hu:
+        noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31 - 1, (), generator=gen)))
+        image = image + torch.randn(image.shape, generator=noise_gen, device=device) * cfg.noise_hu
+    batch["image"] = image
+    return batch
