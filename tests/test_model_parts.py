@@ -46,6 +46,27 @@ def test_learned_pos_embed_interpolates_to_other_grids():
     assert tokens.shape == (2, 1 + 48, 24) and grid == (2, 8, 3)
 
 
+@pytest.mark.parametrize("patch,stages", [((4, 16, 16), 2), ((4, 16, 16), 3), ((2, 8, 8), 4), ((5, 12, 12), 2), ((1, 1, 1), 2)])
+def test_conv_stem_strides_multiply_to_the_patch_and_tokens_stay_local(patch, stages):
+    from trainer.model.patch_embed import stem_strides
+
+    strides = stem_strides(patch, stages)
+    assert len(strides) == stages + 1
+    assert tuple(int(torch.tensor(axis).prod()) for axis in zip(*strides)) == patch
+    grid = (4, 3, 3)
+    embed = ThreeDPatchEmbedding(patch, 1, 16, grid_size=grid, stem_channels=(4,) * (stages - 1) + (8,))
+    embed.eval()
+    vol = torch.zeros(1, 1, *(g * p for g, p in zip(grid, patch)))
+    tokens, got = embed(vol)
+    assert got == grid and tokens.shape == (1, 1 + 36, 16)
+    # A change inside the last patch reaches only tokens whose receptive field covers it: never
+    # the first patch when the grid has room (each stage's kernel overlaps by at most one voxel).
+    bumped = vol.clone()
+    bumped[..., -1, -1, -1] = 1.0
+    delta = (embed(bumped)[0] - tokens).abs().sum(-1)[0, 1:]
+    assert delta[-1] > 0 and delta[0] == 0
+
+
 def test_sinusoidal_any_grid_and_distinct_positions():
     sin = SinusoidalPositionalEmbedding3D(36)
     pe = sin((3, 5, 7))

@@ -36,6 +36,11 @@ class PatchEmbedConfig:
     grid_size: tuple[int, int, int] = (8, 8, 8)  # patches (z, y, x) the learned position table is sized for
     pos_embed: str = "learned"  # learned (trilinear-interpolated to other grids) | sinusoidal (any grid)
     in_chans: int = 1  # image channels after HU windowing
+    # Convolutional stem before the patchify (Xiao et al. 2021, "Early convolutions help
+    # transformers see better"): channels of each stride-2-ish Conv3d-GroupNorm-GELU stage; the
+    # patch projection then covers what the stages did not downsample. () = plain linear patchify
+    # (ViT). A stem learns local detectors (edges, blobs) far sooner from little data.
+    stem_channels: tuple[int, ...] = ()
 
 
 POS_EMBED_CHOICES = ("learned", "sinusoidal")

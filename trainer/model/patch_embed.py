@@ -76,8 +76,52 @@ class SinusoidalPositionalEmbedding3D(nn.Module):
         return torch.cat([ez, ey, ex], dim=-1).reshape(gz * gy * gx, self.dim)
 
 
+def stem_strides(patch_size_zyx, stages: int) -> list[tuple[int, int, int]]:
+    """Per-stage strides of a conv stem + the final projection's stride (last item).
+
+    The projection and then the stages from the last one backwards each take a factor 2 along
+    every axis that still has one; the first stage takes whatever is left. Their product is
+    the patch size, so the stem + projection map a patch to exactly one token.
+    """
+    remaining = list(as_triple(patch_size_zyx))
+    if stages == 0:
+        return [tuple(remaining)]
+    taken: list[tuple[int, int, int]] = []
+    for _ in range(stages):  # projection first, then stages last -> second
+        step = tuple(2 if r % 2 == 0 and r > 1 else 1 for r in remaining)
+        remaining = [r // s for r, s in zip(remaining, step)]
+        taken.append(step)
+    proj, later = taken[0], taken[1:][::-1]
+    return [tuple(remaining), *later, proj]
+
+
+class ChannelLayerNorm3d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, Z, Y, X) map, per voxel (ConvNeXt's choice).
+
+    Unlike BatchNorm/GroupNorm it uses no statistics across voxels or samples, so a token depends
+    only on its own neighbourhood and on nothing else in the batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ConvStem(nn.Sequential):
+    """Conv3d (no bias) -> per-voxel channel LayerNorm -> GELU stages (strides: ``stem_strides``)."""
+
+    def __init__(self, in_chans: int, channels, strides):
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for c, stride in zip(channels, strides):
+            kernel = tuple(s if s > 2 else 3 for s in stride)
+            padding = tuple((k - s + 1) // 2 for k, s in zip(kernel, stride))
+            layers += [nn.Conv3d(c_in, c, kernel, stride, padding, bias=False), ChannelLayerNorm3d(c), nn.GELU()]
+            c_in = c
+        super().__init__(*layers)
+
+
 class ThreeDPatchEmbedding(nn.Module):
-    """Conv3d patchify + 3D position embedding + CLS token.
+    """(Optional conv stem +) Conv3d patchify + 3D position embedding + CLS token.
 
     Args:
         patch_size: voxels (z, y, x) per patch.
@@ -86,15 +130,23 @@ class ThreeDPatchEmbedding(nn.Module):
         grid_size: patches (z, y, x) the learned table is sized for; any other grid gets the table
             trilinearly interpolated.
         pos_embed: "learned" or "sinusoidal".
+        stem_channels: channels of a convolutional stem's stages (empty: linear patchify).
     """
 
     def __init__(self, patch_size=(4, 16, 16), in_chans: int = 1, embed_dim: int = 768,
-                 grid_size=(16, 32, 32), pos_embed: str = "learned"):
+                 grid_size=(16, 32, 32), pos_embed: str = "learned", stem_channels=()):
         super().__init__()
         self.patch_size = as_triple(patch_size)
         self.grid_size = as_triple(grid_size)
         self.embed_dim = embed_dim
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        stem_channels = tuple(int(c) for c in stem_channels)
+        if stem_channels:
+            *stage_strides, proj_stride = stem_strides(self.patch_size, len(stem_channels))
+            self.stem = ConvStem(in_chans, stem_channels, stage_strides)
+            self.proj = nn.Conv3d(stem_channels[-1], embed_dim, kernel_size=proj_stride, stride=proj_stride)
+        else:
+            self.stem = None
+            self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if pos_embed == "learned":
@@ -122,6 +174,8 @@ class ThreeDPatchEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """x: (B, C, Z, Y, X) -> tokens (B, 1 + P, C_embed) and the patch grid (gz, gy, gx)."""
         grid = patch_grid(x.shape[2:], self.patch_size)
+        if self.stem is not None:
+            x = self.stem(x)
         tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, P, C) z-major
         tokens = tokens + self.position_embedding(grid, device=x.device).to(tokens.dtype)
         cls = self.cls_token if self.cls_pos is None else self.cls_token + self.cls_pos

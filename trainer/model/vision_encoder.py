@@ -65,7 +65,8 @@ class VisionEncoder3D(nn.Module):
         self.patch_size = tuple(cfg.patch.patch_size)
         self.input_norm = HUWindow(cfg.input.hu_min, cfg.input.hu_max)
         self.patch_embed = embed_layer(cfg.patch.patch_size, cfg.patch.in_chans, width,
-                                       cfg.patch.grid_size, cfg.patch.pos_embed)
+                                       cfg.patch.grid_size, cfg.patch.pos_embed,
+                                       stem_channels=cfg.patch.stem_channels)
         self.anatomy = (anatomy_layer(width, cfg.anatomy.max_regions, cfg.anatomy.cnn_channels,
                                       cfg.anatomy.mask_stride) if cfg.anatomy.enabled else None)
         attn_kwargs = dict(max_slice_distance=att.max_slice_distance, slice_bias=att.slice_bias,
