@@ -388,17 +388,7 @@ class LazyNpy:
 
     def read_into(self, out: np.ndarray) -> None:
         """Fill the C-contiguous ``out`` (same shape) from the file."""
-        target = memoryview(out.reshape(-1).view(np.uint8))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < self.nbytes:
-                n = os.preadv(fd, [target[done:]], self.offset + done)
-                if n <= 0:
-                    raise CorruptMemberError(f"{self.path}: short read at {self.offset + done}")
-                done += n
-        finally:
-            os.close(fd)
+        _pread_into(self.path, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
         if self.fortran:  # rare: stored column-major; reorder in place via a copy
             out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
 
@@ -599,13 +589,18 @@ READ_CHUNK = 4 << 20  # bytes per parallel read: small enough to balance threads
 def _read_chunk(part: LazyNpy, target: memoryview, start: int) -> None:
     """Copy bytes [start, start + READ_CHUNK) of ``part``'s data into the same range of ``target``."""
     end = min(start + READ_CHUNK, part.nbytes)
-    fd = os.open(part.path, os.O_RDONLY)
+    _pread_into(part.path, part.offset + start, target[start:end])
+
+
+def _pread_into(path: str, offset: int, target: memoryview) -> None:
+    """Fill ``target`` with the file's bytes from ``offset`` (preadv: no Python buffer, GIL released)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        done = start
-        while done < end:
-            n = os.preadv(fd, [target[done:end]], part.offset + done)
+        done = 0
+        while done < len(target):
+            n = os.preadv(fd, [target[done:]], offset + done)
             if n <= 0:
-                raise CorruptMemberError(f"{part.path}: short read at {part.offset + done}")
+                raise CorruptMemberError(f"{path}: short read at {offset + done}")
             done += n
     finally:
         os.close(fd)
