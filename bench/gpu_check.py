@@ -54,7 +54,7 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
         grid_zyx: input volume shape in voxels (Z, Y, X).
         num_regions: region embeddings that patches cross-attend to (R).
 
-    Counts the terms that scale with tokens: patch-embed Conv3d, per block the QKV / output
+    Counts the terms that scale with tokens: patch-embed Conv3d (and conv stem), per block the QKV / output
     projections, attention scores QK^T and the weighted sum AV (exact attention, every kernel the
     same), the MLP, region cross-attention (query / output projections over tokens, key / value
     projections over the R region embeddings, scores and weighted sum over R keys), and the
@@ -71,7 +71,7 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
     hidden = int(vision.mlp_ratio * d)
     depth = vision.depth
     terms = {
-        "patch_embed": 2.0 * patches * d * pz * py * px * vision.patch.in_chans,
+        "patch_embed": _patch_embed_flops(vision.patch, grid_zyx, d),
         "qkv_proj": depth * 2.0 * n * d * 3 * d,
         "attn_qk": depth * 2.0 * n * n * d,
         "attn_av": depth * 2.0 * n * n * d,
@@ -97,6 +97,22 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
         + 2.0 * patches * num_regions * d  # region pooling of patch tokens
     )
     return terms
+
+
+def _patch_embed_flops(patch, grid_zyx, width: int) -> float:
+    """The optional conv stem's Conv3d stages (``stem_strides``) plus the patch projection."""
+    from trainer.model.patch_embed import stem_strides
+
+    channels = list(getattr(patch, "stem_channels", ()))  # configs from before the stem have none
+    *stages, proj = stem_strides(patch.patch_size, len(channels))
+    shape, prev, flops = list(grid_zyx), patch.in_chans, 0.0
+    for ch, stride in zip(channels, stages):
+        kernel = [s if s > 2 else 3 for s in stride]
+        shape = [v // s for v, s in zip(shape, stride)]
+        flops += 2.0 * math.prod(shape) * ch * prev * math.prod(kernel)
+        prev = ch
+    shape = [v // s for v, s in zip(shape, proj)]
+    return flops + 2.0 * math.prod(shape) * width * prev * math.prod(proj)
 
 
 def _anatomy_cnn_flops(anatomy, grid_zyx, num_regions: int, width: int) -> float:
