@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.bench_helpers import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _ablate():
-    spec = importlib.util.spec_from_file_location("ablate", REPO / "bench" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("ablate")
 
 
 EXPECTED = {

@@ -1,17 +1,12 @@
 """bench/attention.py's measurement and table code at tiny sizes (the real run is in the README)."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.bench_helpers import load_bench
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("attention")
 
 
 def test_attention_bench_measures_and_prints_table(capsys):

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from tests.bench_helpers import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench/gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_gpu_check()
+gpu_check = load_bench("gpu_check")
 
 
 def vit_b_like(region_attention: bool):
