@@ -94,3 +94,11 @@ def test_bad_shift_config_is_refused():
         augment_batch(_batch(), AugmentConfig(enabled=True, shift_voxels=[1, 2]), PATCH, seed=0, rank=0, step=0)
     with pytest.raises(ConfigError, match="augment"):
         load_config(None, ["augment.flip=true"])
+    # refused when the config is loaded, not at the first training step
+    with pytest.raises(ConfigError, match="shift_voxels"):
+        load_config(None, ["augment.shift_voxels=[1, -2, 2]"])
+    with pytest.raises(ConfigError, match="hu_scale"):
+        load_config(None, ["augment.hu_scale=1.5"])
+    with pytest.raises(ConfigError, match="read_threads"):
+        load_config(None, ["data.read_threads=0"])
+    assert load_config(None, ["augment.enabled=true", "augment.shift_voxels=[1, 4, 4]"]).augment.shift_voxels == [1, 4, 4]

@@ -198,6 +198,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError("data.sources needs at least one source with a weight > 0")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps must be >= 0")
+    aug = cfg.augment
+    if len(aug.shift_voxels) != 3 or any(int(v) < 0 for v in aug.shift_voxels):
+        raise ConfigError(f"augment.shift_voxels must be three non-negative voxel counts (z, y, x), got {aug.shift_voxels}")
+    if min(aug.hu_scale, aug.hu_offset, aug.noise_hu) < 0 or aug.hu_scale >= 1:
+        raise ConfigError("augment.hu_scale must be in [0, 1), augment.hu_offset and augment.noise_hu >= 0")
+    if cfg.data.read_threads < 1:
+        raise ConfigError("data.read_threads must be >= 1")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
