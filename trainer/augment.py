@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainer.config import AugmentConfig
@@ -43,7 +44,8 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, patch_size, *, seed
         return batch
     image = batch["image"]
     device = image.device
-    gen = torch.Generator().manual_seed(hash((int(seed), int(rank), int(step))) & 0x7FFF_FFFF)
+    entropy = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(entropy))
     b = image.shape[0]
     limits = [int(v) for v in cfg.shift_voxels]
     if len(limits) != 3 or min(limits) < 0:
