@@ -36,6 +36,7 @@ from ctprep.manifest import Manifest, StageRow
 from ctprep.quarantine import STAGE_ERROR, Quarantine, QuarantineError, one_line, write_quarantine_jsonl
 from ctprep.sources.base import CaseInput, detect_source, get_source
 from ctprep.stages.base import (
+    NOTES_KEY,
     STAGE_ORDER,
     AggregateCase,
     AggregateTask,
@@ -263,6 +264,7 @@ class StageTally:
     waiting: int = 0  # upstream not done yet (e.g. not requested)
     blocked: int = 0  # quarantined upstream
     seconds: float = 0.0
+    notes: Counter = field(default_factory=Counter)  # done cases' NOTES_KEY counts (e.g. truncated text)
 
 
 @dataclass
@@ -468,6 +470,7 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
         case = by_id[result.case_id]
         if result.status == "done":
             tally.done += 1
+            tally.notes.update(result.info.get(NOTES_KEY) or {})
             output = _relpath_or_abs(result.output or task.output_path, work)
         else:
             tally.quarantined[result.kind or STAGE_ERROR] += 1
@@ -584,6 +587,7 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
             bits.append(f"{t.waiting} waiting for upstream")
         if t.blocked:
             bits.append(f"{t.blocked} blocked upstream")
+        bits += [f"{v} {k}" for k, v in sorted(t.notes.items())]
         parts.append(f"{name}: " + ", ".join(bits) + (f" [{t.seconds:.1f}s]" if t.ran else ""))
     head = "nothing to do: everything up to date" if ran == 0 else f"processed {ran} case-stage(s)"
     summary = (f"ctprep build-shards: {head}; " + "; ".join(parts)

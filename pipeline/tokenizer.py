@@ -156,7 +156,7 @@ def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) ->
 
     Returns:
         ids int32 (N, max_len) and lengths int32 (N,) (real tokens incl. [CLS]/[SEP]).
-        N may be 0 (shape (0, max_len)).
+        N may be 0 (shape (0, max_len)). :func:`count_truncated` says how many lost tokens.
     """
     if max_len < 2:
         raise ValueError(f"max_len must leave room for the special tokens, got {max_len}")
@@ -168,6 +168,16 @@ def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) ->
             ids[i, : len(row)] = row
             lens[i] = len(row)
     return ids, lens
+
+
+def count_truncated(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> int:
+    """How many of ``texts`` are longer than ``max_len`` tokens (special tokens included), i.e. lose
+    their tail in :func:`tokenize_padded`: a report cut before its lung findings trains the model
+    on text that no longer describes the image, so the build summary counts these."""
+    if not texts:
+        return 0
+    enc = tok.tokenizer(list(texts), truncation=False, add_special_tokens=True, verbose=False)
+    return sum(len(row) > max_len for row in enc["input_ids"])
 
 
 def decode_ids(tok: LoadedTokenizer, ids: np.ndarray, length: int) -> str:

@@ -143,3 +143,16 @@ def test_run_with_one_source_root_keeps_the_other_roots_shards(data, tmp_path):
     assert read_index(out)["splits"] == first["splits"]
     again = run(both, out)  # the manifest catches up without rewriting anything
     assert ran(again)["pack"] == 3 and read_index(out) == first and check_index(out) == []
+
+
+def test_summary_counts_reports_cut_by_max_len(data, tmp_path):
+    """A report longer than text.max_len_report still trains, but the build summary says how many were cut."""
+    cfg = load_config("demo")
+    cfg.text.max_len_report = 24  # the synthetic reports are 100-300 tokens
+    report = run([data / "ctrate"], tmp_path / "shards", cfg)
+    assert report.exit_code == 0
+    assert report.tallies["text"].notes["reports cut at text.max_len_report"] == report.tallies["text"].done == 3
+    assert "3 reports cut at text.max_len_report" in report.summary
+    # the demo preset keeps every synthetic report whole
+    whole = run([data / "ctrate"], tmp_path / "whole")
+    assert whole.tallies["text"].done == 3 and "reports cut" not in whole.summary

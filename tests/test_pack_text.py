@@ -10,7 +10,7 @@ import pytest
 from ctprep.config import TextConfig
 from ctprep.region_text import region_texts, split_sentences, step_regions
 from ctprep.stages.text import ordered_steps, report_text, tokenize_case_text
-from ctprep.tokenizer import decode_ids, default_tokenizer_dir, load_tokenizer, tokenizer_identity
+from ctprep.tokenizer import count_truncated, decode_ids, default_tokenizer_dir, load_tokenizer, tokenizer_identity
 
 REGIONS = ["lung", "heart", "esophagus", "aorta", "trachea", "spine"]
 KEYWORDS = TextConfig().region_keywords
@@ -105,5 +105,14 @@ def test_truncation_and_no_steps(tok):
         max_len_step=16, max_len_region=8, max_steps=4, no_finding_text="No significant abnormality.",
     )
     assert int(arrays["report_len"]) == 20
+    assert meta["truncated"] == {"report": 1, "steps": 0, "regions": 1}  # the lung region text is long too
     assert squash(long).startswith(squash(decode_ids(tok, arrays["report_ids"], 20)))
     assert arrays["steps_ids"].shape == (0, 16) and arrays["steps_len"].shape == (0,)
+
+
+def test_truncation_counts_only_texts_over_the_limit(tok):
+    short, long = "No nodule.", "The lungs are clear. " * 30
+    n_short = len(tok.tokenizer(short)["input_ids"])
+    assert count_truncated(tok, [short, long, long], 64) == 2
+    assert count_truncated(tok, [short], n_short) == 0 and count_truncated(tok, [short], n_short - 1) == 1
+    assert count_truncated(tok, [], 8) == 0

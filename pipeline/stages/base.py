@@ -169,6 +169,11 @@ class CaseTask:
     upstream: dict[str, StageOutput] = field(default_factory=dict)
 
 
+# ``CaseResult.info[NOTES_KEY]``: {note: count} a done case wants counted in the build summary
+# (e.g. "reports cut at text.max_len_report": 1); the case itself is fine and trains.
+NOTES_KEY = "notes"
+
+
 @dataclass
 class CaseResult:
     """Outcome of one (case, stage); the runner writes it to the manifest.

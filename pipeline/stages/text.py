@@ -21,8 +21,8 @@ import numpy as np
 from ctprep.config import to_jsonable
 from ctprep.quarantine import MISSING_REPORT, QuarantineError
 from ctprep.region_text import region_texts, step_regions
-from ctprep.stages.base import CaseTask, atomic_path, case_stage
-from ctprep.tokenizer import LoadedTokenizer, load_tokenizer, tokenize_padded, tokenizer_identity
+from ctprep.stages.base import NOTES_KEY, CaseTask, atomic_path, case_stage
+from ctprep.tokenizer import LoadedTokenizer, count_truncated, load_tokenizer, tokenize_padded, tokenizer_identity
 
 # CT-RATE writes a missing report section as this string.
 NOT_GIVEN = "not given."
@@ -120,6 +120,9 @@ def tokenize_case_text(
         "step_regions": step_regions(steps, region_names, region_keywords),
         "region_texts": regions,
         "tokenizer": dict(tok.identity),
+        "truncated": {"report": count_truncated(tok, [report], max_len_report),
+                      "steps": count_truncated(tok, steps, max_len_step),
+                      "regions": count_truncated(tok, regions, max_len_region)},
     }
     return arrays, meta
 
@@ -155,5 +158,13 @@ def run_text(task: CaseTask) -> dict:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
         (tmp / "text.json").write_text(json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    cut = meta["truncated"]
     return {"steps": len(meta["steps_text"]), "report_tokens": int(arrays["report_len"]),
-            "regions_with_text": int(arrays["region_has_text"].sum())}
+            "regions_with_text": int(arrays["region_has_text"].sum()),
+            # counted by the build summary ("notes"): raise text.max_len_* when these are common
+            NOTES_KEY: {TRUNCATION_NOTES[k]: v for k, v in cut.items() if v}}
+
+
+# Build-summary wording of the truncation counts (what to raise is in the text).
+TRUNCATION_NOTES = {"report": "reports cut at text.max_len_report", "steps": "CoT steps cut at text.max_len_step",
+                    "regions": "region texts cut at text.max_len_region"}
