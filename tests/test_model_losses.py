@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.model_helpers import make_batch
 from trainer.losses import (
-    LossConfig, MultiTaskLoss, clip_loss, label_loss, region_text_loss, step_alignment_loss,
+    LossConfig, MultiTaskLoss, clip_loss, label_loss, region_text_loss, step_alignment_loss, text_keys,
 )
 
 
@@ -19,6 +19,18 @@ def naive_clip_loss(image, text, scale):
     logits = scale * image @ text.T
     target = torch.arange(image.shape[0])
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def naive_dedup_clip_loss(image, text, keys, scale, eps=0.0):
+    """Row by row: the softmax runs over the own pair plus every column with a different report."""
+    n, total = image.shape[0], 0.0
+    for logits in (scale * image @ text.T, scale * text @ image.T):
+        for i in range(n):
+            cols = [j for j in range(n) if j == i or keys[j] != keys[i]]
+            logp = torch.log_softmax(logits[i, cols], dim=0)
+            own = cols.index(i)
+            total = total + (1 - eps) * -logp[own] + eps * -logp.mean()
+    return total / (2 * n)
 
 
 def _features(n=8, e=16, seed=0):
@@ -39,14 +51,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank, world, port, image, text, scale, out_dir):
+def _rank_worker(rank, world, port, image, text, scale, out_dir, keys=None):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         b = image.shape[0] // world
         img = image[rank * b:(rank + 1) * b].clone().requires_grad_()
         txt = text[rank * b:(rank + 1) * b].clone().requires_grad_()
         s = scale.clone().requires_grad_()
-        loss = clip_loss(img, txt, s)
+        key = None if keys is None else keys[rank * b:(rank + 1) * b]
+        loss = clip_loss(img, txt, s, text_key=key)
         # Data parallel averages gradients over ranks: the per-rank objective is loss / world.
         (loss / world).backward()
         torch.save((loss.detach(), img.grad, txt.grad, s.grad), f"{out_dir}/rank{rank}.pt")
@@ -69,6 +82,64 @@ def test_clip_loss_two_gloo_ranks_equals_naive_loss_and_grads(tmp_path):
     torch.testing.assert_close(torch.cat([g[2] for g in got]), txt.grad)
     # The temperature is replicated: data parallel sums the per-rank (loss / world) grads.
     torch.testing.assert_close(sum(g[3] for g in got), s.grad)
+
+
+def test_clip_loss_drops_identical_reports_from_the_negatives():
+    image, text = _features(n=6)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    keys = torch.tensor([5, 1, 5, 2, 1, 5])  # three volumes share report 5, two share report 1
+    for eps in (0.0, 0.1):
+        torch.testing.assert_close(clip_loss(image, text, scale, label_smoothing=eps, text_key=keys),
+                                   naive_dedup_clip_loss(image, text, keys, scale, eps))
+    # all reports distinct: exactly the plain loss (also with smoothing)
+    distinct = torch.arange(6)
+    torch.testing.assert_close(clip_loss(image, text, scale, text_key=distinct), naive_clip_loss(image, text, scale))
+    torch.testing.assert_close(clip_loss(image, text, scale, label_smoothing=0.1, text_key=distinct),
+                               clip_loss(image, text, scale, label_smoothing=0.1))
+    # duplicates change the loss (they were false negatives)
+    assert not torch.allclose(clip_loss(image, text, scale, text_key=keys), clip_loss(image, text, scale))
+
+
+def test_text_keys_equal_exactly_for_identical_token_sequences():
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 7, 8, 102, 0, 0], [101, 7, 9, 102, 0, 0],
+                        [101, 7, 8, 102, 0, 0], [101, 7, 8, 102, 5, 3]])
+    lens = torch.tensor([4, 4, 4, 5, 4])  # row 3 has a real token id 0 after [SEP]; row 4 junk in padding
+    attn = torch.arange(6)[None] < lens[:, None]
+    k = text_keys(ids, attn)
+    assert k[0] == k[1] == k[4]  # padding ignored, whatever it holds
+    assert k[0] != k[2] and k[0] != k[3]  # one token differs / one more (id 0) token
+    # independent of the padded width (ranks pad to their own batch maximum)
+    torch.testing.assert_close(text_keys(ids[:, :4], attn[:, :4])[:3], k[:3])
+
+
+def test_multitask_loss_masks_duplicate_reports_only_when_asked():
+    batch = make_batch(batch_size=4)
+    batch["report_ids"][2] = batch["report_ids"][0]
+    batch["report_attn"][2] = batch["report_attn"][0]
+    g = torch.Generator().manual_seed(3)
+    out = {"image_embed": F.normalize(torch.randn(4, 8, generator=g), dim=-1),
+           "text_embed": F.normalize(torch.randn(4, 8, generator=g), dim=-1), "logit_scale": torch.tensor(10.0)}
+    keys = text_keys(batch["report_ids"], batch["report_attn"])
+    on = MultiTaskLoss({"clip": 1.0, "region": 0, "step": 0, "labels": 0}).terms(out, batch)["clip"]
+    off = MultiTaskLoss({"clip": 1.0, "region": 0, "step": 0, "labels": 0, "dedup_reports": False}).terms(out, batch)["clip"]
+    torch.testing.assert_close(on, naive_dedup_clip_loss(out["image_embed"], out["text_embed"], keys, 10.0))
+    torch.testing.assert_close(off, naive_clip_loss(out["image_embed"], out["text_embed"], 10.0))
+
+
+@pytest.mark.timeout(180)
+def test_clip_loss_dedup_across_two_gloo_ranks(tmp_path):
+    world = 2
+    image, text = _features(n=6)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    keys = torch.tensor([0, 1, 2, 0, 4, 1])  # duplicates sit on different ranks
+    mp.spawn(_rank_worker, args=(world, _free_port(), image, text, scale, str(tmp_path), keys), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    img, txt = (t.clone().requires_grad_() for t in (image, text))
+    full = naive_dedup_clip_loss(img, txt, keys, scale)
+    full.backward()
+    torch.testing.assert_close(sum(g[0] for g in got) / world, full.detach())
+    torch.testing.assert_close(torch.cat([g[1] for g in got]), img.grad)
+    torch.testing.assert_close(torch.cat([g[2] for g in got]), txt.grad)
 
 
 def _region_inputs(seed=0):

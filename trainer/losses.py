@@ -26,6 +26,10 @@ class LossConfig:
     gather_with_grad: bool = True  # gathered features keep gradients (exact full-batch gradient)
     step_pool_scale: float = 10.0  # unitless sharpness of a step's attention over evidence tokens
     label_smoothing: float = 0.0  # InfoNCE label smoothing (0 = none)
+    # A report that is token-identical to the positive's (CT-RATE: several reconstructions of one
+    # scan share one report, and they sit next to each other in the shards) is not a negative:
+    # it is masked out of both directions of the InfoNCE instead of being pushed away.
+    dedup_reports: bool = True
 
 
 def _zero(*tensors: torch.Tensor) -> torch.Tensor:
@@ -46,8 +50,30 @@ def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+_KEY_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def text_keys(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 key per token sequence, equal for token-identical texts (padding ignored).
+
+    A fixed random linear hash over positions (same on every rank and run; int64 arithmetic
+    wraps): different texts collide with probability ~2^-64, so keys can be gathered across
+    ranks instead of the variable-length ids.
+    """
+    length = ids.shape[-1]
+    weights = _KEY_WEIGHTS.get(ids.device)
+    if weights is None or weights.shape[0] < length:
+        gen = torch.Generator().manual_seed(20260101)
+        n = max(length, 4096)
+        weights = torch.randint(-(2**62), 2**62, (n,), generator=gen, dtype=torch.int64).to(ids.device)
+        _KEY_WEIGHTS[ids.device] = weights
+    tokens = (ids.long() + 1) * attn.long()  # padding contributes 0; real token 0 still counts
+    return (tokens * weights[:length]).sum(-1)
+
+
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              gather_with_grad: bool = True, label_smoothing: float = 0.0) -> torch.Tensor:
+              gather_with_grad: bool = True, label_smoothing: float = 0.0,
+              text_key: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE in local-loss form.
 
     Each rank scores its B local rows against all B x world gathered columns (B x B*world
@@ -56,6 +82,9 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     Args:
         image, text: (B, E) L2-normalized, the same B on every rank.
         logit_scale: () the exp'd inverse temperature.
+        text_key: (B,) int64 (``text_keys``) or None. Columns whose report has the same key as the
+            row's report, other than the row's own pair, are dropped from both softmaxes: an
+            identical report is not a negative (as in evaluation, where such reports are one text).
     """
     rank, world = world_info()
     all_image = gather_features(image, gather_with_grad)
@@ -63,8 +92,29 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     target = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
     logits_per_image = logit_scale * image @ all_text.T
     logits_per_text = logit_scale * text @ all_image.T
-    return 0.5 * (F.cross_entropy(logits_per_image, target, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits_per_text, target, label_smoothing=label_smoothing))
+    same = None
+    if text_key is not None:
+        all_key = gather_features(text_key, with_grad=False) if world > 1 else text_key
+        same = text_key[:, None] == all_key[None, :]
+        same[torch.arange(same.shape[0], device=same.device), target] = False
+        if not bool(same.any()):
+            same = None
+    return 0.5 * (_masked_cross_entropy(logits_per_image, target, same, label_smoothing)
+                  + _masked_cross_entropy(logits_per_text, target, same, label_smoothing))
+
+
+def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, drop: torch.Tensor | None,
+                          label_smoothing: float) -> torch.Tensor:
+    """``F.cross_entropy`` over the columns not in ``drop`` (B, C) bool; smoothing spreads over
+    the kept columns only (a dropped column gets no probability mass, so no -inf term)."""
+    if drop is None:
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    logp = torch.log_softmax(logits.masked_fill(drop, float("-inf")), dim=-1)
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    if not label_smoothing:
+        return nll.mean()
+    uniform = -logp.masked_fill(drop, 0.0).sum(-1) / (~drop).sum(-1)
+    return ((1.0 - label_smoothing) * nll + label_smoothing * uniform).mean()
 
 
 def _same_text(ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -170,8 +220,10 @@ class MultiTaskLoss:
     def terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
         cfg, terms = self.cfg, {}
         if cfg.clip and "text_embed" in out:
+            key = (text_keys(batch["report_ids"], batch["report_attn"]).to(out["text_embed"].device)
+                   if cfg.dedup_reports and "report_ids" in batch and "report_attn" in batch else None)
             terms["clip"] = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"],
-                                      cfg.gather_with_grad, cfg.label_smoothing)
+                                      cfg.gather_with_grad, cfg.label_smoothing, key)
         if cfg.region and "region_embed" in out and "region_text_embed" in out:
             terms["region"] = region_text_loss(
                 out["region_embed"], out["region_present"], out["region_text_embed"], out["region_text_valid"],
