@@ -232,6 +232,37 @@ def test_step_loss_padded_steps_never_leak_and_matches_naive():
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+def test_step_loss_drops_volumes_with_an_identical_step():
+    g = torch.Generator().manual_seed(1)
+    b, s, k, e = 4, 3, 5, 8
+    steps = F.normalize(torch.randn(b, s, e, generator=g), dim=-1)
+    evidence = F.normalize(torch.randn(b, k, e, generator=g), dim=-1)
+    valid = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    # 7: a step three volumes share; volume 1's third step is padding whose key (2) equals volume 0's
+    # third step's key: padding must not drop volume 1 from that row (the brute force below says so)
+    keys = torch.tensor([[7, 1, 2], [7, 3, 2], [7, 9, 9], [4, 5, 6]])
+    scale = torch.tensor(10.0)
+    rows = []
+    for bi in range(b):
+        for si in range(s):
+            if not valid[bi, si]:
+                continue
+            t = steps[bi, si]
+            cols = [vi for vi in range(b) if vi == bi or not any(
+                valid[vi, sj] and keys[vi, sj] == keys[bi, si] for sj in range(s))]
+            scores = torch.stack([scale * F.normalize(torch.softmax(5.0 * evidence[vi] @ t, 0) @ evidence[vi], dim=0) @ t
+                                  for vi in cols])
+            rows.append(-torch.log_softmax(scores, 0)[cols.index(bi)])
+    want = torch.stack(rows).mean()
+    got = step_alignment_loss(steps, valid, evidence, scale, pool_scale=5.0, step_key=keys)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, step_alignment_loss(steps, valid, evidence, scale, pool_scale=5.0))
+    # unique keys everywhere: the plain loss
+    uniq = torch.arange(b * s).reshape(b, s)
+    torch.testing.assert_close(step_alignment_loss(steps, valid, evidence, scale, pool_scale=5.0, step_key=uniq),
+                               step_alignment_loss(steps, valid, evidence, scale, pool_scale=5.0))
+
+
 def test_label_loss_ignores_unknown():
     logits = torch.randn(2, 18)
     labels = torch.randint(0, 2, (2, 18))

@@ -30,6 +30,9 @@ class LossConfig:
     # scan share one report, and they sit next to each other in the shards) is not a negative:
     # it is masked out of both directions of the InfoNCE instead of being pushed away.
     dedup_reports: bool = True
+    # Likewise for CoT steps: a volume that has a token-identical step ("Right upper lobe: no focal
+    # abnormality.") is not a negative for that step; a step every volume shares then adds nothing.
+    dedup_steps: bool = True
 
 
 def _zero(*tensors: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,7 @@ def region_text_loss(region_embed: torch.Tensor, region_present: torch.Tensor,
 
 def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step_evidence: torch.Tensor,
                         logit_scale: torch.Tensor, pool_scale: float = 10.0,
-                        gather_with_grad: bool = True) -> torch.Tensor:
+                        gather_with_grad: bool = True, step_key: torch.Tensor | None = None) -> torch.Tensor:
     """Each valid CoT step must pick its own volume among the batch's volumes.
 
     A step embedding t attends over a volume's evidence tokens (softmax(pool_scale * t . e_k))
@@ -173,7 +176,9 @@ def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step
     volume, so the positive has no built-in advantage. Rows are only valid steps (padding is
     selected out); columns are all volumes of all ranks (evidence gathered with gradients).
 
-    Shapes: step_embed (B, S, E) normalized; step_valid (B, S) bool; step_evidence (B, K, E) normalized.
+    Shapes: step_embed (B, S, E) normalized; step_valid (B, S) bool; step_evidence (B, K, E) normalized;
+    step_key (B, S) int64 (``text_keys`` of the step tokens) or None: with it, a volume holding a
+    step token-identical to the row's step (other than the row's own volume) is dropped from the row.
     """
     rank, world = world_info()
     b = step_embed.shape[0]
@@ -186,7 +191,18 @@ def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step
     attn = torch.softmax(pool_scale * torch.einsum("me,vke->mvk", steps, evidence), dim=-1)
     pooled = F.normalize(torch.einsum("mvk,vke->mve", attn, evidence), dim=-1)
     logits = logit_scale * torch.einsum("me,mve->mv", steps, pooled)
-    return F.cross_entropy(logits, owner)
+    drop = None
+    if step_key is not None:
+        keys = step_key.masked_fill(~valid, _NO_KEY)  # padded steps never match
+        all_keys = gather_features(keys, with_grad=False) if world > 1 else keys  # (V, S)
+        drop = (keys[valid][:, None, None] == all_keys[None]).any(-1)  # (M, V)
+        drop[torch.arange(drop.shape[0], device=drop.device), owner] = False
+        if not bool(drop.any()):
+            drop = None
+    return _masked_cross_entropy(logits, owner, drop, 0.0)
+
+
+_NO_KEY = torch.iinfo(torch.int64).min  # key of a padded step (a real key equals it with p ~ 2^-64)
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -230,8 +246,11 @@ class MultiTaskLoss:
                 batch["region_has_text"], batch["region_text_ids"], batch["region_text_attn"],
                 out["local_logit_scale"])
         if cfg.step and "step_embed" in out:
+            step_key = (text_keys(batch["steps_ids"], batch["steps_attn"]).to(out["step_embed"].device)
+                        if cfg.dedup_steps and "steps_ids" in batch and "steps_attn" in batch else None)
             terms["step"] = step_alignment_loss(out["step_embed"], out["step_valid"], out["step_evidence"],
-                                                out["step_logit_scale"], cfg.step_pool_scale, cfg.gather_with_grad)
+                                                out["step_logit_scale"], cfg.step_pool_scale, cfg.gather_with_grad,
+                                                step_key)
         if cfg.labels and "label_logits" in out and "labels" in batch:
             terms["labels"] = label_loss(out["label_logits"], batch["labels"].to(out["label_logits"].device))
         return terms
