@@ -14,7 +14,7 @@ import pytest
 
 from ctprep.schema import ABNORMALITY_LABELS
 from ctprep.synth import FAULT_KINDS, write_ctrate
-from ctprep.synth.anatomy import LUNG_IDS, Grid, effusion_at, lobe_at, render_chest, sample_anatomy
+from ctprep.synth.anatomy import LUNG_IDS, Grid, effusion_at, lobe_at, render_chest, render_head, sample_anatomy
 from ctprep.synth.findings import sample_findings
 from ctprep.synth.ctrate import (
     COT_JSONL,
@@ -297,3 +297,20 @@ def test_every_finding_kind_draws_something():
     for i, f in enumerate(a.findings):
         if f.kind not in drawn_alone:
             assert i in masks and masks[i].any(), f.kind
+
+
+def test_chest_check_keeps_severe_emphysema_and_rejects_a_head():
+    """resample's not_chest check: dark (emphysematous) lungs still count as lungs; a head does not."""
+    from ctprep.stages.resample import lung_fraction
+
+    rng = np.random.default_rng(5)
+    a = sample_anatomy(rng, z_apex=0.0)
+    grid = Grid((32, 128, 128), (10.0, 3.0, 3.0), (a.z_base - 20, -63.5 * 3.0, -63.5 * 3.0))
+    normal, lab = render_chest(a, grid)[:2]
+    dark = normal.copy()
+    dark[np.isin(lab, LUNG_IDS)] = -990.0  # every lung voxel at severe-emphysema density
+    head = render_head(grid, center_z=grid.origin[0] + 160.0)[0]
+    f_normal, f_dark, f_head = lung_fraction(normal), lung_fraction(dark), lung_fraction(head)
+    assert f_normal > 0.15 and abs(f_dark - f_normal) < 0.02  # the lungs are found whatever their HU
+    assert f_head < 0.03  # outside air around the skull is not inside the body
+    assert f_normal > 2 * 0.08 > 0.08 > 2 * f_head  # the default min_lung_fraction (0.08) lies well between

@@ -241,21 +241,31 @@ def check_not_constant(image: np.ndarray) -> None:
         raise QuarantineError(CONSTANT_VOLUME, f"all voxels are {float(lo):g}")
 
 
-LUNG_HU = (-900, -500)  # lung parenchyma; outside air (-1000 + noise) stays below
+LUNG_HU = (-1024, -500)  # enclosed low density: lung parenchyma, emphysema (-950) and bullae included
+DENSE_HU = -500  # body tissue (and the lungs' boundary) is denser than this
 
 
 def lung_fraction(image_zyx: np.ndarray) -> float:
-    """Fraction of non-air voxels (> -900 HU) that are lung-like (-900..-500 HU), on a subsample.
+    """Fraction of the body that is enclosed low-density (lung-like, < -500 HU), on a subsample.
 
-    A chest CT scores 0.1-0.4 (both lungs); a head or limb scan only gets the
-    thin partial-volume shell at the skin, a few percent at most.
+    The body is every voxel lying between tissue (> -500 HU) both along its row and along its
+    column of the axial slice, so outside air is never counted while lungs are, however dark:
+    severe emphysema (-950..-1000 HU) is still a chest. A chest CT scores 0.15-0.45 (both lungs);
+    a head or limb scan only gets sinuses / partial-volume voxels, a few percent at most.
     """
     sub = image_zyx[::2, ::4, ::4]
-    body = sub > LUNG_HU[0]
+    dense = sub > DENSE_HU
+
+    def between(axis: int) -> np.ndarray:
+        fwd = np.maximum.accumulate(dense, axis=axis)
+        bwd = np.flip(np.maximum.accumulate(np.flip(dense, axis), axis=axis), axis)
+        return fwd & bwd
+
+    body = between(-1) & between(-2)
     n = int(body.sum())
     if n == 0:
         return 0.0
-    return float((body & (sub <= LUNG_HU[1])).sum()) / n
+    return float((body & ~dense).sum()) / n
 
 
 # --------------------------------------------------------------------- zarr
@@ -314,7 +324,7 @@ def _pin_threads() -> None:
         pass
 
 
-@case_stage("resample", upstream=(), version="1", config_slice=_config_slice,
+@case_stage("resample", upstream=(), version="2", config_slice=_config_slice,
             case_fields=("files", "meta"), output=lambda case_id: f"{ZARR_DIR}/{case_id}.zarr")
 def run_resample(task: CaseTask) -> dict[str, Any]:
     """Read (via the case's source), resample, check, write zarr. Returns the manifest info."""
@@ -334,7 +344,7 @@ def run_resample(task: CaseTask) -> dict[str, Any]:
     if loaded.header_style != "jpg" and cfg.resample.min_lung_fraction > 0:
         frac = lung_fraction(res.image)
         if frac < cfg.resample.min_lung_fraction:
-            raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of body voxels are lung-like ({LUNG_HU[0]}..{LUNG_HU[1]} HU); "
+            raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of the body is enclosed low density (lung-like, < {DENSE_HU} HU); "
                                   "not a chest CT?")
     t_resample = time.perf_counter() - t0 - t_read
     attrs = {
