@@ -258,7 +258,7 @@ def effusion_at(a: Anatomy, side: int, depth: float, z, y, x):
     """Dependent (posterior, basal) part of one pleural space."""
     cx, cy, rx, ry = a.lung(side)
     y_post = cy - ry * _lung_scale(a, z)
-    return lung_side_at(a, side, z, y, x) & (y < y_post + depth) & (z < a.z_base + 0.7 * a.lung_h)
+    return lung_side_at(a, side, z, y, x) & (y < y_post + depth) & (z < a.z_base + 0.62 * a.lung_h)
 
 
 def _capsule(z, y, x, p0, p1, r):

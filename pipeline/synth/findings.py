@@ -3,8 +3,7 @@
 Each finding carries the CT-RATE label it makes true; placement checks that a
 lesion sits wholly inside its named lobe and clear of the heart, aorta and spine,
 so the text ("18 mm nodule in the right upper lobe") matches the pixels.
-Sizes are large enough to survive resampling to 10 x 3 x 3 mm, and the large-extent findings
-are drawn at the conspicuous end (see ``EFFUSION_DEPTH_MM``, ``EMPHYSEMA_SHIFT_HU``).
+Sizes are large enough to survive resampling to 10 x 3 x 3 mm.
 """
 
 from __future__ import annotations
@@ -54,11 +53,6 @@ DRAW_ORDER = (
     "mosaic_attenuation", "septal_thickening", "fibrotic_sequela", "bronchiectasis", "peribronchial_thickening", "opacity", "consolidation", "atelectasis", "nodule", "lymphadenopathy", "hiatal_hernia", "device", "effusion",
 )  # fmt: skip
 NORMAL_FRACTION = 0.25
-# The demo must learn from a few thousand CPU samples at 10 x 3 x 3 mm, so the findings whose
-# extent is large (effusion, emphysema, pericardial fluid, aortic calcification) are drawn at the
-# conspicuous end of what CT shows: effusion depth (mm, dorsal), upper-lobe density drop (HU).
-EFFUSION_DEPTH_MM = (35.0, 65.0)
-EMPHYSEMA_SHIFT_HU = {"mild": 70.0, "moderate": 100.0, "severe": 130.0}
 
 
 def _unit_offsets() -> np.ndarray:
@@ -133,11 +127,11 @@ def sample_findings(
     avoid: list[tuple[int, float]] = []
     if "effusion" in kinds:  # decide the fluid first so lung lesions avoid it
         side_opt = rng.choice(["right", "left", "bilateral"], p=[0.4, 0.35, 0.25])
-        sides = {1: float(rng.uniform(*EFFUSION_DEPTH_MM))} if side_opt == "right" else {}
+        sides = {1: float(rng.uniform(25, 50))} if side_opt == "right" else {}
         if side_opt == "left":
-            sides = {-1: float(rng.uniform(*EFFUSION_DEPTH_MM))}
+            sides = {-1: float(rng.uniform(25, 50))}
         if side_opt == "bilateral":
-            sides = {1: float(rng.uniform(*EFFUSION_DEPTH_MM)), -1: float(rng.uniform(*EFFUSION_DEPTH_MM))}
+            sides = {1: float(rng.uniform(25, 50)), -1: float(rng.uniform(25, 45))}
         avoid = list(sides.items())
         eff = Finding("effusion", "Pleural effusion", {"sides": sides})
     for k in kinds:
@@ -149,10 +143,10 @@ def sample_findings(
         if k == "cardiomegaly":
             p = {"scale": float(rng.uniform(1.25, 1.4))}
         elif k == "pericardial_effusion":
-            p = {"thickness": float(rng.uniform(12, 20))}
+            p = {"thickness": float(rng.uniform(8, 15))}
         elif k == "aortic_calcification":
             p = {
-                "thickness": float(rng.uniform(4.5, 6.0)),
+                "thickness": float(rng.uniform(3.5, 5.0)),
                 "hu": float(rng.uniform(700, 1000)),
                 "threshold": float(rng.uniform(-0.2, 0.6)),
                 "phase": float(rng.uniform(0, 6.28)),
@@ -175,12 +169,12 @@ def sample_findings(
             lobes = [LUNG_UPPER_LEFT, LUNG_UPPER_RIGHT]
             centers, radii = [], []
             for i in range(nb):
-                r = float(rng.uniform(8, 14))
+                r = float(rng.uniform(6, 12))
                 c = place_in_lobe(a, rng, lobes[i % 2], 0.3 * r)
                 if c:
                     centers.append(c)
                     radii.append(r)
-            p = {"severity": sev, "lobes": lobes, "shift": EMPHYSEMA_SHIFT_HU[sev],
+            p = {"severity": sev, "lobes": lobes, "shift": {"mild": 45.0, "moderate": 65.0, "severe": 85.0}[sev],
                  "centers": centers, "radii": radii}  # fmt: skip
         elif k in ("nodule", "consolidation", "opacity"):
             if k == "nodule":

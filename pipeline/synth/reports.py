@@ -20,7 +20,7 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 
 def _effusion_size(depth: float) -> str:
-    return "small" if depth < 45 else "moderate" if depth < 55 else "large"
+    return "small" if depth < 32 else "moderate" if depth < 42 else "large"
 
 
 def _lung_sentences(f: Finding, rng) -> list[tuple[int, str]]:
