@@ -250,6 +250,47 @@ def test_parallel_read_of_a_truncated_file_is_a_corrupt_member_error(tmp_path, m
     np.testing.assert_array_equal(out.numpy().reshape(2, -1), np.tile(np.arange(8, 200, dtype=np.uint8), (2, 1)))
 
 
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_volume_failing_while_read_into_the_batch_is_replaced_not_fatal(tmp_path, monkeypatch, read_threads):
+    """A shard cut after it was scanned: the reader thread's short read skips that sample, counted."""
+    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(D, "READ_CHUNK", 1000)
+    write_test_shards(tmp_path, {"train": [4]}, compress=())
+    shard = str(tmp_path / "train" / "ctrate-0-000000.tar")
+    refs, _ = D.scan_tar(shard)
+    victim = refs[1]
+    _, lo, size = next(m for m in victim.members if m[0] == "image.npy")
+    real = D._pread_into
+
+    def flaky(path, offset, target):
+        if path == shard and lo <= offset < lo + size:
+            raise D.CorruptMemberError(f"{path}: short read at {offset}")
+        real(path, offset, target)
+
+    monkeypatch.setattr(D, "_pread_into", flaky)
+    batch = next(_train_iter(tmp_path, batch_size=4, buffer_size=1, num_workers=0, read_threads=read_threads))
+    ids = batch["ids"]
+    assert victim.key not in ids and len(set(ids)) == 3 and len(ids) == 4
+    assert batch[D.BATCH_STATS_KEY]["corrupt"] == 1
+    dup = [i for i, k in enumerate(ids) if ids.count(k) == 2]
+    a, b = dup
+    for key in ("image", "mask", "regions", "report_ids", "labels", "steps_ids"):
+        torch.testing.assert_close(batch[key][a], batch[key][b])  # one consistent sample, not a mix
+    assert batch["meta"][a] == batch["meta"][b]
+
+
+def test_replace_failed_rows_keeps_positions_and_refuses_an_all_failed_batch():
+    batch = {"ids": ["a", "b", "c"], "image": torch.arange(3)[:, None].repeat(1, 4), "labels": np.arange(3),
+             "meta": [{"k": 0}, {"k": 1}, {"k": 2}], "scalar": torch.tensor(7),
+             D.BATCH_STATS_KEY: {"corrupt": 1, "positions": [10, 11, 12]}}
+    D.replace_failed_rows(batch, {1: "short read"})
+    assert batch["ids"] == ["a", "a", "c"] and batch["image"][1].tolist() == [0, 0, 0, 0]
+    assert batch["labels"].tolist() == [0, 0, 2] and batch["meta"][1] == {"k": 0}
+    assert batch[D.BATCH_STATS_KEY] == {"corrupt": 2, "positions": [10, 10, 12]}  # validation counts it once
+    with pytest.raises(D.CorruptMemberError, match="no volume of the batch"):
+        D.replace_failed_rows({"ids": ["a"], "image": torch.zeros(1, 2)}, {0: "short read"})
+
+
 def test_buffer_pool_reuses_only_unreferenced_buffers():
     pool = D.BufferPool()
     a = pool.take((4, 8), torch.int16)

@@ -561,25 +561,37 @@ class LazyVolumes:
     dtype: torch.dtype
 
     def materialize(
-        self, pin: bool = False, pool: BufferPool | None = None, executor: Executor | None = None
+        self, pin: bool = False, pool: BufferPool | None = None, executor: Executor | None = None,
+        failed: dict[int, str] | None = None,
     ) -> torch.Tensor:
-        """The stacked batch tensor; with ``executor``, read in ``READ_CHUNK`` pieces in parallel."""
+        """The stacked batch tensor; with ``executor``, read in ``READ_CHUNK`` pieces in parallel.
+
+        A volume that cannot be read (the shard was truncated or changed after it was scanned)
+        raises ``CorruptMemberError``, or, with ``failed``, is recorded there as
+        ``{batch index: message}`` and its slot left unspecified (``BatchLoader`` replaces the row).
+        """
         shape = (len(self.parts), *self.parts[0].shape)
         if pool is not None and not pin:
             out = pool.take(shape, self.dtype)
         else:
             out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         view = out.numpy()
+        jobs: list[tuple[int, Any]] = []
         if executor is None:
             for i, part in enumerate(self.parts):
-                part.read_into(view[i])
-            return out
-        jobs = []
-        for i, part in enumerate(self.parts):
-            target = memoryview(view[i].reshape(-1).view(np.uint8))
-            jobs += [(part, target, start) for start in range(0, part.nbytes, READ_CHUNK)]
-        for future in [executor.submit(_read_chunk, *job) for job in jobs]:
-            future.result()  # re-raises a short read in the consumer
+                jobs.append((i, lambda part=part, i=i: part.read_into(view[i])))
+        else:
+            for i, part in enumerate(self.parts):
+                target = memoryview(view[i].reshape(-1).view(np.uint8))
+                jobs += [(i, executor.submit(_read_chunk, part, target, start))
+                         for start in range(0, part.nbytes, READ_CHUNK)]
+        for i, job in jobs:
+            try:
+                job() if callable(job) else job.result()
+            except (CorruptMemberError, OSError) as exc:
+                if failed is None:
+                    raise
+                failed.setdefault(i, f"{type(exc).__name__}: {exc}")
         return out
 
 
@@ -999,6 +1011,41 @@ class ValidBatches(IterableDataset):
                 yield batch
 
 
+def replace_failed_rows(batch: dict[str, Any], failed: dict[int, str]) -> None:
+    """Fill each failed row with a readable row of the same batch, in place, and count it corrupt.
+
+    Used when a volume fails while being read into the batch (``BatchLoader``'s reader thread:
+    the worker that chose the sample has moved on, so no replacement can be drawn). Every field
+    with the batch as its first axis is copied, so the row stays one consistent sample; in
+    training the duplicate's identical report is masked out of the InfoNCE negatives
+    (``loss.dedup_reports``), in validation its position is the source row's, so it is counted
+    once. A batch with no readable row raises.
+    """
+    n = len(batch["ids"])
+    good = [i for i in range(n) if i not in failed]
+    if not good:
+        raise CorruptMemberError("no volume of the batch could be read: "
+                                 + "; ".join(f"{batch['ids'][i]}: {m}" for i, m in sorted(failed.items())))
+    stats = batch.get(BATCH_STATS_KEY)
+    for k, bad in enumerate(sorted(failed)):
+        src = good[k % len(good)]
+        log.warning("skipping corrupt sample %s (read into the batch failed: %s); its slot repeats %s",
+                    batch["ids"][bad], failed[bad], batch["ids"][src])
+        for key, value in batch.items():
+            if key == BATCH_STATS_KEY:
+                continue
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+                value[bad].copy_(value[src])
+            elif isinstance(value, np.ndarray) and value.ndim and value.shape[0] == n:
+                value[bad] = value[src]
+            elif isinstance(value, list) and len(value) == n:
+                value[bad] = value[src]
+        if isinstance(stats, dict) and isinstance(stats.get("positions"), list):
+            stats["positions"][bad] = stats["positions"][src]
+    if isinstance(stats, dict):
+        stats["corrupt"] = stats.get("corrupt", 0) + len(failed)
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -1041,12 +1088,15 @@ class BatchLoader:
         def fill() -> None:
             try:
                 for batch in self.loader:
+                    failed: dict[int, str] = {}
                     for key, value in batch.items():
                         if isinstance(value, LazyVolumes):
-                            batch[key] = value.materialize(self.pin_memory, pool, readers)
+                            batch[key] = value.materialize(self.pin_memory, pool, readers, failed)
                         elif isinstance(value, np.ndarray):
                             tensor = torch.from_numpy(value)
                             batch[key] = tensor.pin_memory() if self.pin_memory else tensor
+                    if failed:
+                        replace_failed_rows(batch, failed)
                     if not put(batch):
                         return
                 put(done)
