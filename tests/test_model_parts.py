@@ -67,6 +67,27 @@ def test_conv_stem_strides_multiply_to_the_patch_and_tokens_stay_local(patch, st
     assert delta[-1] > 0 and delta[0] == 0
 
 
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_conv_stem_keeps_absolute_density_unless_layer_normed(norm):
+    """Uniform lung at -850 / -950 HU, calcium / enhanced vessel: only per-voxel LayerNorm confuses them."""
+    from trainer.model.patch_embed import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(1, (8,), [(1, 2, 2)], norm).train()
+    levels = torch.tensor([-0.85, -0.95, 0.8, 0.2])  # HU / 1000: lung, emphysema, calcium, enhanced vessel
+    out = stem(levels.view(4, 1, 1, 1, 1).expand(4, 1, 6, 12, 12).contiguous())
+    centre = out[:, :, 3, 3, 3]  # far from the zero padding
+    same_sign_pairs = [(0, 1), (2, 3)]
+    for a, b in same_sign_pairs:
+        if norm == "layer":
+            torch.testing.assert_close(centre[a], centre[b], atol=1e-2, rtol=0)  # equal up to LayerNorm eps
+        else:
+            assert (centre[a] - centre[b]).abs().max() > 2e-2
+    assert (centre[0] - centre[2]).abs().max() > 0.1  # opposite signs differ in every mode
+    with pytest.raises(ValueError, match="stem_norm"):
+        ConvStem(1, (8,), [(1, 2, 2)], "group")
+
+
 def test_sinusoidal_any_grid_and_distinct_positions():
     sin = SinusoidalPositionalEmbedding3D(36)
     pe = sin((3, 5, 7))
@@ -169,3 +190,38 @@ def test_block_grad_checkpointing_same_output_and_grads():
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("head_norm", ["batch", "none"])
+def test_head_norm_brings_out_the_per_scan_part_and_eval_is_batch_independent(head_norm):
+    """Pooled features = one shared anatomy vector + a small per-scan part (a fresh encoder on CT)."""
+    from trainer.model import get_model_config
+    from trainer.model.vision_encoder import VisionEncoder3D
+
+    torch.manual_seed(0)
+    cfg = get_model_config("tiny", **{"vision.head_norm": head_norm})
+    enc = VisionEncoder3D(cfg.vision, cfg.embed_dim).train()
+    b, p, c = 8, 4, cfg.vision.width
+    tokens = 3.0 * torch.randn(1, 1 + p, c) + 0.01 * torch.randn(b, 1 + p, c)
+    emb = torch.nn.functional.normalize(enc.forward_head({"tokens": tokens})["global"], dim=-1)
+    off_diag = (emb @ emb.T)[~torch.eye(b, dtype=torch.bool)]
+    if head_norm == "batch":
+        assert off_diag.mean() < 0.3  # the per-scan parts now set the direction
+    else:
+        assert off_diag.min() > 0.99  # every scan points the same way
+    # Evaluation: a scan's embedding must not depend on which scans share its batch.
+    enc.eval()
+    with torch.no_grad():
+        alone = enc.forward_head({"tokens": tokens[:1]})["global"]
+        batched = enc.forward_head({"tokens": tokens})["global"][:1]
+    torch.testing.assert_close(alone, batched)
+
+
+def test_label_head_starts_at_a_low_prior():
+    from trainer.model import get_model_config
+    from trainer.model.vision_encoder import VisionEncoder3D
+
+    cfg = get_model_config("tiny")
+    enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
+    prior = torch.sigmoid(enc.head_labels.bias)
+    torch.testing.assert_close(prior, torch.full_like(prior, 0.1))

@@ -125,3 +125,15 @@ def test_real_tiny_ctclip_trains_two_steps(shards, tmp_path):
 
     model = load_pretrained(out / "encoder")
     assert model.logit_scale.shape == ()
+
+
+def test_a_batchnorm_head_with_one_sample_per_rank_is_refused_before_training():
+    from trainer.config import ConfigError, load_config
+    from trainer.train import build_model
+
+    cfg = load_config(None, ["data.batch_size=1", 'model.overrides={"vision.head_norm": "batch"}'])
+    with pytest.raises(ConfigError, match="head_norm"):
+        build_model(cfg)
+    cfg = load_config(None, ["data.batch_size=2", 'model.overrides={"vision.head_norm": "batch"}'])
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in build_model(cfg).modules())
+    assert build_model(load_config(None, ["data.batch_size=1"])) is not None  # tiny's default head: no BatchNorm

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from trainer import checkpoint as ckpt
 from trainer import data as data_lib
 from trainer.augment import augment_batch
-from trainer.config import Config, load_config, load_deepspeed_config
+from trainer.config import Config, ConfigError, load_config, load_deepspeed_config
 from trainer.run_log import RunLog
 
 
@@ -106,7 +106,14 @@ def resolve_object(spec: str) -> Any:
 def build_model(cfg: Config) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     library = resolve_object(cfg.model.module)
-    return library.create_model(cfg.model.name, **cfg.model.overrides)
+    model = library.create_model(cfg.model.name, **cfg.model.overrides)
+    if cfg.data.batch_size < 2 and any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()):
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size}: the model has a BatchNorm head (vision.head_norm: batch), "
+            "which needs >= 2 samples per rank per micro-step; raise data.batch_size or set "
+            "model.overrides vision.head_norm: none"
+        )
+    return model
 
 
 def promote_scalar_params(model: torch.nn.Module) -> list[str]:

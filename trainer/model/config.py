@@ -37,13 +37,20 @@ class PatchEmbedConfig:
     pos_embed: str = "learned"  # learned (trilinear-interpolated to other grids) | sinusoidal (any grid)
     in_chans: int = 1  # image channels after HU windowing
     # Convolutional stem before the patchify (Xiao et al. 2021, "Early convolutions help
-    # transformers see better"): channels of each stride-2-ish Conv3d-GroupNorm-GELU stage; the
+    # transformers see better"): channels of each stride-2-ish Conv3d-norm-GELU stage; the
     # patch projection then covers what the stages did not downsample. () = plain linear patchify
     # (ViT). A stem learns local detectors (edges, blobs) far sooner from little data.
     stem_channels: tuple[int, ...] = ()
+    # Normalisation after each stem conv: "batch" (BatchNorm3d: per channel over batch and voxels,
+    # so a voxel keeps its absolute level: lung at -850 vs -950 HU, calcium vs soft tissue),
+    # "layer" (per-voxel LayerNorm over channels: the first bias-free conv of a uniform region
+    # becomes the same vector for any HU of one sign, so absolute density is lost) or "none".
+    stem_norm: str = "layer"  # the configs set "batch"; "layer" keeps encoders saved before it loadable
 
 
 POS_EMBED_CHOICES = ("learned", "sinusoidal")
+STEM_NORM_CHOICES = ("batch", "layer", "none")
+HEAD_NORM_CHOICES = ("batch", "none")
 
 
 @dataclass
@@ -77,6 +84,13 @@ class VisionConfig:
     drop_path_rate: float = 0.0  # stochastic depth at the last block (linear ramp from 0)
     out_indices: tuple[int, ...] = (1, 3)  # 0-based blocks whose outputs feed multi-scale aggregation
     global_pool: str = "token"  # token (CLS) | avg (mean over patch tokens)
+    # Normalisation of the pooled feature before the global and label heads: "batch"
+    # (BatchNorm1d, as in SimCLR / MoCo v3 projection heads) or "none". CT volumes share one
+    # anatomy, so the pooled features of a fresh encoder are one big common vector plus a small
+    # per-scan part; standardising each channel over the batch makes the per-scan part
+    # (the findings) what the heads see. Needs >= 2 samples per rank in training. The configs
+    # set "batch"; the default "none" keeps encoders saved before it loadable.
+    head_norm: str = "none"
     num_evidence_tokens: int = 16  # learned queries of the step head (evidence tokens per volume)
     num_labels: int = 18  # auxiliary abnormality head outputs; 0 disables it
     grad_checkpointing: bool = False  # recompute each block in backward
@@ -179,7 +193,9 @@ def validate(cfg: CTCLIPConfig) -> CTCLIPConfig:
 
     v = cfg.vision
     look_up_option(v.global_pool, GLOBAL_POOL_CHOICES, "vision.global_pool")
+    look_up_option(v.head_norm, HEAD_NORM_CHOICES, "vision.head_norm")
     look_up_option(v.patch.pos_embed, POS_EMBED_CHOICES, "vision.patch.pos_embed")
+    look_up_option(v.patch.stem_norm, STEM_NORM_CHOICES, "vision.patch.stem_norm")
     look_up_option(v.attention.kernel, KERNELS, "vision.attention.kernel")
     look_up_option(v.attention.hybrid, HYBRID_CHOICES, "vision.attention.hybrid")
     look_up_option(cfg.text.pooling, TEXT_POOLING_CHOICES, "text.pooling")

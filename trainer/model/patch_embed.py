@@ -106,16 +106,38 @@ class ChannelLayerNorm3d(nn.LayerNorm):
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
-class ConvStem(nn.Sequential):
-    """Conv3d (no bias) -> per-voxel channel LayerNorm -> GELU stages (strides: ``stem_strides``)."""
+def stem_norm_layer(kind: str, channels: int) -> nn.Module | None:
+    """The stem's normalisation: "batch" | "layer" | "none" (None)."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "layer":
+        return ChannelLayerNorm3d(channels)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown stem_norm {kind!r}; valid choices: 'batch', 'layer', 'none'")
 
-    def __init__(self, in_chans: int, channels, strides):
+
+class ConvStem(nn.Sequential):
+    """Conv3d -> norm -> GELU stages (strides: ``stem_strides``; norm: ``stem_norm_layer``).
+
+    Use BatchNorm ("batch", what the configs set): it standardises each channel over the batch
+    and the voxels, so a voxel keeps its absolute density. Per-voxel LayerNorm ("layer") after the first
+    conv maps a uniform region to one vector whatever its HU (only the sign survives),
+    which hides emphysema, effusion density and calcium from everything after it. In a
+    label-only probe on the demo volumes it learned far more slowly (README, "make demo").
+    With "none" each conv has a bias. The default "layer" is what encoders saved before this
+    option were built with.
+    """
+
+    def __init__(self, in_chans: int, channels, strides, norm: str = "layer"):
         layers: list[nn.Module] = []
         c_in = in_chans
         for c, stride in zip(channels, strides):
             kernel = tuple(s if s > 2 else 3 for s in stride)
             padding = tuple((k - s + 1) // 2 for k, s in zip(kernel, stride))
-            layers += [nn.Conv3d(c_in, c, kernel, stride, padding, bias=False), ChannelLayerNorm3d(c), nn.GELU()]
+            norm_layer = stem_norm_layer(norm, c)
+            layers.append(nn.Conv3d(c_in, c, kernel, stride, padding, bias=norm_layer is None))
+            layers += [norm_layer, nn.GELU()] if norm_layer is not None else [nn.GELU()]
             c_in = c
         super().__init__(*layers)
 
@@ -131,10 +153,11 @@ class ThreeDPatchEmbedding(nn.Module):
             trilinearly interpolated.
         pos_embed: "learned" or "sinusoidal".
         stem_channels: channels of a convolutional stem's stages (empty: linear patchify).
+        stem_norm: normalisation after each stem conv ("batch" | "layer" | "none").
     """
 
     def __init__(self, patch_size=(4, 16, 16), in_chans: int = 1, embed_dim: int = 768,
-                 grid_size=(16, 32, 32), pos_embed: str = "learned", stem_channels=()):
+                 grid_size=(16, 32, 32), pos_embed: str = "learned", stem_channels=(), stem_norm: str = "layer"):
         super().__init__()
         self.patch_size = as_triple(patch_size)
         self.grid_size = as_triple(grid_size)
@@ -142,7 +165,7 @@ class ThreeDPatchEmbedding(nn.Module):
         stem_channels = tuple(int(c) for c in stem_channels)
         if stem_channels:
             *stage_strides, proj_stride = stem_strides(self.patch_size, len(stem_channels))
-            self.stem = ConvStem(in_chans, stem_channels, stage_strides)
+            self.stem = ConvStem(in_chans, stem_channels, stage_strides, stem_norm)
             self.proj = nn.Conv3d(stem_channels[-1], embed_dim, kernel_size=proj_stride, stride=proj_stride)
         else:
             self.stem = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -66,7 +67,8 @@ class VisionEncoder3D(nn.Module):
         self.input_norm = HUWindow(cfg.input.hu_min, cfg.input.hu_max)
         self.patch_embed = embed_layer(cfg.patch.patch_size, cfg.patch.in_chans, width,
                                        cfg.patch.grid_size, cfg.patch.pos_embed,
-                                       stem_channels=cfg.patch.stem_channels)
+                                       stem_channels=cfg.patch.stem_channels,
+                                       stem_norm=cfg.patch.stem_norm)
         self.anatomy = (anatomy_layer(width, cfg.anatomy.max_regions, cfg.anatomy.cnn_channels,
                                       cfg.anatomy.mask_stride) if cfg.anatomy.enabled else None)
         attn_kwargs = dict(max_slice_distance=att.max_slice_distance, slice_bias=att.slice_bias,
@@ -83,11 +85,16 @@ class VisionEncoder3D(nn.Module):
         self.scale_norms = nn.ModuleList([norm_layer(width) for _ in self.scale_indices])
         self.fuse = nn.Linear(width * len(self.scale_indices), width)
         self.norm = norm_layer(width)
+        self.head_norm = nn.BatchNorm1d(width) if cfg.head_norm == "batch" else nn.Identity()
         self.head_global = nn.Linear(width, embed_dim, bias=False)
         self.head_local = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
         self.evidence = EvidencePool(width, cfg.num_evidence_tokens, cfg.num_heads)
         self.head_step = nn.Linear(width, embed_dim, bias=False)
         self.head_labels = nn.Linear(width, cfg.num_labels) if cfg.num_labels > 0 else None
+        if self.head_labels is not None:
+            # Start at a 10% prior (CT-RATE findings are mostly absent): from a zero bias the BCE
+            # spends its first hundreds of steps only learning that most labels are 0.
+            nn.init.constant_(self.head_labels.bias, math.log(0.1 / 0.9))
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     # timm-style interface -------------------------------------------------------------------
@@ -158,6 +165,7 @@ class VisionEncoder3D(nn.Module):
         tokens = feats["tokens"]
         patches = tokens[:, 1:]
         pooled = tokens[:, 0] if self.cfg.global_pool == "token" else patches.mean(1)
+        pooled = self.head_norm(pooled)
         out = {"global": self.head_global(pooled)}
         assignment = feats.get("assignment")
         if assignment is not None:
