@@ -102,3 +102,31 @@ def test_bad_shift_config_is_refused():
     with pytest.raises(ConfigError, match="read_threads"):
         load_config(None, ["data.read_threads=0"])
     assert load_config(None, ["augment.enabled=true", "augment.shift_voxels=[1, 4, 4]"]).augment.shift_voxels == [1, 4, 4]
+
+
+def test_zoom_scales_outline_image_and_mask_together_about_the_centre():
+    """A box of HU 100 * label: after a zoom, image and mask still agree and the box area scales."""
+    shape = (4, 32, 32)
+    mask = torch.zeros((2, *shape), dtype=torch.uint8)
+    mask[:, :, 8:24, 10:22] = 1  # 16 x 12 voxels, centred
+    image = (mask.to(torch.int16) * 1100 - 1000).to(torch.int16)  # air -1000, box +100
+    batch = {"image": image.clone(), "mask": mask.clone(), "regions": patch_region_fraction(mask, PATCH, 1)}
+    out = augment_batch(batch, AugmentConfig(enabled=True, zoom=0.2, pad_hu=-1000.0), PATCH, seed=3, rank=0, step=0)
+    areas = out["mask"][:, 0].sum((-1, -2)).float()
+    assert not torch.equal(out["mask"], mask)  # the outline changed
+    assert ((areas / (16 * 12) - 1).abs() <= 0.5).all()  # within (1 +- 0.2)^2
+    for i in range(2):  # the box stays centred: its extent is symmetric about the centre
+        ys, xs = out["mask"][i, 0].nonzero(as_tuple=True)
+        assert abs(float(ys.min() + ys.max()) / 2 - 15.5) <= 1.0 and abs(float(xs.min() + xs.max()) / 2 - 15.5) <= 1.0
+    # away from the box edge, image and mask agree exactly
+    inside = out["mask"].float()[:, None]
+    pool = lambda v: torch.nn.functional.max_pool3d(v, (1, 3, 3), 1, (0, 1, 1))[:, 0]  # noqa: E731
+    edge = pool(inside).bool() & ~(-pool(-inside)).bool()  # dilated minus eroded box
+    agree = (out["image"] - (out["mask"].float() * 1100 - 1000)).abs() < 1e-3
+    assert agree[~edge].all()
+    torch.testing.assert_close(out["regions"], patch_region_fraction(out["mask"], PATCH, 1))
+    again = augment_batch({"image": image.clone(), "mask": mask.clone(), "regions": batch["regions"]},
+                          AugmentConfig(enabled=True, zoom=0.2, pad_hu=-1000.0), PATCH, seed=3, rank=0, step=0)
+    assert torch.equal(again["mask"], out["mask"])  # seeded by (seed, rank, step)
+    with pytest.raises(ConfigError, match="zoom"):
+        load_config(None, ["augment.zoom=0.6"])

@@ -1,11 +1,16 @@
-"""Training-time augmentation of a batch on the device: shifts and HU jitter, never flips.
+"""Training-time augmentation of a batch on the device: in-plane zoom, shifts and HU jitter, never flips.
 
 Left-right (and any) flips are left out on purpose: reports and CoT steps name sides ("right
 lower lobe"), so a flipped volume would contradict its own text. What is applied, per sample:
 
+* in-plane zoom: y and x each scaled by its own factor in ``1 +- zoom`` about the volume centre
+  (z untouched), the image trilinearly, the mask by nearest label. A scan's outline then differs
+  from epoch to epoch, so it cannot be recognised (and its report recalled) by body shape alone.
+  Lesion sizes change by the same factor, so keep ``zoom`` small (0.1: an 18 mm nodule is drawn
+  16-20 mm), since the report still says 18 mm;
 * translation by a whole number of voxels, up to ``shift_voxels`` (z, y, x) each way; the volume
-  is padded with air (``pad_hu``) and the mask with background (0), and the patch-to-region
-  assignment is recomputed from the shifted mask (the pipeline's ``regions.npy`` rule), so image,
+  is padded with air (``pad_hu``) and the mask with background (0), and after a zoom or a shift
+  the patch-to-region assignment is recomputed from the new mask (the pipeline's ``regions.npy`` rule), so image,
   mask and regions stay consistent;
 * HU jitter: ``hu * (1 + U(-hu_scale, hu_scale)) + U(-hu_offset, hu_offset)``, then Gaussian
   noise of ``noise_hu`` HU.
@@ -20,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trainer.config import AugmentConfig
 from trainer.model.anatomical_encoder import patch_region_fraction
@@ -38,6 +44,19 @@ def _shift(volume: torch.Tensor, shift: tuple[int, int, int], fill: float) -> to
     return out
 
 
+def _zoom(volumes: torch.Tensor, factors: torch.Tensor, mode: str, fill: float) -> torch.Tensor:
+    """(B, Z, Y, X) volumes scaled in y and x by ``factors`` (B, 2) about the centre; outside is ``fill``."""
+    b = volumes.shape[0]
+    theta = torch.zeros(b, 3, 4, dtype=torch.float32)
+    theta[:, 0, 0] = 1.0 / factors[:, 1]  # grid coordinates are (x, y, z); output -> input
+    theta[:, 1, 1] = 1.0 / factors[:, 0]
+    theta[:, 2, 2] = 1.0
+    x = volumes.unsqueeze(1).float() - fill
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return (out + fill).squeeze(1)
+
+
 def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, patch_size, *, seed: int, rank: int, step: int) -> dict[str, Any]:
     """Return ``batch`` with augmented ``image`` (float32 HU), ``mask`` and ``regions``; in place safe."""
     if not cfg.enabled:
@@ -54,6 +73,18 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, patch_size, *, seed
         tuple(int(torch.randint(-m, m + 1, (), generator=gen)) if m else 0 for m in limits) for _ in range(b)
     ]
     image = image.float()
+    zoom = float(cfg.zoom)
+    if not 0.0 <= zoom < 0.5:
+        raise ValueError(f"augment.zoom must be in [0, 0.5), got {zoom}")
+    if zoom:
+        factors = 1 + (torch.rand(b, 2, generator=gen) * 2 - 1) * zoom
+        image = _zoom(image, factors, "bilinear", cfg.pad_hu)
+        if batch.get("mask") is not None:
+            mask = _zoom(batch["mask"], factors, "nearest", 0.0).round().to(batch["mask"].dtype)
+            batch["mask"] = mask
+            if batch.get("regions") is not None and not any(any(s) for s in shifts):
+                r = batch["regions"].shape[-1] - 1
+                batch["regions"] = patch_region_fraction(mask, patch_size, r).to(batch["regions"].dtype)
     if any(any(s) for s in shifts):
         image = torch.stack([_shift(image[i], shifts[i], cfg.pad_hu) for i in range(b)])
         if batch.get("mask") is not None:

@@ -54,10 +54,11 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """trainer.augment: per-sample shifts and HU jitter on the device; no flips (reports name sides)."""
+    """trainer.augment: per-sample in-plane zoom, shifts and HU jitter on the device; no flips (reports name sides)."""
 
     enabled: bool = False
     shift_voxels: list[int] = field(default_factory=lambda: [0, 0, 0])  # max |shift| (z, y, x), voxels
+    zoom: float = 0.0  # in-plane scale jitter: y and x each x U(1 - zoom, 1 + zoom), in [0, 0.5)
     hu_scale: float = 0.0  # relative contrast jitter: hu * (1 + U(-s, s))
     hu_offset: float = 0.0  # level jitter: + U(-o, o) HU
     noise_hu: float = 0.0  # Gaussian noise std, HU
@@ -203,6 +204,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"augment.shift_voxels must be three non-negative voxel counts (z, y, x), got {aug.shift_voxels}")
     if min(aug.hu_scale, aug.hu_offset, aug.noise_hu) < 0 or aug.hu_scale >= 1:
         raise ConfigError("augment.hu_scale must be in [0, 1), augment.hu_offset and augment.noise_hu >= 0")
+    if not 0 <= aug.zoom < 0.5:
+        raise ConfigError(f"augment.zoom must be in [0, 0.5), got {aug.zoom}")
     if cfg.data.read_threads < 1:
         raise ConfigError("data.read_threads must be >= 1")
 
