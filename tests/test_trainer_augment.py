@@ -128,5 +128,9 @@ def test_zoom_scales_outline_image_and_mask_together_about_the_centre():
     again = augment_batch({"image": image.clone(), "mask": mask.clone(), "regions": batch["regions"]},
                           AugmentConfig(enabled=True, zoom=0.2, pad_hu=-1000.0), PATCH, seed=3, rank=0, step=0)
     assert torch.equal(again["mask"], out["mask"])  # seeded by (seed, rank, step)
+    both = augment_batch({"image": image.clone(), "mask": mask.clone(), "regions": batch["regions"]},
+                         AugmentConfig(enabled=True, zoom=0.2, shift_voxels=[0, 3, 3], pad_hu=-1000.0),
+                         PATCH, seed=4, rank=0, step=0)
+    torch.testing.assert_close(both["regions"], patch_region_fraction(both["mask"], PATCH, 1))  # zoom + shift
     with pytest.raises(ConfigError, match="zoom"):
         load_config(None, ["augment.zoom=0.6"])

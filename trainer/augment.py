@@ -80,19 +80,15 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, patch_size, *, seed
         factors = 1 + (torch.rand(b, 2, generator=gen) * 2 - 1) * zoom
         image = _zoom(image, factors, "bilinear", cfg.pad_hu)
         if batch.get("mask") is not None:
-            mask = _zoom(batch["mask"], factors, "nearest", 0.0).round().to(batch["mask"].dtype)
-            batch["mask"] = mask
-            if batch.get("regions") is not None and not any(any(s) for s in shifts):
-                r = batch["regions"].shape[-1] - 1
-                batch["regions"] = patch_region_fraction(mask, patch_size, r).to(batch["regions"].dtype)
-    if any(any(s) for s in shifts):
+            batch["mask"] = _zoom(batch["mask"], factors, "nearest", 0.0).round().to(batch["mask"].dtype)
+    shifted = any(any(s) for s in shifts)
+    if shifted:
         image = torch.stack([_shift(image[i], shifts[i], cfg.pad_hu) for i in range(b)])
         if batch.get("mask") is not None:
-            mask = torch.stack([_shift(batch["mask"][i], shifts[i], 0) for i in range(b)])
-            batch["mask"] = mask
-            if batch.get("regions") is not None:
-                r = batch["regions"].shape[-1] - 1
-                batch["regions"] = patch_region_fraction(mask, patch_size, r).to(batch["regions"].dtype)
+            batch["mask"] = torch.stack([_shift(batch["mask"][i], shifts[i], 0) for i in range(b)])
+    if (zoom or shifted) and batch.get("mask") is not None and batch.get("regions") is not None:
+        r = batch["regions"].shape[-1] - 1  # once, from the final mask
+        batch["regions"] = patch_region_fraction(batch["mask"], patch_size, r).to(batch["regions"].dtype)
     if cfg.hu_scale or cfg.hu_offset:
         scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * cfg.hu_scale
         offset = (torch.rand(b, generator=gen) * 2 - 1) * cfg.hu_offset

@@ -45,7 +45,7 @@ class PatchEmbedConfig:
     # so a voxel keeps its absolute level: lung at -850 vs -950 HU, calcium vs soft tissue),
     # "layer" (per-voxel LayerNorm over channels: the first bias-free conv of a uniform region
     # becomes the same vector for any HU of one sign, so absolute density is lost) or "none".
-    stem_norm: str = "layer"  # the configs set "batch"; "layer" keeps encoders saved before it loadable
+    stem_norm: str = "layer"  # default: what encoders saved before this option were built with (tiny keeps it too)
 
 
 POS_EMBED_CHOICES = ("learned", "sinusoidal")
@@ -88,8 +88,8 @@ class VisionConfig:
     # (BatchNorm1d, as in SimCLR / MoCo v3 projection heads) or "none". CT volumes share one
     # anatomy, so the pooled features of a fresh encoder are one big common vector plus a small
     # per-scan part; standardising each channel over the batch makes the per-scan part
-    # (the findings) what the heads see. Needs >= 2 samples per rank in training. The configs
-    # set "batch"; the default "none" keeps encoders saved before it loadable.
+    # (the findings) what the heads see. Needs >= 2 samples per rank in training. Default "none":
+    # what encoders saved before this option were built with; tiny keeps it (README, "make demo").
     head_norm: str = "none"
     num_evidence_tokens: int = 16  # learned queries of the step head (evidence tokens per volume)
     num_labels: int = 18  # auxiliary abnormality head outputs; 0 disables it

@@ -120,11 +120,12 @@ def stem_norm_layer(kind: str, channels: int) -> nn.Module | None:
 class ConvStem(nn.Sequential):
     """Conv3d -> norm -> GELU stages (strides: ``stem_strides``; norm: ``stem_norm_layer``).
 
-    Use BatchNorm ("batch", what the configs set): it standardises each channel over the batch
-    and the voxels, so a voxel keeps its absolute density. Per-voxel LayerNorm ("layer") after the first
+    BatchNorm ("batch") standardises each channel over the batch and the voxels, so a voxel keeps
+    its absolute density. Per-voxel LayerNorm ("layer") after the first
     conv maps a uniform region to one vector whatever its HU (only the sign survives),
     which hides emphysema, effusion density and calcium from everything after it. In a
-    label-only probe on the demo volumes it learned far more slowly (README, "make demo").
+    label-only probe of a plain 3D CNN on the demo volumes it learned far more slowly than
+    BatchNorm; in the tiny transformer BatchNorm did not improve the demo (README, "make demo").
     With "none" each conv has a bias. The default "layer" is what encoders saved before this
     option were built with.
     """
