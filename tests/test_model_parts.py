@@ -225,3 +225,60 @@ def test_label_head_starts_at_a_low_prior():
     enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
     prior = torch.sigmoid(enc.head_labels.bias)
     torch.testing.assert_close(prior, torch.full_like(prior, 0.1))
+
+
+def test_lse_label_pool_keeps_the_prior_and_sends_the_gradient_to_the_finding_patch():
+    """Multiple-instance label head: one patch with a finding must raise its scan's logit."""
+    from trainer.model import get_model_config
+    from trainer.model.vision_encoder import VisionEncoder3D
+
+    torch.manual_seed(0)
+    cfg = get_model_config("tiny", **{"vision.label_pool": "lse", "vision.label_lse_r": 5.0})
+    enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
+    b, p, c = 2, 64, cfg.vision.width
+    with torch.no_grad():
+        enc.head_labels.weight.zero_()
+        enc.head_labels.weight[0, 0] = 1.0  # label 0 reads channel 0
+    tokens = torch.zeros(b, 1 + p, c)
+    logits = enc.forward_head({"tokens": tokens})["label_logits"]
+    # A constant patch logit pools to itself: the 10% prior of the bias holds for lse too.
+    torch.testing.assert_close(torch.sigmoid(logits), torch.full_like(logits, 0.1))
+    # Scan 1 has one bright patch (a nodule): its label-0 logit rises, scan 0's does not.
+    tokens[1, 1 + 37, 0] = 6.0
+    tokens.requires_grad_(True)
+    logits = enc.forward_head({"tokens": tokens})["label_logits"]
+    assert logits[1, 0] > logits[0, 0] + 0.1
+    torch.testing.assert_close(logits[:, 1:], logits[:1, 1:].expand(2, -1))  # other labels unaffected
+    (grad,) = torch.autograd.grad(logits[1, 0], tokens)
+    g = grad[1, 1:, 0]
+    assert g.argmax().item() == 37 and g[37] > 0.9 * g.sum()  # the finding patch gets the gradient
+    # Against "global" pooling of the patch mean, which a single patch barely moves.
+    cfg_g = get_model_config("tiny", **{"vision.global_pool": "avg"})
+    enc_g = VisionEncoder3D(cfg_g.vision, cfg_g.embed_dim)
+    enc_g.head_labels.load_state_dict(enc.head_labels.state_dict())
+    lg = enc_g.forward_head({"tokens": tokens.detach()})["label_logits"]
+    assert logits[1, 0] - logits[0, 0] > 5 * (lg[1, 0] - lg[0, 0])
+
+
+def test_max_global_pool_is_the_channel_max_over_patches():
+    from trainer.model import get_model_config
+    from trainer.model.vision_encoder import VisionEncoder3D
+
+    cfg = get_model_config("tiny", **{"vision.global_pool": "max"})
+    enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
+    tokens = torch.randn(3, 1 + 10, cfg.vision.width)
+    tokens[:, 0] = 100.0  # the CLS token is not a patch
+    out = enc.forward_head({"tokens": tokens})["global"]
+    torch.testing.assert_close(out, enc.head_global(tokens[:, 1:].amax(1)))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("vision.label_pool", "attention", "label_pool"),
+    ("vision.label_lse_r", 0.0, "label_lse_r"),
+    ("vision.global_pool", "gem", "global_pool"),
+])
+def test_bad_pool_options_are_refused(key, value, match):
+    from trainer.model import get_model_config
+
+    with pytest.raises(ValueError, match=match):
+        get_model_config("tiny", **{key: value})

@@ -83,7 +83,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
     drop_path_rate: float = 0.0  # stochastic depth at the last block (linear ramp from 0)
     out_indices: tuple[int, ...] = (1, 3)  # 0-based blocks whose outputs feed multi-scale aggregation
-    global_pool: str = "token"  # token (CLS) | avg (mean over patch tokens)
+    global_pool: str = "token"  # token (CLS) | avg (mean over patch tokens) | max (channel max over patches)
     # Normalisation of the pooled feature before the global and label heads: "batch"
     # (BatchNorm1d, as in SimCLR / MoCo v3 projection heads) or "none". CT volumes share one
     # anatomy, so the pooled features of a fresh encoder are one big common vector plus a small
@@ -93,6 +93,12 @@ class VisionConfig:
     head_norm: str = "none"
     num_evidence_tokens: int = 16  # learned queries of the step head (evidence tokens per volume)
     num_labels: int = 18  # auxiliary abnormality head outputs; 0 disables it
+    # Where the label head looks: "global" = one linear layer on the pooled feature; "lse" =
+    # the same layer on every patch token, then log-mean-exp over patches with sharpness
+    # label_lse_r (multiple-instance pooling: a 15 mm nodule fills one patch of 512, and the patch
+    # that holds it gets the gradient). Default "global": what encoders saved earlier were built with.
+    label_pool: str = "global"
+    label_lse_r: float = 5.0
     grad_checkpointing: bool = False  # recompute each block in backward
     input: InputConfig = field(default_factory=InputConfig)
     patch: PatchEmbedConfig = field(default_factory=PatchEmbedConfig)
@@ -100,7 +106,8 @@ class VisionConfig:
     anatomy: AnatomyConfig = field(default_factory=AnatomyConfig)
 
 
-GLOBAL_POOL_CHOICES = ("token", "avg")
+GLOBAL_POOL_CHOICES = ("token", "avg", "max")
+LABEL_POOL_CHOICES = ("global", "lse")
 
 
 @dataclass
@@ -194,6 +201,9 @@ def validate(cfg: CTCLIPConfig) -> CTCLIPConfig:
     v = cfg.vision
     look_up_option(v.global_pool, GLOBAL_POOL_CHOICES, "vision.global_pool")
     look_up_option(v.head_norm, HEAD_NORM_CHOICES, "vision.head_norm")
+    look_up_option(v.label_pool, LABEL_POOL_CHOICES, "vision.label_pool")
+    if not v.label_lse_r > 0:
+        raise ValueError(f"vision.label_lse_r must be > 0, got {v.label_lse_r}")
     look_up_option(v.patch.pos_embed, POS_EMBED_CHOICES, "vision.patch.pos_embed")
     look_up_option(v.patch.stem_norm, STEM_NORM_CHOICES, "vision.patch.stem_norm")
     look_up_option(v.attention.kernel, KERNELS, "vision.attention.kernel")

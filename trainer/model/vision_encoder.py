@@ -164,7 +164,12 @@ class VisionEncoder3D(nn.Module):
         """
         tokens = feats["tokens"]
         patches = tokens[:, 1:]
-        pooled = tokens[:, 0] if self.cfg.global_pool == "token" else patches.mean(1)
+        if self.cfg.global_pool == "token":
+            pooled = tokens[:, 0]
+        elif self.cfg.global_pool == "max":
+            pooled = patches.amax(1)
+        else:
+            pooled = patches.mean(1)
         pooled = self.head_norm(pooled)
         out = {"global": self.head_global(pooled)}
         assignment = feats.get("assignment")
@@ -182,8 +187,20 @@ class VisionEncoder3D(nn.Module):
         out["evidence"] = self.head_step(evidence)
         out["evidence_attn"] = attn
         if self.head_labels is not None:
-            out["label_logits"] = self.head_labels(pooled)
+            out["label_logits"] = self.label_logits(pooled, patches)
         return out
+
+    def label_logits(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(B, num_labels) scan logits: from the pooled feature, or log-mean-exp of patch logits.
+
+        With ``lse`` a constant patch logit b pools to b, so the 10% prior bias holds as well.
+        """
+        if self.cfg.label_pool == "global":
+            return self.head_labels(pooled)
+        r = self.cfg.label_lse_r
+        per_patch = self.head_labels(patches).float() * r  # (B, P, L)
+        pooled_logit = (torch.logsumexp(per_patch, dim=1) - math.log(per_patch.shape[1])) / r
+        return pooled_logit.to(patches.dtype)
 
     def forward(self, image, mask=None, regions=None, num_regions=None) -> dict:
         return self.forward_head(self.forward_features(image, mask, regions, num_regions))
