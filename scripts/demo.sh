@@ -3,17 +3,18 @@
 #
 #   bash scripts/demo.sh [OUT]            (default OUT=demo; everything is written under it)
 #
-# Knobs (environment): DEMO_CASES (CT-RATE volumes, default 520: ~20% land in the held-out
-# `valid` split: a pool of ~90 volumes / ~60 distinct reports), DEMO_STEPS (optimizer steps),
+# Knobs (environment): DEMO_CASES (CT-RATE volumes, default 2000: ~20% land in the held-out
+# `valid` split: a pool of ~390 volumes / ~230 distinct reports), DEMO_STEPS (optimizer steps),
 # DEMO_BATCH (samples per step), DEMO_THREADS (torch threads of the one training process).
 # The last step checks that image->text and text->image R@5 on the held-out split are both at
-# least 3x the random baseline for the same pool and prints the verdict with the figures; a miss
-# is reported, and DEMO_REQUIRE_LEARNING=1 makes it exit 1. Measured figures: README, "make demo".
+# least 3x the random baseline for the same pool, prints the verdict with the figures and exits 1
+# on a miss (DEMO_REQUIRE_LEARNING=0: report only, for runs too small to learn). Measured figures:
+# README, "make demo".
 set -euo pipefail
 OUT=${1:-demo}
 VPY=.venv/bin
-CASES=${DEMO_CASES:-520}
-STEPS=${DEMO_STEPS:-300}
+CASES=${DEMO_CASES:-2000}
+STEPS=${DEMO_STEPS:-600}
 BATCH=${DEMO_BATCH:-16}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 THREADS=${DEMO_THREADS:-2}
@@ -38,6 +39,9 @@ stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
 # conv stem: it learns the findings sooner than a linear patchify); batch 16 gives InfoNCE 15
 # negatives per sample (batch 2 gives 1); the auxiliary 18-label head (weight 1) teaches the
 # encoder the findings directly, which the contrastive term then aligns with the report text.
+# 2000 cases x 600 steps (each training scan seen ~6 times): with 520 cases the encoder learned
+# the few hundred training scans by their outline instead of their findings (held-out clip loss
+# rose above chance) and held-out R@5 stayed at 1.6-2.8x random; data are cheap next to steps.
 # Both cores go to torch (train.cpu_threads) and the loader runs in the training process
 # (data.num_workers=0): a loader process beside 2 OpenMP threads made each step ~1.3x slower.
 $VPY/python trainer/train.py --config configs/train/demo.yaml --shards "$OUT/shards" --output "$OUT/run" \
@@ -53,7 +57,7 @@ $VPY/python -m trainer.evaluate --encoder "$OUT/run/encoder" --shards "$OUT/shar
     --source ctrate --out "$OUT/run/eval"
 
 stamp "5/5 learning check"
-$VPY/python - "$OUT/run/eval/eval.json" "${DEMO_REQUIRE_LEARNING:-0}" <<'EOF'
+$VPY/python - "$OUT/run/eval/eval.json" "${DEMO_REQUIRE_LEARNING:-1}" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))["retrieval"]
 base = r["random_baseline"]["R@5"]
