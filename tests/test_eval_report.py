@@ -65,3 +65,30 @@ def test_split_reader_sees_every_case_once(tiny_run):
     batches = list(batches_by_shape(iter_split(tiny_run / "shards", "valid"), 4))
     assert [len(b["ids"]) for b in batches] == [4, 4, 1]
     assert batches[0]["report_ids"].dtype == torch.int64 and batches[0]["image"].dtype == torch.int16
+
+
+def test_retrieval_pool_bench_subpools_keep_whole_reports_and_full_row_matches_the_evaluator(tiny_run, capsys):
+    import numpy as np
+
+    from tests.bench_helpers import load_bench
+    from trainer.evaluate import main as evaluate
+
+    bench = load_bench("retrieval_pool")
+    group = np.array([0, 0, 1, 2, 2, 2, 3, 4])  # reports 0 and 2 have several reconstructions
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sel = bench.subpool(group, 2, rng)
+        assert len(set(group[sel])) == 2
+        assert set(sel) == set(np.flatnonzero(np.isin(group, group[sel])))  # every volume of a picked report
+
+    args = ["--encoder", str(tiny_run / "encoder"), "--shards", str(tiny_run / "shards")]
+    ev = evaluate(args + ["--split", "valid", "--out", str(tiny_run / "eval_pool"), "--picture-cases", "0",
+                          "--ks", "1,5"])["retrieval"]
+    rows = bench.main(args + ["--texts", "2", "--draws", "3", "--k", "1"])
+    n_txt = ev["n_unique_texts"]
+    assert rows[0]["i2t"][0] == pytest.approx(ev["image_to_text"]["R@1"] / ev["random_baseline"]["R@1"])
+    assert rows[0]["t2i"][0] == pytest.approx(ev["text_to_image"]["R@1"] / ev["random_baseline"]["R@1"])
+    assert len(rows) == 2 and len(rows[1]["i2t"]) == len(rows[1]["t2i"]) == 3
+    assert f"| full 9 / {n_txt} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"split has {n_txt} distinct reports"):
+        bench.main(args + ["--texts", str(n_txt)])
