@@ -96,7 +96,9 @@ class VisionConfig:
     # Where the label head looks: "global" = one linear layer on the pooled feature; "lse" =
     # the same layer on every patch token, then log-mean-exp over patches with sharpness
     # label_lse_r (multiple-instance pooling: a 15 mm nodule fills one patch of 512, and the patch
-    # that holds it gets the gradient). Default "global": what encoders saved earlier were built with.
+    # that holds it gets the gradient). With "lse" the label head reads the patch tokens, so
+    # head_norm then applies to the global head only. Default "global": what encoders saved
+    # earlier were built with.
     label_pool: str = "global"
     label_lse_r: float = 5.0
     grad_checkpointing: bool = False  # recompute each block in backward
