@@ -278,6 +278,13 @@ def test_same_seed_byte_identical(tmp_path):
     assert vol.read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime field is 0
     with gzip.open(vol) as fh:
         assert fh.read(4)  # valid gzip
+    w = tmp_path / "w"  # two worker processes write the same bytes
+    write_ctrate(w, cases=3, seed=11, faults=True, workers=2)
+    assert files == sorted(p.relative_to(w) for p in w.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (w / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="workers"):
+        write_ctrate(tmp_path / "bad", cases=3, workers=0)
     c = tmp_path / "c"
     write_ctrate(c, cases=3, seed=12)
     assert (a / "metadata/train_metadata.csv").read_bytes() != (c / "metadata/train_metadata.csv").read_bytes()

@@ -240,7 +240,17 @@ def plan_scans(cases: int, grid: str = "demo", seed: int = 0) -> list[Scan]:
     return [_scan(seed, sp, pid, s, n, preset) for sp, pid, s, n in _plan(cases, seed)]
 
 
-def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False) -> dict:
+def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, int, int, int]) -> None:
+    """Render and write every volume of one planned scan (a worker rebuilds the scan from its plan row)."""
+    scan = _scan(seed, *plan_row, get_grid(grid))
+    for vol in scan.volumes:
+        hu, lab = _render(scan.anatomy, vol.grid)
+        _add_noise(hu, vol.sigma, vol.seed)
+        _write_volume(out, vol, hu, lab)
+
+
+def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False,
+                 workers: int = 1) -> dict:
     """Write a synthetic CT-RATE dataset.
 
     Args:
@@ -249,21 +259,34 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
         grid: "demo" | "small" | "full" (``ctprep.synth.grids.GRIDS``).
         seed: same seed -> byte-identical files.
         faults: also write the cases listed in ``faults.json`` (kinds: ``FAULT_KINDS``).
+        workers: processes rendering the volumes (each volume has its own seed, so the files are
+            byte-identical for any number of workers).
 
     Returns:
         {"volumes": [relpath, ...], "faults": [fault records]}.
     """
     out = Path(out)
     preset = get_grid(grid)
-    scans = plan_scans(cases, grid, seed)
+    if cases < 0 or workers < 1:
+        raise ValueError(f"cases must be >= 0 and workers >= 1, got cases={cases}, workers={workers}")
+    plan = _plan(cases, seed)
+    scans = [_scan(seed, *row, preset) for row in plan]
+    if workers == 1:
+        for row in plan:
+            _write_scan_volumes(out, seed, grid, row)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            n = len(plan)  # list(): a worker's exception is raised here
+            list(pool.map(_write_scan_volumes, [out] * n, [seed] * n, [grid] * n, plan,
+                          chunksize=max(1, n // (8 * workers))))
     rows: dict[str, dict[str, list]] = {sp: {"meta": [], "report": [], "labels": []} for sp in SPLITS}
     cot: list[dict] = []
     written: list[str] = []
     for scan in scans:
         for vol in scan.volumes:
-            hu, lab = _render(scan.anatomy, vol.grid)
-            _add_noise(hu, vol.sigma, vol.seed)
-            _write_volume(out, vol, hu, lab)
             written.append(vol.relpath)
             rows[vol.split]["meta"].append(vol.meta)
             rows[vol.split]["report"].append(_report_row(vol.name, scan.text))
