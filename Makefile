@@ -16,6 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	bash scripts/check_disk.sh $(VENV) 3000 "installing the venv (torch, transformers, MiniLM)"
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first: the CPU wheel installs from local disk here; a GPU machine keeps its own torch.

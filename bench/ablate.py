@@ -52,7 +52,9 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
     if result_file.is_file():
         print(f"[ablate] {name}: reusing {result_file}", flush=True)
         result = json.loads(result_file.read_text())
-        return {"name": name, "result": result, "train_s": None}
+        timing = out / "train_seconds.json"
+        train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else None
+        return {"name": name, "result": result, "train_s": train_s}
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"train.steps={args.steps}", f"train.seed={args.seed}", f"data.seed={args.seed}",
                  "train.val_every=0", "train.ckpt_every=0", "train.progress_bar=false", *args.override]
@@ -60,6 +62,7 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
                  "--output", str(out), *overrides]
     print(f"[ablate] {name}: training {args.steps} steps ...", flush=True)
     train_s = run(train_cmd, out / "train.log")
+    (out / "train_seconds.json").write_text(json.dumps({"train_s": train_s}))
     eval_cmd = [sys.executable, "-m", "trainer.evaluate", "--encoder", str(out / "encoder"), "--shards",
                 str(args.shards), "--split", args.split, "--out", str(out / "eval"), "--picture-cases", "1"]
     if args.source:
@@ -73,9 +76,10 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| ablation | switched off | pool | i->t R@1 | i->t R@5 | t->i R@1 | t->i R@5 | random R@5 "
-            "| i->t mean rank | zero-shot AUC | CoT mass/chance | train s |")
+            "| i->t R@5 / random | t->i R@5 / random | i->t mean rank | zero-shot AUC | CoT mass/chance | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    ratio = lambda v, base: "n/a" if v is None or not base else f"{v / base:.1f}x"  # noqa: E731
     for row in rows:
         r = row["result"]["retrieval"]
         z = row["result"]["zero_shot"]
@@ -84,10 +88,11 @@ def table(rows: list[dict]) -> str:
             f"| {row['name']} | {row['diff'] or 'nothing (reference)'} | {r['n_images']} | "
             f"{pct(r['image_to_text']['R@1'])} | {pct(r['image_to_text']['R@5'])} | "
             f"{pct(r['text_to_image']['R@1'])} | {pct(r['text_to_image']['R@5'])} | "
-            f"{pct(r['random_baseline']['R@5'])} | {r['image_to_text']['mean_rank']:.1f} | "
+            f"{pct(r['random_baseline']['R@5'])} | {ratio(r['image_to_text']['R@5'], r['random_baseline']['R@5'])} | "
+            f"{ratio(r['text_to_image']['R@5'], r['random_baseline']['R@5'])} | {r['image_to_text']['mean_rank']:.1f} | "
             f"{z['macro_auc'] if z['macro_auc'] is None else round(z['macro_auc'], 3)} | "
             f"{cot.get('mean_ratio', float('nan')):.2f} | "
-            f"{'reused' if row['train_s'] is None else round(row['train_s'])} |"
+            f"{'n/a' if row['train_s'] is None else round(row['train_s'])} |"
         )
     return "\n".join(lines)
 

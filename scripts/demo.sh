@@ -20,6 +20,8 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 THREADS=${DEMO_THREADS:-2}
 export OMP_NUM_THREADS=$THREADS
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# ~2.7 MB on disk per CT-RATE case (volume, masks, zarr, shards) + the run: 2,000 cases ~ 6 GB.
+bash scripts/check_disk.sh "$OUT" $(( CASES * 3 + 1000 )) "make demo with $CASES cases"
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - t0 ))s] $*"; }
