@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -137,6 +137,18 @@ class LoadedTokenizer:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
+    @cached_property
+    def special_frame(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after one sequence's tokens ([CLS] / [SEP] for BERT),
+        read off by encoding one token with and without special tokens (works for any single-sequence
+        template; ``build_inputs_with_special_tokens`` is gone from transformers 5's fast tokenizers)."""
+        body = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        framed = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(framed) - len(body) + 1):
+            if framed[start : start + len(body)] == body:
+                return list(framed[:start]), list(framed[start + len(body) :])
+        raise ValueError(f"cannot find the special-token frame of tokenizer {self.identity.get('name')}")
+
 
 @lru_cache(maxsize=4)
 def _load(folder: str) -> Any:
@@ -151,33 +163,51 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LoadedTokenizer:
     return LoadedTokenizer(_load(str(folder)), {"name": name, "hash": tokenizer_files_hash(folder)}, folder)
 
 
-def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids with special tokens, truncated to ``max_len``, padded with the pad id.
+def encode_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids with special tokens, truncated to ``max_len``, padded with the pad id, from one
+    tokenizer pass.
+
+    The texts are tokenized once without special tokens or truncation; each body is cut to the room
+    the special tokens leave (on the tokenizer's ``truncation_side``) and framed with them
+    (:attr:`LoadedTokenizer.special_frame`): the same ids as the tokenizer's own
+    ``truncation=True, max_length=max_len`` call (tested), and the untruncated lengths come free.
 
     Returns:
-        ids int32 (N, max_len) and lengths int32 (N,) (real tokens incl. [CLS]/[SEP]).
-        N may be 0 (shape (0, max_len)). :func:`count_truncated` says how many lost tokens.
+        ids int32 (N, max_len), lengths int32 (N,) (real tokens incl. [CLS]/[SEP]) and how many of
+        ``texts`` lost their tail (a report cut before its lung findings trains the model on text
+        that no longer describes the image, so the build summary counts these). N may be 0.
     """
     if max_len < 2:
         raise ValueError(f"max_len must leave room for the special tokens, got {max_len}")
     ids = np.full((len(texts), max_len), tok.pad_id, dtype=np.int32)
     lens = np.zeros((len(texts),), dtype=np.int32)
+    n_cut = 0
     if texts:
-        enc = tok.tokenizer(list(texts), truncation=True, max_length=max_len, add_special_tokens=True)
-        for i, row in enumerate(enc["input_ids"]):
+        hf = tok.tokenizer
+        head, tail = tok.special_frame
+        room = max_len - len(head) - len(tail)
+        if room < 0:
+            raise ValueError(f"max_len {max_len} is shorter than the tokenizer's special tokens")
+        bodies = hf(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        for i, body in enumerate(bodies):
+            if len(body) > room:
+                n_cut += 1
+                body = body[len(body) - room:] if hf.truncation_side == "left" else body[:room]
+            row = [*head, *body, *tail]
             ids[i, : len(row)] = row
             lens[i] = len(row)
+    return ids, lens, n_cut
+
+
+def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_padded` without the truncation count: ids int32 (N, max_len), lengths int32 (N,)."""
+    ids, lens, _ = encode_padded(tok, texts, max_len)
     return ids, lens
 
 
 def count_truncated(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> int:
-    """How many of ``texts`` are longer than ``max_len`` tokens (special tokens included), i.e. lose
-    their tail in :func:`tokenize_padded`: a report cut before its lung findings trains the model
-    on text that no longer describes the image, so the build summary counts these."""
-    if not texts:
-        return 0
-    enc = tok.tokenizer(list(texts), truncation=False, add_special_tokens=True, verbose=False)
-    return sum(len(row) > max_len for row in enc["input_ids"])
+    """How many of ``texts`` are longer than ``max_len`` tokens (special tokens included)."""
+    return encode_padded(tok, texts, max_len)[2]
 
 
 def decode_ids(tok: LoadedTokenizer, ids: np.ndarray, length: int) -> str:

@@ -116,3 +116,27 @@ def test_truncation_counts_only_texts_over_the_limit(tok):
     assert count_truncated(tok, [short, long, long], 64) == 2
     assert count_truncated(tok, [short], n_short) == 0 and count_truncated(tok, [short], n_short - 1) == 1
     assert count_truncated(tok, [], 8) == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_one_pass_encoding_matches_the_tokenizers_own_truncation(tok, side):
+    """encode_padded tokenizes once and cuts by hand; ids and lengths must equal the tokenizer's own
+    truncation=True call (both truncation sides), and the cut count the untruncated lengths."""
+    from ctprep.tokenizer import encode_padded
+
+    texts = ["", "No nodule.", "The lungs are clear. " * 30, "Mild cardiomegaly; small right effusion.",
+             "Ground-glass opacity in the left lower lobe. " * 6]
+    old_side = tok.tokenizer.truncation_side
+    tok.tokenizer.truncation_side = side
+    try:
+        for max_len in (2, 3, 8, 16, 64, 512):
+            ids, lens, cut = encode_padded(tok, texts, max_len)
+            ref = tok.tokenizer(texts, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
+            full = tok.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+            for i, row in enumerate(ref):
+                assert lens[i] == len(row)
+                assert ids[i, : len(row)].tolist() == row, (side, max_len, i)
+                assert (ids[i, len(row):] == tok.pad_id).all()
+            assert cut == sum(len(r) > max_len for r in full)
+    finally:
+        tok.tokenizer.truncation_side = old_side

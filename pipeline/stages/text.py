@@ -22,7 +22,7 @@ from ctprep.config import to_jsonable
 from ctprep.quarantine import MISSING_REPORT, QuarantineError
 from ctprep.region_text import region_texts, step_regions
 from ctprep.stages.base import NOTES_KEY, CaseTask, atomic_path, case_stage
-from ctprep.tokenizer import LoadedTokenizer, count_truncated, load_tokenizer, tokenize_padded, tokenizer_identity
+from ctprep.tokenizer import LoadedTokenizer, encode_padded, load_tokenizer, tokenizer_identity
 
 # CT-RATE writes a missing report section as this string.
 NOT_GIVEN = "not given."
@@ -102,9 +102,9 @@ def tokenize_case_text(
     findings = clean_section(text.get("findings")) or report
     regions, has_text = region_texts(findings, region_names, region_keywords, no_finding_text)
 
-    report_ids, report_len = tokenize_padded(tok, [report], max_len_report)
-    steps_ids, steps_len = tokenize_padded(tok, steps, max_len_step)
-    region_ids, region_len = tokenize_padded(tok, regions, max_len_region)
+    report_ids, report_len, report_cut = encode_padded(tok, [report], max_len_report)
+    steps_ids, steps_len, steps_cut = encode_padded(tok, steps, max_len_step)
+    region_ids, region_len, regions_cut = encode_padded(tok, regions, max_len_region)
     arrays = {
         "report_ids": report_ids[0],
         "report_len": np.asarray(report_len[0], dtype=np.int32),
@@ -120,9 +120,7 @@ def tokenize_case_text(
         "step_regions": step_regions(steps, region_names, region_keywords),
         "region_texts": regions,
         "tokenizer": dict(tok.identity),
-        "truncated": {"report": count_truncated(tok, [report], max_len_report),
-                      "steps": count_truncated(tok, steps, max_len_step),
-                      "regions": count_truncated(tok, regions, max_len_region)},
+        "truncated": {"report": report_cut, "steps": steps_cut, "regions": regions_cut},
     }
     return arrays, meta
 
