@@ -137,3 +137,31 @@ def test_a_batchnorm_head_with_one_sample_per_rank_is_refused_before_training():
     cfg = load_config(None, ["data.batch_size=2", 'model.overrides={"vision.head_norm": "batch"}'])
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in build_model(cfg).modules())
     assert build_model(load_config(None, ["data.batch_size=1"])) is not None  # tiny's default head: no BatchNorm
+
+
+def test_sync_batchnorm_converts_on_gpu_ranks_refuses_cpu_ranks_and_keeps_the_weights():
+    from trainer.config import ConfigError, load_config
+    from trainer.train import DistInfo, apply_sync_batchnorm, build_model
+
+    bn = 'model.overrides={"vision.head_norm": "batch", "vision.patch.stem_norm": "batch"}'
+    cfg = load_config(None, ["data.batch_size=2", "train.sync_batchnorm=true", bn])
+    model = build_model(cfg)
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert n_bn >= 2  # the head's BatchNorm1d and the stem's BatchNorm3d
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert apply_sync_batchnorm(model, cfg, DistInfo(0, 1, 0, torch.device("cpu"))) is model  # one rank
+    with pytest.raises(ConfigError, match="sync_batchnorm.*GPU"):
+        apply_sync_batchnorm(model, cfg, DistInfo(0, 2, 0, torch.device("cpu")))
+    off = load_config(None, ["data.batch_size=2", bn])
+    assert apply_sync_batchnorm(model, off, DistInfo(0, 2, 0, torch.device("cpu"))) is model
+    plain = build_model(load_config(None, ["train.sync_batchnorm=true"]))  # no BatchNorm: nothing to do
+    assert apply_sync_batchnorm(plain, cfg, DistInfo(0, 2, 0, torch.device("cpu"))) is plain
+
+    # GPU ranks: the swap itself needs no GPU (the sync happens in a training forward)
+    synced = apply_sync_batchnorm(model, cfg, DistInfo(0, 2, 0, torch.device("cuda", 0)))
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm3d) for m in synced.modules())
+    after = synced.state_dict()
+    assert after.keys() == before.keys()  # checkpoints and the encoder export load either way
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -105,6 +105,10 @@ class TrainConfig:
     # torch intra-op threads per rank on CPU (0 = torch's default). OpenMP threads spin at
     # barriers, so oversubscribed cores (loader threads, other jobs) can cost 10x per step.
     cpu_threads: int = 0
+    # BatchNorm layers (vision.head_norm / vision.patch.stem_norm: batch) normalise over each rank's
+    # micro-batch by default, as DDP does. true: torch.nn.SyncBatchNorm over all ranks (GPU ranks
+    # only: torch syncs BN statistics for CUDA tensors, not over gloo/CPU). No-op on one rank.
+    sync_batchnorm: bool = False
 
 
 @dataclass

@@ -116,6 +116,24 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return model
 
 
+def apply_sync_batchnorm(model: torch.nn.Module, cfg: Config, info: DistInfo) -> torch.nn.Module:
+    """``train.sync_batchnorm``: swap every BatchNorm for ``torch.nn.SyncBatchNorm`` when the run has
+    more than one rank, so the statistics cover the global batch (SimCLR / MoCo v3 practice for a
+    BN projection head). The parameters and buffers keep their names and shapes, so checkpoints and
+    the encoder export are unchanged. A no-op on one rank or without BatchNorm; on CPU ranks it
+    stops with a ConfigError (torch synchronises BN statistics only for accelerator tensors)."""
+    if not cfg.train.sync_batchnorm or info.world_size == 1:
+        return model
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if info.device.type == "cpu":
+        raise ConfigError(
+            f"train.sync_batchnorm: true needs GPU ranks ({info.world_size} CPU ranks here): torch's "
+            "SyncBatchNorm does not synchronise over gloo/CPU; set it to false (per-rank statistics)"
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def promote_scalar_params(model: torch.nn.Module) -> list[str]:
     """Give 0-dim parameters (logit scales) shape (1,), in place; returns their names.
 
@@ -389,7 +407,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    model = build_model(cfg)
+    model = apply_sync_batchnorm(build_model(cfg), cfg, info)
     tokenizer = expected_tokenizer(cfg, model)
     expect = data_lib.expectation_from_config(cfg.data, tokenizer)
     index = data_lib.load_shard_index(cfg.data.shards, expect)
