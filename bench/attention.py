@@ -1,6 +1,7 @@
 """Benchmark SliceAwareAttention kernels: time and peak memory, forward + backward.
 
-CPU section (always): the memory-bounded ``blocked`` kernel vs the materialized-bias
+CPU section (always): the ``augmented`` kernel (bias as extra head channels, plain flash SDPA;
+what ``auto`` picks on CPU) and the memory-bounded ``blocked`` kernel vs the materialized-bias
 ``reference`` (test oracle) vs plain SDPA without any bias, at growing N. Every
 (kernel, N) runs in a fresh subprocess and its peak memory is the growth of the process's
 max RSS (``resource.getrusage``) over the baseline taken after the inputs exist: robust,
@@ -34,10 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer.model.patch_embed import token_z_index  # noqa: E402
 from trainer.model.slice_attention import (  # noqa: E402
-    blocked_slice_attention, flex_available, flex_slice_attention, reference_slice_attention,
+    augmented_slice_attention, blocked_slice_attention, flex_available, flex_slice_attention,
+    reference_slice_attention,
 )
 
-CPU_KERNELS = ("blocked", "reference", "sdpa")
+CPU_KERNELS = ("augmented", "blocked", "reference", "sdpa")
 
 
 def _maxrss_mb() -> float:
@@ -45,6 +47,8 @@ def _maxrss_mb() -> float:
 
 
 def _run(kernel: str, q, k, v, table, z, block_size: int):
+    if kernel == "augmented":
+        return augmented_slice_attention(q, k, v, table, z)
     if kernel == "blocked":
         return blocked_slice_attention(q, k, v, table, z, block_size)
     if kernel == "reference":
@@ -56,11 +60,11 @@ def _run(kernel: str, q, k, v, table, z, block_size: int):
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _inputs(grid, heads, head_dim, max_distance, device="cpu", dtype=torch.float32, seed=0):
+def _inputs(grid, heads, head_dim, max_distance, device="cpu", dtype=torch.float32, seed=0, batch=1):
     g = torch.Generator(device=device).manual_seed(seed)
     z = token_z_index(grid, device=device)
     n = z.numel()
-    q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=device, dtype=dtype).requires_grad_()
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g, device=device, dtype=dtype).requires_grad_()
                for _ in range(3))
     table = (0.5 * torch.randn(heads, max_distance + 1, generator=g, device=device)).requires_grad_()
     return q, k, v, table, z
@@ -73,7 +77,8 @@ def cpu_worker(spec: dict) -> dict:
     small = _inputs((1, 2, 2), spec["heads"], spec["head_dim"], spec["max_distance"])
     _run(spec["kernel"], *small, spec["block_size"]).backward(torch.randn_like(small[0]))
     del small
-    q, k, v, table, z = _inputs(tuple(spec["grid"]), spec["heads"], spec["head_dim"], spec["max_distance"])
+    q, k, v, table, z = _inputs(tuple(spec["grid"]), spec["heads"], spec["head_dim"], spec["max_distance"],
+                                batch=spec.get("batch", 1))
     grad_out = torch.randn_like(q)
     base = _maxrss_mb()
     times = []
@@ -96,7 +101,7 @@ def run_cpu(args) -> list[dict]:
         for kernel in CPU_KERNELS:
             if kernel == "reference" and n > args.reference_max_n:
                 continue
-            spec = dict(kernel=kernel, grid=grid, heads=args.heads, head_dim=args.head_dim,
+            spec = dict(kernel=kernel, grid=grid, heads=args.heads, head_dim=args.head_dim, batch=args.batch,
                         max_distance=args.max_distance, block_size=args.block_size, reps=args.reps)
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                   capture_output=True, text=True)
@@ -110,7 +115,7 @@ def run_cpu(args) -> list[dict]:
 
 
 def print_cpu_table(rows: list[dict], args) -> None:
-    print(f"\nCPU, fp32, forward+backward, B=1, heads={args.heads}, head_dim={args.head_dim}, "
+    print(f"\nCPU, fp32, forward+backward, B={args.batch}, heads={args.heads}, head_dim={args.head_dim}, "
           f"block_size={args.block_size}, threads={torch.get_num_threads()}")
     print("peak = growth of max RSS over the baseline with inputs allocated (fresh process per row)\n")
     print(f"| {'N tokens':>8} | {'kernel':9} | {'time s':>8} | {'peak MB':>8} | {'MB per 1k tok':>13} "
@@ -131,11 +136,13 @@ def print_cpu_table(rows: list[dict], args) -> None:
                   f"{1000 * r['peak_mb'] / n:13.1f} | {mem_ratio:>9} | {time_ratio:>10} |")
     blocked = sorted((r for r in rows if r["kernel"] == "blocked"), key=lambda r: r["n"])
     refs = sorted((r for r in rows if r["kernel"] == "reference"), key=lambda r: r["n"])
-    if len(blocked) >= 2:
-        lo, hi = blocked[0], blocked[-1]
-        growth = (hi["peak_mb"] / max(lo["peak_mb"], 1e-9)) / (hi["n"] / lo["n"])
-        print(f"\nblocked: N x{hi['n'] / lo['n']:.1f} -> peak x{hi['peak_mb'] / max(lo['peak_mb'], 1e-9):.1f} "
-              f"(memory growth / N growth = {growth:.2f}; 1.0 = linear, N x{hi['n'] / lo['n']:.0f} for quadratic)")
+    for name in ("augmented", "blocked"):
+        mine = sorted((r for r in rows if r["kernel"] == name), key=lambda r: r["n"])
+        if len(mine) >= 2:
+            lo, hi = mine[0], mine[-1]
+            growth = (hi["peak_mb"] / max(lo["peak_mb"], 1e-9)) / (hi["n"] / lo["n"])
+            print(f"\n{name}: N x{hi['n'] / lo['n']:.1f} -> peak x{hi['peak_mb'] / max(lo['peak_mb'], 1e-9):.1f} "
+                  f"(memory growth / N growth = {growth:.2f}; 1.0 = linear, N x{hi['n'] / lo['n']:.0f} for quadratic)")
     if refs:
         n = refs[-1]["n"]
         b = next((r for r in blocked if r["n"] == n), None)
@@ -194,6 +201,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
                    help="patch layers (z) per run; N = layers * hw * hw + 1")
     p.add_argument("--hw", type=int, default=16, help="patches per y and x (16 x 16 = one 256 x 256 slice)")
+    p.add_argument("--batch", type=int, default=1, help="samples per call (the demo trains 16 x 513 tokens)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--max-distance", type=int, default=64, help="slice-bias table length (patch layers)")

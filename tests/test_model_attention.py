@@ -1,4 +1,4 @@
-"""SliceAwareAttention kernels: blocked (CPU training) and flex (GPU) agree with the reference oracle."""
+"""SliceAwareAttention kernels: augmented and blocked (CPU training) and flex (GPU) agree with the reference oracle."""
 
 import warnings
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from trainer.model.slice_attention import (
-    KERNELS, SliceAwareAttention, blocked_slice_attention, flex_available, flex_slice_attention,
+    KERNELS, SliceAwareAttention, augmented_slice_attention, blocked_slice_attention, flex_available,
+    flex_slice_attention,
     raster_layer_size, reference_slice_attention, select_kernel, slice_distance_index,
 )
 from trainer.model.patch_embed import token_z_index
@@ -53,6 +54,36 @@ def test_blocked_equals_reference_output_and_grads(block_size, layout):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("layout", ["raster", "arbitrary", "no_cls", "one_layer"])
+def test_augmented_equals_reference_output_and_grads(layout):
+    q, k, v, table, z = _inputs(max_distance=3, grid=(6, 2, 3))
+    if layout == "arbitrary":  # tokens in any order, CLS in the middle
+        z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(2))]
+    elif layout == "no_cls":  # drop CLS: every pair is a patch pair
+        q, k, v = (t[:, :, 1:].detach().requires_grad_() for t in (q, k, v))
+        z = z[1:]
+    elif layout == "one_layer":  # a 2D slice: one patch layer
+        z = torch.where(z > 0, torch.zeros_like(z), z)
+    ref = reference_slice_attention(q, k, v, table, z, scale=0.3)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, table), grad_out)
+    out = augmented_slice_attention(q, k, v, table, z, scale=0.3)
+    grads = torch.autograd.grad(out, (q, k, v, table), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(("q", "k", "v", "table"), grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+    assert grads[3].abs().sum() > 0  # the table learns
+
+
+def test_augmented_bf16_close_to_reference_and_distance_clipped():
+    # distances beyond the table share its last patch column: 8 layers, max_distance 3
+    q, k, v, table, z = _inputs(dtype=torch.float32, grid=(8, 2, 2), dh=16)
+    ref = reference_slice_attention(q, k, v, table, z)
+    out = augmented_slice_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), table, z)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
 def test_blocked_gradcheck():
     q, k, v, table, z = _inputs(b=1, h=2, grid=(3, 1, 2), dh=4)
     assert torch.autograd.gradcheck(lambda *a: blocked_slice_attention(*a, z, 3), (q, k, v, table))
@@ -79,8 +110,9 @@ def test_flex_forward_equals_reference_on_cpu():
 
 def test_kernel_selection_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert select_kernel("auto", True, cpu, needs_grad=True) == "blocked"
-    assert select_kernel("auto", True, cuda, needs_grad=True) == ("flex" if flex_available() else "blocked")
+    assert select_kernel("auto", True, cpu, needs_grad=True) == "augmented"
+    assert select_kernel("auto", True, cuda, needs_grad=True) == ("flex" if flex_available() else "augmented")
+    assert select_kernel("blocked", True, cpu, needs_grad=True) == "blocked"
     assert select_kernel("auto", False, cpu, needs_grad=True) == "sdpa"
     assert select_kernel("reference", True, cpu, needs_grad=True) == "reference"
     assert select_kernel("flex", True, cpu, needs_grad=False) == "flex"  # CPU inference is allowed
@@ -92,10 +124,12 @@ def test_kernel_selection_per_device():
         select_kernel("sdpa", True, cpu, needs_grad=False)
     with pytest.raises(ValueError, match="slice bias, which is off"):
         select_kernel("blocked", False, cpu, needs_grad=False)
-    assert set(KERNELS) == {"auto", "flex", "blocked", "reference", "sdpa"}
+    with pytest.raises(ValueError, match="slice bias, which is off"):
+        select_kernel("augmented", False, cpu, needs_grad=False)
+    assert set(KERNELS) == {"auto", "flex", "augmented", "blocked", "reference", "sdpa"}
 
 
-def test_module_paths_agree_and_auto_picks_blocked_on_cpu():
+def test_module_paths_agree_and_auto_picks_augmented_on_cpu():
     torch.manual_seed(0)
     attn = SliceAwareAttention(32, 4, max_slice_distance=3, block_size=8).double()
     with torch.no_grad():
@@ -103,16 +137,17 @@ def test_module_paths_agree_and_auto_picks_blocked_on_cpu():
     grid = (4, 3, 3)
     z = token_z_index(grid)
     x = torch.randn(2, z.numel(), 32, dtype=torch.float64, requires_grad=True)
-    assert attn.resolve_kernel(x) == "blocked"
+    assert attn.resolve_kernel(x) == "augmented"
     results = {}
-    for kernel in ("blocked", "reference"):
+    for kernel in ("augmented", "blocked", "reference"):
         attn.zero_grad()
         x.grad = None
         out = attn(x, z, kernel=kernel)
         out.square().sum().backward()
         results[kernel] = (out.detach(), x.grad.clone(), attn.slice_bias_table.grad.clone())
-    for a, b in zip(results["blocked"], results["reference"]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for kernel in ("augmented", "blocked"):
+        for a, b in zip(results[kernel], results["reference"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     # The bias matters: without it the output differs.
     plain = SliceAwareAttention(32, 4, slice_bias=False).double()
     plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "slice_bias_table"})

@@ -12,7 +12,7 @@ def _bench_module():
 def test_attention_bench_measures_and_prints_table(capsys):
     # In-process (the CLI runs each row in a fresh subprocess only to isolate max-RSS peaks).
     bench = _bench_module()
-    args = argparse.Namespace(heads=2, head_dim=8, block_size=8)
+    args = argparse.Namespace(heads=2, head_dim=8, block_size=8, batch=1)
     rows = []
     for layers in (1, 2):
         for kernel in bench.CPU_KERNELS:
