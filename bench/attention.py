@@ -8,9 +8,10 @@ max RSS (``resource.getrusage``) over the baseline taken after the inputs exist:
 allocator-agnostic, and it sees torch's native allocations (tracemalloc does not).
 
 GPU section (when CUDA is present): bf16, N = 16,385 (64 x 512 x 512 with 4x16x16 patches),
-width 768 / 12 heads: compiled FlexAttention with the slice-bias ``score_mod`` vs SDPA without
-bias, tokens/s and ``torch.cuda.max_memory_allocated``; plus a correctness check of the flex
-kernel (output and all gradients, including the bias table's) against the reference.
+width 768 / 12 heads: compiled FlexAttention with the slice-bias ``score_mod`` and the
+``augmented`` kernel vs SDPA without bias, tokens/s and ``torch.cuda.max_memory_allocated``; plus
+a correctness check of the flex and augmented kernels (output and all gradients, including the
+bias table's) against the reference.
 
 Usage:
     OMP_NUM_THREADS=1 python bench/attention.py                 # CPU table (+ GPU if present)
@@ -171,12 +172,17 @@ def run_gpu(args) -> None:
     errs = [(out - ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(grads, ref_grads)]
     print("flex vs reference max abs error (out, dq, dk, dv, dtable), fp32, N=1025: "
           + ", ".join(f"{e:.2e}" for e in errs))
+    out = augmented_slice_attention(q, k, v, table, z)
+    grads = torch.autograd.grad(out, (q, k, v, table), g)
+    errs = [(out - ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(grads, ref_grads)]
+    print("augmented vs reference max abs error (out, dq, dk, dv, dtable), fp32, N=1025: "
+          + ", ".join(f"{e:.2e}" for e in errs))
     heads, head_dim = args.gpu_heads, args.gpu_width // args.gpu_heads
     grid = (16, 32, 32)  # 64 x 512 x 512 / (4, 16, 16)
     print(f"\nbf16, B=1, N={16 * 32 * 32 + 1}, width {args.gpu_width}, {heads} heads, forward+backward")
     print(f"| {'kernel':24} | {'ms / iter':>9} | {'tokens/s':>10} | {'peak GiB':>8} |")
     print("|" + "|".join("-" * w for w in (26, 11, 12, 10)) + "|")
-    for kernel in ("flex", "sdpa"):
+    for kernel in ("flex", "augmented", "sdpa"):
         q, k, v, table, z = _inputs(grid, heads, head_dim, args.max_distance, device=dev, dtype=torch.bfloat16)
         grad_out = torch.randn_like(q)
         for _ in range(3):  # compile + warm-up
@@ -189,7 +195,7 @@ def run_gpu(args) -> None:
         torch.cuda.synchronize()
         ms = 1000 * (time.perf_counter() - start) / args.gpu_iters
         peak = torch.cuda.max_memory_allocated() / 2**30
-        name = "flex + slice bias" if kernel == "flex" else "SDPA, no bias"
+        name = {"flex": "flex + slice bias", "augmented": "augmented + slice bias"}.get(kernel, "SDPA, no bias")
         print(f"| {name:24} | {ms:9.2f} | {q.shape[2] / ms * 1000:10.0f} | {peak:8.2f} |")
         del q, k, v, table, grad_out
         torch.cuda.empty_cache()
