@@ -72,7 +72,7 @@ def test_flex_requested_for_cpu_training_fails_loudly():
     model = create_model("tiny", **{"vision.attention.kernel": "flex", "text.freeze_layers": -1})
     from tests.model_helpers import make_batch
 
-    with pytest.raises(RuntimeError, match="blocked"):
+    with pytest.raises(RuntimeError, match="augmented"):
         model(make_batch())
 
 
