@@ -25,3 +25,16 @@ def test_attention_bench_measures_and_prints_table(capsys):
     for kernel in bench.CPU_KERNELS:
         assert f"| {kernel:9} |" in out
     assert "largest N where reference ran: 33" in out and "memory growth / N growth" in out
+
+
+def test_train_step_bench_times_each_kernel_and_checks_they_agree(capsys):
+    bench = load_bench("train_step")
+    rows = bench.main(["--grid", "8", "32", "32", "--batch", "2", "--reps", "1", "--amp", "fp32",
+                       "--kernels", "augmented", "blocked", "reference"])
+    by = {r["kernel"]: r for r in rows}
+    assert set(by) == {"augmented", "blocked", "reference"}
+    assert by["blocked"]["ratio"] == 1.0 and all(r["median_s"] > 0 for r in rows)
+    # same weights, same batch: the three kernels compute the same loss
+    assert abs(by["augmented"]["loss"] - by["blocked"]["loss"]) < 1e-4 * max(1.0, abs(by["blocked"]["loss"]))
+    assert abs(by["reference"]["loss"] - by["blocked"]["loss"]) < 1e-4 * max(1.0, abs(by["blocked"]["loss"]))
+    assert "| augmented |" in capsys.readouterr().out
