@@ -96,7 +96,7 @@ def prepare(root: Path, cases: int, src: tuple[int, int, int], grid: tuple[int, 
         size = write_shard(shard_dir / rel, chunk, compress=members)
         entries.append({"path": rel, "samples": len(chunk), "bytes": size, "sha256": "", "source": "ctrate",
                         "generation": 0})
-    index = {"schema_version": 1, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
+    index = {"schema_version": D.schema.SCHEMA_VERSION, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
              "patch_size": [4, 16, 16], "region_names": ["lung", "heart", "aorta"],
              "generations": [], "splits": {"train": entries}}
     (shard_dir / "index.json").write_text(json.dumps(index))

@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import re
 
-SCHEMA_VERSION = 1
+# 2: meta.json gained ``has_mask`` and ``plane`` (a volume packed without an anatomy mask
+#    must not look like one whose mask is all background).
+SCHEMA_VERSION = 2
 INDEX_FILE = "index.json"
 
 # z, y, x axis order of every stored array: RAS+ closest-canonical, transposed.
@@ -120,6 +122,8 @@ META_KEYS = (
     "steps_text",  # list[str], the CoT steps as tokenized
     "step_regions",  # list[int], per step: index into region_names it names, -1 if none
     "region_texts",  # list[str], R entries
+    "has_mask",  # bool: False = no anatomy mask was given; mask.npy is all 0 and regions.npy all background
+    "plane",  # "axial" | "coronal" | "sagittal": acquisition plane of the source images
 )
 
 # A case id is a file-name stem: letters, digits, '_', '-'; no path parts and

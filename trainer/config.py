@@ -43,7 +43,7 @@ class DataConfig:
     read_threads: int = 2
     seed: int = 0  # one seed on every rank: shard order, buffer, source choice
     pin_memory: bool = True  # used only when a CUDA device is present
-    schema_version: int = 1  # refuse shards written with another ctprep.schema.SCHEMA_VERSION
+    schema_version: int = 2  # refuse shards written with another ctprep.schema.SCHEMA_VERSION
     # Tokenizer identity the shards must carry: "model" = the model's text tower tokenizer
     # (ctprep.tokenizer.tokenizer_identity of model text.path), "index" = whatever index.json says
     # (only checks that all shards agree), or an explicit {"name": ..., "hash": ...}.

@@ -711,6 +711,9 @@ def collate_samples(samples: list[dict[str, Any]], *, small_as_numpy: bool = Fal
     region_ids = _pad_stack([s["region_text_ids"] for s in samples], (region_r, region_l), 0, np.int64)
     region_len = _pad_stack([s["region_text_len"].reshape(-1) for s in samples], (region_r,), 0, np.int64)
     region_has = _pad_stack([s["region_has_text"].reshape(-1) for s in samples], (region_r,), 0, np.uint8)
+    # A case packed without an anatomy mask has no region evidence: its region sentences
+    # must not become anchors of the region <-> text loss.
+    region_has[[not s["meta"].get("has_mask", True) for s in samples]] = 0
 
     labels = np.stack([s["labels"].astype(np.int64) for s in samples])
     small = {

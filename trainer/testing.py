@@ -97,6 +97,8 @@ def make_sample(
         "steps_text": [f"step {i}" for i in range(n_steps)],
         "step_regions": [int(rng.integers(-1, regions)) for _ in range(n_steps)],
         "region_texts": [f"{r} text" for r in TEST_REGIONS],
+        "has_mask": True,
+        "plane": "axial",
     }
     return {
         "image": image,

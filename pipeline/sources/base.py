@@ -65,6 +65,11 @@ class CaseInput:
         text: {"findings": str, "impression": str, "report": str,
             "steps": [str], ...source extras}. Empty strings when absent.
         labels: 18 ints in ``ctprep.schema.ABNORMALITY_LABELS`` order, -1 unknown.
+        provenance: JSON-able record of *where* the inputs came from and why (which
+            copy of a duplicated volume was taken, which mask tree, which side
+            files had a row). Stored in the manifest and shown by ``ctprep
+            inventory``; no stage key reads it, so moving or adding copies of a
+            dataset never reruns work whose inputs did not change.
     """
 
     case_id: str
@@ -74,6 +79,7 @@ class CaseInput:
     meta: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
     labels: list[int] = field(default_factory=lambda: [-1] * 18)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +94,7 @@ class CaseInput:
             meta=dict(obj.get("meta", {})),
             text=dict(obj.get("text", {})),
             labels=list(obj.get("labels", [-1] * 18)),
+            provenance=dict(obj.get("provenance", {})),
         )
 
 

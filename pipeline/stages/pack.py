@@ -407,6 +407,8 @@ def build_sample(job: dict[str, Any]) -> dict[str, bytes]:
         "steps_text": text["steps_text"],
         "step_regions": text["step_regions"],
         "region_texts": text["region_texts"],
+        "has_mask": bool(attrs.get("has_mask", True)),
+        "plane": str(attrs.get("plane", "axial")),
     }
     return sample_members(arrays, meta, job["compression"], job["zstd_level"])
 

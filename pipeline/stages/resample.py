@@ -359,6 +359,7 @@ def run_resample(task: CaseTask) -> dict[str, Any]:
         "orientation": "SAR",
         "region_names": cfg.regions.names if loaded.label_space == "totalseg" else loaded.info.get("region_names", []),
         "has_mask": loaded.labels is not None,
+        "plane": str(loaded.info.get("plane", "axial")),
         "hu_clip": list(cfg.resample.hu_clip),
         "stage_key": task.key,
         "input": {**loaded.info, **res.info},

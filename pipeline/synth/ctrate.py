@@ -250,7 +250,7 @@ def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, in
 
 
 def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, layout: str = "flat") -> dict:
     """Write a synthetic CT-RATE dataset.
 
     Args:

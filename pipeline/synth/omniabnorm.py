@@ -127,7 +127,8 @@ def _case(out: Path, case_id: str, rng: np.random.Generator, size: int) -> tuple
     return record, cot
 
 
-def write_omniabnorm(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False) -> dict:
+def write_omniabnorm(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False,
+                     layout: str = "batches") -> dict:
     """Write one synthetic OmniAbnorm-CT batch folder.
 
     Args:
