@@ -129,6 +129,33 @@ class OmniConfig:
 
 
 @dataclass
+class CtRateConfig:
+    """How the CT-RATE source reads a download (which copy, which mask tree; ctrate source).
+
+    Only the scan reads these: they decide which files a case uses, and the stage keys
+    hash those files' contents, so changing a choice reruns exactly the cases it changes.
+    """
+
+    # A case found in both the corrected (``*_fixed``, v2) and the first-release (v1) folders:
+    # "fixed" takes the corrected file, "original" the v1 one.
+    prefer: str = "fixed"
+    # Name of the mask tree that drives regions: "auto" = ``ts_total`` if present, else the
+    # generator's ``masks``, else the only tree found (several unknown trees: an error that
+    # names them). Trees: ``ts_seg/<task>/``, folders named masks/mask/seg/segmentations or
+    # ``*_mask(s)``, and ``mask_dirs``.
+    anatomy_masks: str = "auto"
+    # Extra mask trees, name -> folder (absolute, or relative to the source root), e.g. a
+    # MedSAM2 output tree; files under them are never taken as images.
+    mask_dirs: dict[str, str] = field(default_factory=dict)
+    # A volume without a file in the anatomy mask tree: "quarantine" (reason missing_mask) or
+    # "allow" (packed with an all-background mask and meta.json has_mask false).
+    missing_mask: str = "quarantine"
+    # Largest angle (degrees) between a voxel axis and the nearest patient axis that is still
+    # stored as if axis-aligned (the error is recorded); above it the case is quarantined as oblique.
+    max_oblique_deg: float = 1.0
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline config: one typed sub-config per stage concern."""
 
@@ -138,6 +165,7 @@ class PipelineConfig:
     text: TextConfig = field(default_factory=TextConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     omni: OmniConfig = field(default_factory=OmniConfig)
+    ctrate: CtRateConfig = field(default_factory=CtRateConfig)
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -149,6 +177,7 @@ _SECTIONS = {
     "text": TextConfig,
     "pack": PackConfig,
     "omni": OmniConfig,
+    "ctrate": CtRateConfig,
 }
 
 
@@ -287,3 +316,33 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise ValueError(f"pack.compression must be zst|gz|none, got {cfg.pack.compression!r}")
     if cfg.omni.slab_depth < 1:
         raise ValueError("omni.slab_depth must be >= 1")
+    c = cfg.ctrate
+    if c.prefer not in ("fixed", "original"):
+        raise ValueError(f"ctrate.prefer must be fixed|original, got {c.prefer!r}")
+    if c.missing_mask not in ("quarantine", "allow"):
+        raise ValueError(f"ctrate.missing_mask must be quarantine|allow, got {c.missing_mask!r}")
+    if not 0 <= c.max_oblique_deg < 45:
+        raise ValueError(f"ctrate.max_oblique_deg must be in [0, 45), got {c.max_oblique_deg!r}")
+
+
+def with_mask_options(cfg: PipelineConfig, masks: list[str] | None, anatomy: str | None) -> PipelineConfig:
+    """Apply the CLI's ``--masks NAME=DIR`` (repeatable) and ``--anatomy-masks NAME`` to ``cfg``.
+
+    A ``--masks`` entry without ``NAME=`` is named after its folder. When ``--masks`` is given
+    and ``--anatomy-masks`` is not, the first ``--masks`` tree is the anatomy map.
+    """
+    if not masks and not anatomy:
+        return cfg
+    dirs = dict(cfg.ctrate.mask_dirs)
+    first = None
+    for item in masks or []:
+        name, sep, folder = str(item).partition("=")
+        if not sep:
+            name, folder = Path(item).name, str(item)
+        name, folder = name.strip(), folder.strip()
+        if not name or not folder:
+            raise ValueError(f"--masks {item!r}: expected NAME=DIR")
+        dirs[name] = folder
+        first = first or name
+    new = dataclasses.replace(cfg.ctrate, mask_dirs=dirs, anatomy_masks=anatomy or first or cfg.ctrate.anatomy_masks)
+    return dataclasses.replace(cfg, ctrate=new)
