@@ -31,6 +31,8 @@ IMPLAUSIBLE_SPACING = "implausible_spacing"  # spacing <= 0, NaN, or outside a C
 NOT_CHEST = "not_chest"  # volume does not look like a chest CT
 DUPLICATE_CASE = "duplicate_case"  # two inputs claim the same case id
 STAGE_ERROR = "stage_error"  # unexpected exception inside a stage (a bug or an unforeseen input)
+MISSING_MASK = "missing_mask"  # no file for the volume in the anatomy mask tree (ctrate.missing_mask: quarantine)
+OBLIQUE = "oblique"  # voxel axes tilted past ctrate.max_oblique_deg from the patient axes
 
 QUARANTINE_KINDS = (
     UNSAFE_NAME,
@@ -44,6 +46,8 @@ QUARANTINE_KINDS = (
     NOT_CHEST,
     DUPLICATE_CASE,
     STAGE_ERROR,
+    MISSING_MASK,
+    OBLIQUE,
 )
 
 # Fault names the synthetic generator may use in faults.json -> our kind.
