@@ -126,6 +126,10 @@ class OmniConfig:
     slice_spacing_mm: float = 5.0  # nominal z spacing of context slices (jpg carries none)
     pixel_spacing_mm: float = 0.75  # nominal in-plane spacing of the jpg pixels
     shape_yx: tuple[int, int] = (128, 128)  # in-plane output size (voxels)
+    # Folder (absolute, or relative to the source root) where the datums' image / mask folders are
+    # looked up first; their JSON may hold absolute paths of another machine. None: the JSON's
+    # folder and the source root only. The only way to read images outside the source root.
+    image_root: str | None = None
 
 
 @dataclass
