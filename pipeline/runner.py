@@ -410,9 +410,20 @@ def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log):
             msg += f", {res.hashed} files hashed"
         if gone:
             msg += f", {len(gone)} no longer present"
+        msg += mask_tree_note(res.cases)
         log(msg)
     cases.sort(key=lambda c: (c.source, c.split, c.case_id))
     return cases, file_hashes, scan_q
+
+
+def mask_tree_note(cases: list[CaseInput]) -> str:
+    """"; anatomy masks: ts_total; other mask trees not used: ..." from the cases' provenance ("" if none)."""
+    used = sorted({c.provenance["mask_tree"] for c in cases if c.provenance.get("mask_tree")})
+    other = sorted({t for c in cases for t in c.provenance.get("other_masks", {})} - set(used))
+    note = f"; anatomy masks: {', '.join(used)}" if used else ""
+    if other:
+        note += f"; other mask trees not used (not anatomy maps): {', '.join(other)}"
+    return note
 
 
 def _eligibility(spec: StageSpec, case: CaseInput, keys: dict[str, KeyParts], rows, work: Path, out: Path) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ctprep.config import load_config
+from ctprep.config import load_config, with_mask_options
 
 
 def build_shards(
@@ -27,6 +27,8 @@ def build_shards(
     workers: Optional[int] = typer.Option(None, "--workers", help="Local Dask worker processes (1 thread each). Default: min(2, CPUs); 0 = in process."),
     retries: int = typer.Option(2, "--retries", help="Re-run a task that raised on a Dask worker up to N times (a dead worker's tasks are re-run anyway)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Per local worker process, e.g. 6GiB (default: Dask's share of RAM). With --scheduler, set it on the workers."),
+    masks: Optional[list[str]] = typer.Option(None, "--masks", help="CT-RATE mask tree NAME=DIR (repeatable), e.g. a MedSAM2 output folder; the first one is the anatomy map unless --anatomy-masks names another."),
+    anatomy_masks: Optional[str] = typer.Option(None, "--anatomy-masks", help="Name of the mask tree that drives regions (default: ts_total if present, else masks/, else the only tree)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (2) if any case is quarantined."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -34,7 +36,7 @@ def build_shards(
     from ctprep.runner import build
 
     try:
-        cfg = load_config(config)
+        cfg = with_mask_options(load_config(config), masks, anatomy_masks)
         report = build(src, out, cfg, work=work, stages=stages, source=source, scheduler=scheduler,
                        workers=workers, retries=retries, memory_limit=memory_limit, strict=strict,
                        progress=progress)

@@ -1,6 +1,6 @@
-"""Write a synthetic dataset in CT-RATE's on-disk layout (see /work/notes/readme-synth.md).
+"""Write a synthetic dataset in CT-RATE's on-disk layouts.
 
-Layout under ``out``::
+``layout="flat"`` (the default, ``make demo``'s) under ``out``::
 
     train/train_{p}/train_{p}_{s}/train_{p}_{s}_{r}.nii.gz      volumes (valid/ likewise)
     masks/train/train_{p}/train_{p}_{s}/train_{p}_{s}_{r}.nii.gz label maps, same grid + affine
@@ -9,6 +9,25 @@ Layout under ``out``::
     multi_abnormality_labels/train_predicted_labels.csv, multi_abnormality_labels/valid_predicted_labels.csv
     cot/ctrate_cot.jsonl
     faults.json                                                   (always; empty list without --faults)
+
+``layout="release"``: CT-RATE as downloaded (``out`` plays ``dataset/``)::
+
+    train_fixed/train_{p}/train_{p}_{s}/train_{p}_{s}_{r}.nii.gz  every volume, v2: int16 HU, real header
+    train/train_{p}/train_{p}_{s}/train_{p}_{s}_{r}.nii.gz        v1 twins of ~40% of them: raw values
+                                                                   (HU - RescaleIntercept, the intercept
+                                                                   -1024 or -8192), blank header
+    ts_seg/ts_total/train_fixed/.../train_{p}_{s}_{r}.nii.gz       117-label anatomy map (on the v2 grid)
+    ts_seg/ts_lung_nodules/train_fixed/...                         1 = lung nodule
+    ts_seg/ts_pleural_pericard_effusion/train_fixed/...            1 = pleural, 2 = pericardial effusion
+    metadata/..., radiology_text_reports/..., multi_abnormality_labels/..., cot/...  as in flat, but
+                                                                   the metadata CSV has 44 columns,
+                                                                   mostly an empty RescaleType
+    (valid likewise)
+
+``layout="release-fixed"``: the same without the v1 folders. With ``grid="full"`` the first
+volume of a release layout is a 1024 x 1024 matrix (about 0.4 mm pixels), as some CT-RATE
+series are. The voxels of a v1 twin and of its ``_fixed`` file are the same rendering, so
+both must resample to the same image.
 
 Every scan gets its own RNG from (seed, patient, scan), so a case looks the same
 whatever ``cases`` is, and the same seed gives byte-identical files.
@@ -50,6 +69,21 @@ METADATA_COLUMNS = (
 )  # fmt: skip
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 LABEL_COLUMNS = ("VolumeName",) + ABNORMALITY_LABELS
+# The 44 columns of CT-RATE's metadata CSVs (DICOM attributes of the source series).
+RELEASE_METADATA_COLUMNS = (
+    "VolumeName", "Manufacturer", "SeriesDescription", "ManufacturerModelName", "PatientSex", "PatientAge",
+    "ReconstructionDiameter", "DistanceSourceToDetector", "DistanceSourceToPatient", "GantryDetectorTilt",
+    "TableHeight", "RotationDirection", "XRayTubeCurrent", "Exposure", "FilterType", "GeneratorPower",
+    "FocalSpots", "ConvolutionKernel", "PatientPosition", "RevolutionTime", "SingleCollimationWidth",
+    "TotalCollimationWidth", "TableSpeed", "TableFeedPerRotation", "SpiralPitchFactor",
+    "DataCollectionCenterPatient", "ReconstructionTargetCenterPatient", "ExposureModulationType",
+    "CTDIvol", "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices",
+    "Rows", "Columns", "XYSpacing", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "RescaleIntercept", "RescaleSlope", "RescaleType", "NumberofSlices", "ZSpacing",
+)  # fmt: skip
+LAYOUTS = ("flat", "release", "release-fixed")
+TS_TASKS = ("ts_total", "ts_lung_nodules", "ts_pleural_pericard_effusion")
+BIG_MATRIX = 1024  # in-plane voxels of the first release volume with grid="full"
 FAULT_KINDS = (
     "truncated_gzip",  # volume file cut short: gzip stream ends early
     "all_zero",  # v2 volume of zeros (constant image)
@@ -97,8 +131,12 @@ def _fmt_list(v) -> str:
     return "[" + ", ".join(f"{float(x):g}" if not float(x).is_integer() else str(int(x)) for x in v) + "]"
 
 
-def _scan(seed: int, split: str, pid: int, sidx: int, n_recons: int, preset: GridPreset, normal=None) -> Scan:
-    """Sample anatomy, findings, text and reconstruction geometries of one scan."""
+def _scan(seed: int, split: str, pid: int, sidx: int, n_recons: int, preset: GridPreset, normal=None,
+          big: bool = False) -> Scan:
+    """Sample anatomy, findings, text and reconstruction geometries of one scan.
+
+    ``big``: the first reconstruction gets a ``BIG_MATRIX``-square matrix over the same field of view.
+    """
     rng = np.random.default_rng([seed, SPLITS.index(split), pid, sidx])
     t = float(rng.uniform(-80, 40))  # table position of the lung apex, mm
     a = sample_anatomy(rng, z_apex=t)
@@ -114,6 +152,9 @@ def _scan(seed: int, split: str, pid: int, sidx: int, n_recons: int, preset: Gri
     scan = Scan(split, pid, sid, a, text, labels)
     for r in range(n_recons):
         shape, spacing = sample_recon_geometry(preset, rng, z_hi - z_lo, fov, r)
+        if big and r == 0:
+            d = round(fov / BIG_MATRIX, 3)
+            shape, spacing = (shape[0], BIG_MATRIX, BIG_MATRIX), (spacing[0], d, d)
         nz, ny, nx = shape
         dz, dy, dx = spacing
         origin = (z_lo, -(ny - 1) / 2 * dy + float(rng.uniform(-8, 8)), -(nx - 1) / 2 * dx + float(rng.uniform(-8, 8)))
@@ -153,18 +194,34 @@ def _scan(seed: int, split: str, pid: int, sidx: int, n_recons: int, preset: Gri
 
 def _render(a: Anatomy, grid: Grid, max_voxels: int = 16_000_000):
     """Render in z-chunks so real-size grids stay within a few hundred MB."""
+    hu, lab, _ = _render_maps(a, grid, False, max_voxels)
+    return hu, lab
+
+
+# Label value of each finding kind in the non-anatomy TotalSegmentator tasks of the release layout.
+TASK_FINDINGS = {
+    "ts_lung_nodules": {"nodule": 1},
+    "ts_pleural_pericard_effusion": {"effusion": 1, "pericardial_effusion": 2},
+}
+
+
+def _render_maps(a: Anatomy, grid: Grid, tasks: bool, max_voxels: int = 16_000_000):
+    """(hu, anatomy labels, {task: uint8 map} if ``tasks``), rendered in z-chunks."""
     nz, ny, nx = grid.shape
     step = max(1, max_voxels // (ny * nx))
-    if nz <= step:
-        hu, lab, _ = render_chest(a, grid)
-        return hu, lab
     hu = np.empty(grid.shape, np.float32)
     lab = np.empty(grid.shape, np.uint8)
+    maps = {t: np.zeros(grid.shape, np.uint8) for t in TASK_FINDINGS} if tasks else {}
     for k in range(0, nz, step):
         n = min(step, nz - k)
-        sub = Grid((n, ny, nx), grid.spacing, (grid.origin[0] + k * grid.spacing[0],) + grid.origin[1:])
-        hu[k : k + n], lab[k : k + n], _ = render_chest(a, sub)
-    return hu, lab
+        sub = grid if n == nz else Grid((n, ny, nx), grid.spacing, (grid.origin[0] + k * grid.spacing[0],) + grid.origin[1:])
+        hu[k : k + n], lab[k : k + n], masks = render_chest(a, sub, finding_masks=tasks)
+        for task, values in TASK_FINDINGS.items() if tasks else ():
+            for i, m in masks.items():
+                v = values.get(a.findings[i].kind)
+                if v:
+                    maps[task][k : k + n][m] = v
+    return hu, lab, maps
 
 
 def _add_noise(hu: np.ndarray, sigma: float, seed) -> None:
@@ -173,21 +230,93 @@ def _add_noise(hu: np.ndarray, sigma: float, seed) -> None:
         hu[k] += sigma * rng.standard_normal(hu.shape[1:], dtype=np.float32)
 
 
-def stored_values(hu: np.ndarray, style: str, seed) -> np.ndarray:
-    """HU -> what the file stores: v2 int16 HU; v1 raw = HU + 1024 (int16 or uint16)."""
+def stored_values(hu: np.ndarray, style: str, seed, intercept: float = RAW_INTERCEPT) -> np.ndarray:
+    """HU -> what the file stores: v2 int16 HU; v1 raw = HU - intercept (int16 or uint16)."""
     if style == "v2":
         return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-    raw = np.clip(np.rint(hu - RAW_INTERCEPT), 0, 4095)
+    raw = np.clip(np.rint(hu - intercept), -1024 - intercept, 3071 - intercept)
     return raw.astype(np.uint16 if seed[-1] % 2 else np.int16)
 
 
-def _write_volume(out: Path, vol: Volume, hu: np.ndarray, lab: np.ndarray) -> None:
-    stored = stored_values(hu, vol.style, vol.seed)
+def fixed_relpath(relpath: str) -> str:
+    """``train/train_1/...`` -> ``train_fixed/train_1/...`` (the corrected release's folder)."""
+    head, _, rest = relpath.partition("/")
+    return f"{head}_fixed/{rest}"
+
+
+def image_relpath(vol: Volume, layout: str) -> str:
+    """Where ``vol``'s image file goes: a v1-style volume of a release layout stays in the v1 folder
+    (only release-fixed puts everything under *_fixed)."""
+    if layout == "flat" or (layout == "release" and vol.style == "v1"):
+        return vol.relpath
+    return fixed_relpath(vol.relpath)
+
+
+def mask_relpath(vol: Volume, layout: str, task: str = "ts_total") -> str:
+    """Where ``vol``'s label map of ``task`` goes (flat: ``masks/`` mirror)."""
+    if layout == "flat":
+        return f"masks/{vol.relpath}"
+    return f"ts_seg/{task}/{image_relpath(vol, layout)}"
+
+
+def _write_volume(out: Path, vol: Volume, hu: np.ndarray, lab: np.ndarray, layout: str = "flat") -> None:
+    stored = stored_values(hu, vol.style, vol.seed, RAW_INTERCEPT if layout == "flat" else twin_intercept(vol))
     data, aff = canonical_to_nifti(stored, vol.grid.origin, vol.grid.spacing, vol.orient)
     mdata, _ = canonical_to_nifti(lab, vol.grid.origin, vol.grid.spacing, vol.orient)
     affine = None if vol.style == "v1" else aff
-    write_bytes(out / vol.relpath, nifti_gz(data, affine))
-    write_bytes(out / "masks" / vol.relpath, nifti_gz(mdata, affine))
+    write_bytes(out / image_relpath(vol, layout), nifti_gz(data, affine))
+    write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, affine))
+
+
+def twin_intercept(vol: Volume) -> int:
+    """RescaleIntercept of a release volume's DICOM series: -8192 for every third v1 twin (some
+    scanners store raw values offset by 8192), else -1024."""
+    return -8192 if vol.style == "v1" and vol.seed[2] % 3 == 0 else -1024
+
+
+def fixed_orient(vol: Volume) -> str:
+    """Voxel order of a release volume's _fixed file: its own for v2-drawn volumes; for v1 twins
+    alternately RAS and LPS, so twins also differ in voxel order from their v1 file."""
+    return vol.orient if vol.style == "v2" else ("ras" if vol.seed[2] % 2 else "lps")
+
+
+def _write_release_volume(out: Path, vol: Volume, hu: np.ndarray, lab: np.ndarray, maps: dict, layout: str) -> None:
+    """The _fixed file, the v1 twin (``release`` only, for v1-drawn volumes) and the ts_seg maps."""
+    orient = fixed_orient(vol)
+    fixed = dataclasses.replace(vol, style="v2", orient=orient)
+    data, aff = canonical_to_nifti(stored_values(hu, "v2", vol.seed), vol.grid.origin, vol.grid.spacing, orient)
+    rel = fixed_relpath(vol.relpath)
+    write_bytes(out / rel, nifti_gz(data, aff))
+    for task, labels in (("ts_total", lab), *maps.items()):
+        mdata, _ = canonical_to_nifti(labels, vol.grid.origin, vol.grid.spacing, orient)
+        write_bytes(out / mask_relpath(fixed, layout, task), nifti_gz(mdata, aff))
+    if layout == "release" and vol.style == "v1":
+        raw = stored_values(hu, "v1", vol.seed, float(twin_intercept(vol)))
+        data, _ = canonical_to_nifti(raw, vol.grid.origin, vol.grid.spacing, "lps")
+        write_bytes(out / vol.relpath, nifti_gz(data, None))
+
+
+def release_metadata(vol: Volume) -> dict:
+    """The 44-column metadata row of a release volume (the flat row plus the other DICOM columns)."""
+    m = dict(vol.meta)
+    r = vol.seed[-1]
+    dz = float(vol.meta["ZSpacing"])
+    m.update({
+        "ManufacturerModelName": {"SIEMENS": "SOMATOM Definition", "PHILIPS": "Ingenuity CT",
+                                  "GE MEDICAL SYSTEMS": "Revolution", "TOSHIBA": "Aquilion"}[m["Manufacturer"]],
+        "DistanceSourceToDetector": "1085.6", "DistanceSourceToPatient": "595", "GantryDetectorTilt": "0",
+        "TableHeight": str(150 + vol.seed[2] % 40), "RotationDirection": "CW", "XRayTubeCurrent": str(90 + 10 * r),
+        "Exposure": str(40 + 5 * r), "FilterType": "FLAT", "GeneratorPower": "24000", "FocalSpots": "[0.7, 1.2]",
+        "RevolutionTime": "0.5", "SingleCollimationWidth": "0.6", "TotalCollimationWidth": "38.4",
+        "TableSpeed": "76.8", "TableFeedPerRotation": "38.4", "SpiralPitchFactor": "1",
+        "DataCollectionCenterPatient": "[0, 0, 0]", "ReconstructionTargetCenterPatient": "[0, 0, 0]",
+        "ExposureModulationType": "", "CTDIvol": f"{5.5 + r:.1f}", "SliceThickness": f"{dz:g}",
+        "SpacingBetweenSlices": f"{dz:g}", "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": "16",
+        "BitsStored": "12" if twin_intercept(vol) == -1024 else "16",
+        "RescaleIntercept": twin_intercept(vol),
+        "RescaleType": "HU" if vol.seed[2] % 4 == 0 else "",  # mostly empty, as released
+    })
+    return {c: m.get(c, "") for c in RELEASE_METADATA_COLUMNS}
 
 
 def _plan(cases: int, seed: int) -> list[tuple[str, int, int, int]]:
@@ -240,13 +369,17 @@ def plan_scans(cases: int, grid: str = "demo", seed: int = 0) -> list[Scan]:
     return [_scan(seed, sp, pid, s, n, preset) for sp, pid, s, n in _plan(cases, seed)]
 
 
-def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, int, int, int]) -> None:
+def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, int, int, int], layout: str = "flat",
+                        big: bool = False) -> None:
     """Render and write every volume of one planned scan (a worker rebuilds the scan from its plan row)."""
-    scan = _scan(seed, *plan_row, get_grid(grid))
+    scan = _scan(seed, *plan_row, get_grid(grid), big=big)
     for vol in scan.volumes:
-        hu, lab = _render(scan.anatomy, vol.grid)
+        hu, lab, maps = _render_maps(scan.anatomy, vol.grid, tasks=layout != "flat")
         _add_noise(hu, vol.sigma, vol.seed)
-        _write_volume(out, vol, hu, lab)
+        if layout == "flat":
+            _write_volume(out, vol, hu, lab, layout)
+        else:
+            _write_release_volume(out, vol, hu, lab, maps, layout)
 
 
 def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False,
@@ -254,57 +387,69 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
     """Write a synthetic CT-RATE dataset.
 
     Args:
-        out: dataset root (created).
+        out: dataset root (created; plays ``dataset/`` in the release layouts).
         cases: number of normal volumes (reconstructions); fault cases come on top.
         grid: "demo" | "small" | "full" (``ctprep.synth.grids.GRIDS``).
         seed: same seed -> byte-identical files.
         faults: also write the cases listed in ``faults.json`` (kinds: ``FAULT_KINDS``).
         workers: processes rendering the volumes (each volume has its own seed, so the files are
             byte-identical for any number of workers).
+        layout: "flat" | "release" | "release-fixed" (see the module docstring).
 
     Returns:
-        {"volumes": [relpath, ...], "faults": [fault records]}.
+        {"volumes": [relpath, ...], "faults": [fault records]}: relpaths of the image files
+        (release: the _fixed files, then the v1 twins).
     """
     out = Path(out)
     preset = get_grid(grid)
     if cases < 0 or workers < 1:
         raise ValueError(f"cases must be >= 0 and workers >= 1, got cases={cases}, workers={workers}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     plan = _plan(cases, seed)
-    scans = [_scan(seed, *row, preset) for row in plan]
+    bigs = [layout != "flat" and grid == "full" and i == 0 for i in range(len(plan))]
+    scans = [_scan(seed, *row, preset, big=b) for row, b in zip(plan, bigs)]
     if workers == 1:
-        for row in plan:
-            _write_scan_volumes(out, seed, grid, row)
+        for row, b in zip(plan, bigs):
+            _write_scan_volumes(out, seed, grid, row, layout, b)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             n = len(plan)  # list(): a worker's exception is raised here
-            list(pool.map(_write_scan_volumes, [out] * n, [seed] * n, [grid] * n, plan,
+            list(pool.map(_write_scan_volumes, [out] * n, [seed] * n, [grid] * n, plan, [layout] * n, bigs,
                           chunksize=max(1, n // (8 * workers))))
     rows: dict[str, dict[str, list]] = {sp: {"meta": [], "report": [], "labels": []} for sp in SPLITS}
     cot: list[dict] = []
     written: list[str] = []
+    twins: list[str] = []
     for scan in scans:
         for vol in scan.volumes:
-            written.append(vol.relpath)
-            rows[vol.split]["meta"].append(vol.meta)
+            written.append(image_relpath(vol, "release-fixed" if layout != "flat" else layout))
+            if layout == "release" and vol.style == "v1":
+                twins.append(vol.relpath)
+            rows[vol.split]["meta"].append(vol.meta if layout == "flat" else release_metadata(vol))
             rows[vol.split]["report"].append(_report_row(vol.name, scan.text))
             rows[vol.split]["labels"].append({"VolumeName": vol.name, **dict(zip(ABNORMALITY_LABELS, scan.labels))})
             cot.append(_cot_record(vol.name, scan.text, as_objects=scan.pid % 2 == 0))
-    fault_records = _write_faults(out, seed, preset, scans, rows, cot, written) if faults else []
+    written += twins
+    fault_records = _write_faults(out, seed, preset, scans, rows, cot, written, layout) if faults else []
+    columns = METADATA_COLUMNS if layout == "flat" else RELEASE_METADATA_COLUMNS
     for sp in SPLITS:
-        _write_csv(out / METADATA_CSV[sp], METADATA_COLUMNS, rows[sp]["meta"])
+        _write_csv(out / METADATA_CSV[sp], columns, [{c: m.get(c, "") for c in columns} for m in rows[sp]["meta"]])
         _write_csv(out / REPORTS_CSV[sp], REPORT_COLUMNS, rows[sp]["report"])
         _write_csv(out / LABELS_CSV[sp], LABEL_COLUMNS, rows[sp]["labels"])
     (out / COT_JSONL).parent.mkdir(parents=True, exist_ok=True)
     (out / COT_JSONL).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in cot), encoding="utf-8")
-    manifest = {"seed": seed, "grid": grid, "cases": cases, "faults": fault_records}
+    manifest = {"seed": seed, "grid": grid, "cases": cases, "layout": layout, "faults": fault_records}
+    if layout == "flat":  # keep the flat layout's faults.json byte-identical to earlier versions
+        del manifest["layout"]
     (out / FAULTS_JSON).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return {"volumes": written, "faults": fault_records}
 
 
-def _write_faults(out, seed, preset, scans, rows, cot, written) -> list[dict]:
+def _write_faults(out, seed, preset, scans, rows, cot, written, layout: str = "flat") -> list[dict]:
     """Append one case per fault kind to the train split (deterministic for ``seed``)."""
     base = max([s.pid for s in scans if s.split == "train"], default=0)
     records = []
@@ -317,20 +462,20 @@ def _write_faults(out, seed, preset, scans, rows, cot, written) -> list[dict]:
         elif vol.style == "v1":
             vol = dataclasses.replace(vol, style="v2")
         rec = {"case": vol.name.removesuffix(".nii.gz"), "kind": kind, "split": "train", "volume_name": vol.name,
-               "path": vol.relpath, "mask": f"masks/{vol.relpath}", "has_file": True}  # fmt: skip
+               "path": image_relpath(vol, layout), "mask": mask_relpath(vol, layout), "has_file": True}  # fmt: skip
         meta, report = dict(vol.meta), _report_row(vol.name, scan.text)
         label_row = {"VolumeName": vol.name, **dict(zip(ABNORMALITY_LABELS, scan.labels))}
         hu, lab = _render(scan.anatomy, vol.grid)
         _add_noise(hu, vol.sigma, vol.seed)
         cot_rec = _cot_record(vol.name, scan.text, as_objects=False)
         if kind == "truncated_gzip":
-            _write_volume(out, vol, hu, lab)
-            p = out / vol.relpath
+            _write_volume(out, vol, hu, lab, layout)
+            p = out / image_relpath(vol, layout)
             blob = p.read_bytes()
             write_bytes(p, blob[: len(blob) * 3 // 5])
             rec["detail"] = "volume .nii.gz truncated to 60% of its bytes"
         elif kind == "all_zero":
-            _write_volume(out, vol, np.zeros_like(hu), lab)
+            _write_volume(out, vol, np.zeros_like(hu), lab, layout)
             rec["detail"] = "every voxel is 0"
         elif kind == "nan_inf":
             hu[hu.shape[0] // 2] = np.nan
@@ -338,43 +483,44 @@ def _write_faults(out, seed, preset, scans, rows, cot, written) -> list[dict]:
             hu[1::9, ::7, ::5] = -np.inf
             data, aff = canonical_to_nifti(hu.astype(np.float32), vol.grid.origin, vol.grid.spacing, vol.orient)
             mdata, _ = canonical_to_nifti(lab, vol.grid.origin, vol.grid.spacing, vol.orient)
-            write_bytes(out / vol.relpath, nifti_gz(data, aff))
-            write_bytes(out / "masks" / vol.relpath, nifti_gz(mdata, aff))
+            write_bytes(out / image_relpath(vol, layout), nifti_gz(data, aff))
+            write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, aff))
             rec["detail"] = "float32 volume with a NaN slice and +/-inf voxels"
         elif kind == "mask_grid_mismatch":
-            _write_volume(out, vol, hu, lab)
+            _write_volume(out, vol, hu, lab, layout)
             nz, ny, nx = vol.grid.shape
             g2 = Grid((nz - 3, ny // 2, nx // 2), (vol.grid.spacing[0], 2 * vol.grid.spacing[1], 2 * vol.grid.spacing[2]),
                       vol.grid.origin)  # fmt: skip
             _, lab2 = _render(scan.anatomy, g2)
             mdata, maff = canonical_to_nifti(lab2, g2.origin, g2.spacing, vol.orient)
-            write_bytes(out / "masks" / vol.relpath, nifti_gz(mdata, maff))
+            write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, maff))
             rec["detail"] = f"mask shape {list(mdata.shape)} vs volume {[nx, ny, nz]} (i, j, k)"
         elif kind == "missing_report":
-            _write_volume(out, vol, hu, lab)
+            _write_volume(out, vol, hu, lab, layout)
             report, cot_rec = None, None
             rec["detail"] = "no reports CSV row and no CoT record"
         elif kind == "missing_metadata":
-            _write_volume(out, vol, hu, lab)
+            _write_volume(out, vol, hu, lab, layout)
             meta = None
             rec["detail"] = "v1 (raw, blank header) volume with no metadata row"
         elif kind == "implausible_spacing":
-            _write_volume(out, vol, hu, lab)
+            _write_volume(out, vol, hu, lab, layout)
             meta["ZSpacing"] = "0"
             rec["detail"] = "v1 volume whose metadata ZSpacing is 0"
         elif kind == "non_chest":
             hhu, hlab = render_head(vol.grid, center_z=vol.grid.origin[0] + vol.grid.shape[0] * vol.grid.spacing[0] / 2)
             _add_noise(hhu, vol.sigma, vol.seed)
-            _write_volume(out, vol, hhu, hlab)
+            _write_volume(out, vol, hhu, hlab, layout)
             rec["detail"] = "head-like phantom (skull + brain), no lung voxels"
         elif kind == "unsafe_name":
             name = f"train_{pid}_a_1 copy(1)#.nii.gz"
             rel = f"train/train_{pid}/train_{pid}_a/{name}"
             vol = dataclasses.replace(vol, name=name, relpath=rel)
-            _write_volume(out, vol, hu, lab)
+            _write_volume(out, vol, hu, lab, layout)
             meta["VolumeName"] = report["VolumeName"] = label_row["VolumeName"] = name
             cot_rec["VolumeName"] = name
-            rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=rel, mask=f"masks/{rel}")
+            rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=image_relpath(vol, layout),
+                       mask=mask_relpath(vol, layout))
             rec["detail"] = "file name with a space, parentheses and '#': not a safe case id"
         elif kind == "path_in_name":
             name = f"../../outside_{pid}_a_1.nii.gz"
@@ -385,7 +531,7 @@ def _write_faults(out, seed, preset, scans, rows, cot, written) -> list[dict]:
         if rec["has_file"]:
             written.append(rec["path"])
         if meta is not None:
-            rows["train"]["meta"].append(meta)
+            rows["train"]["meta"].append(meta if layout == "flat" else release_metadata(dataclasses.replace(vol, meta=meta)))
         if report is not None:
             rows["train"]["report"].append(report)
         rows["train"]["labels"].append(label_row)
