@@ -325,3 +325,17 @@ def test_compressed_volume_corrupt_past_its_header_is_replaced_and_counted(tmp_p
     assert batch[D.BATCH_STATS_KEY]["corrupt"] == 1
     eager = np.asarray(D.decode_sample(refs[1], EXPECT, TEST_TOKENIZER)["image"])
     np.testing.assert_array_equal(batch["image"][batch["ids"].index(refs[1].key)].numpy(), eager)
+
+
+def test_collate_drops_region_anchors_of_a_case_without_mask():
+    rng = np.random.default_rng(5)
+    with_mask, without = make_sample("case_m", rng=rng), make_sample("case_n", rng=rng)
+    with_mask["region_has_text"][:] = 1
+    without["region_has_text"][:] = 1
+    without["meta"]["has_mask"] = False  # packed under ctrate.missing_mask: allow
+    for s in (with_mask, without):
+        s["__key__"] = s["meta"]["id"]
+    batch = D.collate_samples([with_mask, without])
+    assert batch["region_has_text"][0].all()
+    assert not batch["region_has_text"][1].any()
+    assert batch["meta"][1]["has_mask"] is False
