@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from ctprep.inventory import inventory
 from ctprep.synth.cli import demo_data
 from ctprep.runner_cli import build_shards, status
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.command("demo-data")(demo_data)
 app.command("build-shards")(build_shards)
 app.command("status")(status)
+app.command("inventory")(inventory)
 
 if __name__ == "__main__":
     app()
