@@ -21,6 +21,7 @@ acquisition reports its true slice spacing as z).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -292,15 +293,53 @@ def ctrate_volume_record(case: CaseInput, root: Path) -> dict[str, Any]:
             rec["spacing_problem"] = problem
     else:
         rec["shape_zyx"] = volume_geometry([[1, 0, 0], [0, 1, 0], [0, 0, 1]], hdr.shape_ijk)[1]
+    if affine is not None:
+        rec["oblique_deg"] = obliquity_deg(affine)
     mask = case.files.get("mask")
     if mask:
         try:
             mh = read_nifti_header(mask)
-            if mh.shape_ijk[:3] != hdr.shape_ijk[:3]:
-                rec["mask_problem"] = f"mask shape {mh.shape_ijk[:3]} != volume shape {hdr.shape_ijk[:3]} (i, j, k)"
         except QuarantineError as e:
-            rec["mask_problem"] = f"mask unreadable: {e.reason}"
+            rec["mask_problem"] = f"mask unreadable: {e.reason.removeprefix(os.path.basename(mask) + ': ')}"
+        else:
+            rec["mask_problem"] = mask_grid_problem(mh, hdr, affine, rec.get("spacing_zyx"))
+            if rec["mask_problem"] is None:
+                del rec["mask_problem"]
     return rec
+
+
+def obliquity_deg(affine: Any) -> float:
+    """Largest angle (degrees) between a voxel axis and its nearest patient axis (0 = axis-aligned)."""
+    import numpy as np
+
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.sqrt((a ** 2).sum(axis=0))
+    if np.any(norms == 0):
+        return 0.0
+    cos = np.clip(np.abs(a / norms).max(axis=0), 0.0, 1.0)
+    return round(float(np.degrees(np.arccos(cos.min()))), 3)
+
+
+def mask_grid_problem(mask: NiftiHeaderInfo, image: NiftiHeaderInfo, image_affine: Any,
+                      image_spacing_zyx: Optional[list[float]]) -> Optional[str]:
+    """One line if a mask header cannot be on the volume's grid, else None.
+
+    Compared in (z, y, x) patient order, so a mask stored with other axis flips / order (one made
+    on the ``_fixed`` twin of a v1 volume) is not a problem, as for the loader. A blank (v1) mask
+    header is read in the volume's own voxel order.
+    """
+    if image_affine is None:  # no geometry for the volume: only the raw shapes can be compared
+        if mask.shape_ijk[:3] != image.shape_ijk[:3]:
+            return f"mask shape {mask.shape_ijk[:3]} != volume shape {image.shape_ijk[:3]} (i, j, k)"
+        return None
+    spacing, shape = volume_geometry(mask.affine if mask.style == "v2" else image_affine, mask.shape_ijk)
+    image_shape = volume_geometry(image_affine, image.shape_ijk)[1]
+    if shape != image_shape:
+        return f"mask shape {shape} != volume shape {image_shape} (z, y, x)"
+    if mask.style == "v2" and image_spacing_zyx and any(
+            abs(a - b) > 0.01 * max(b, 1e-6) for a, b in zip(spacing, image_spacing_zyx)):
+        return f"mask spacing {spacing} mm != volume spacing {image_spacing_zyx} mm (z, y, x)"
+    return None
 
 
 def _ctrate_rows(case: CaseInput) -> dict[str, bool]:
@@ -383,7 +422,7 @@ def summarize_duplicates(cases: list[CaseInput]) -> dict[str, Any]:
             "examples": examples}
 
 
-def summarize_volumes(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_volumes(records: list[dict[str, Any]], oblique_limit_deg: float = 1.0) -> dict[str, Any]:
     """Header style counts, spacing / size histograms and problem lists from per-volume records."""
     ok = [r for r in records if "error" not in r]
     geo = [r for r in ok if "spacing_zyx" in r and "spacing_problem" not in r]
@@ -403,6 +442,9 @@ def summarize_volumes(records: list[dict[str, Any]]) -> dict[str, Any]:
         "mask_problems": [{"case": r["case"], "file": r["file"], "reason": r["mask_problem"]}
                           for r in ok if "mask_problem" in r],
         "anisotropic_inplane": aniso,
+        "oblique_deg": {"quantiles": quantiles([r["oblique_deg"] for r in ok if "oblique_deg" in r]),
+                        "limit": oblique_limit_deg,
+                        "over_limit": sum(1 for r in ok if r.get("oblique_deg", 0) > oblique_limit_deg)},
         "z_spacing_mm": {"quantiles": quantiles(z), "histogram": histogram(z)},
         "inplane_spacing_mm": {"quantiles": quantiles(inplane), "histogram": histogram(inplane)},
         "slices": {"quantiles": quantiles(slices), "histogram": histogram(slices)},
@@ -411,7 +453,8 @@ def summarize_volumes(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize_ctrate(root: Path, cases: list[CaseInput], quarantined: list[Quarantine],
-                     layout: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+                     layout: dict[str, Any], records: list[dict[str, Any]],
+                     oblique_limit_deg: float = 1.0) -> dict[str, Any]:
     """The CT-RATE part of the inventory (pure: everything was read before)."""
     rows = [_ctrate_rows(c) for c in cases]
     folder_of = {f["folder"]: f["kind"] for f in layout.get("image_folders", [])}
@@ -430,7 +473,7 @@ def summarize_ctrate(root: Path, cases: list[CaseInput], quarantined: list[Quara
         },
         "duplicates": summarize_duplicates(cases),
         "quarantine": summarize_quarantine(quarantined),
-        "volumes": summarize_volumes(records),
+        "volumes": summarize_volumes(records, oblique_limit_deg),
         "style_by_folder_kind": {k: dict(sorted(v.items())) for k, v in sorted(style_by_kind.items())},
     }
 
@@ -502,7 +545,8 @@ class HuAccumulator:
                 "percentiles": pct, "per_volume": self.per_volume, "failed": self.failed}
 
 
-def sample_ctrate_hu(cases: list[CaseInput], readable: set[str], n: int) -> dict[str, Any]:
+def sample_ctrate_hu(cases: list[CaseInput], readable: set[str], n: int,
+                     max_oblique_deg: Optional[float] = None) -> dict[str, Any]:
     """HU histogram of ``n`` evenly spread cases, read and rescaled exactly as the pipeline does."""
     from ctprep.quarantine import QuarantineError
     from ctprep.sources.ctrate import read_ctrate_volume
@@ -512,7 +556,8 @@ def sample_ctrate_hu(cases: list[CaseInput], readable: set[str], n: int) -> dict
     for i in sample_indices(len(pool), n):
         c = pool[i]
         try:
-            image, _, _, info = read_ctrate_volume(c.files["image"], c.meta)
+            extra = () if max_oblique_deg is None else (max_oblique_deg,)
+            image, _, _, info = read_ctrate_volume(c.files["image"], c.meta, *extra)
         except QuarantineError as e:
             acc.fail(c.case_id, e.kind, e.reason)
             continue
@@ -670,6 +715,11 @@ def inventory_root(root: Path, source_name: str, cfg: PipelineConfig, hu_sample:
     from ctprep.sources import get_source
 
     root = Path(root).resolve()
+    policy = getattr(getattr(cfg, "ctrate", None), "missing_mask", None)
+    if source_name == "ctrate" and policy not in (None, "allow"):
+        # Scan with missing masks allowed: an image-only download must still show its volumes
+        # (spacing, headers, HU); the table says how many build-shards would quarantine.
+        cfg = dataclasses.replace(cfg, ctrate=dataclasses.replace(cfg.ctrate, missing_mask="allow"))
     source = get_source(source_name, cfg)
     if log:
         log(f"{root}: scanning as {source_name}")
@@ -681,11 +731,13 @@ def inventory_root(root: Path, source_name: str, cfg: PipelineConfig, hu_sample:
         if log:
             log(f"  reading {len(cases)} volume headers")
         records = _map(lambda c: ctrate_volume_record(c, root), cases, workers, log, "headers")
-        entry["ctrate"] = summarize_ctrate(root, cases, quarantined, layout, records)
+        limit = float(getattr(cfg.ctrate, "max_oblique_deg", 1.0))
+        entry["ctrate"] = summarize_ctrate(root, cases, quarantined, layout, records, limit)
+        entry["ctrate"]["missing_mask_policy"] = policy
         readable = {r["case"] for r in records if "error" not in r and "spacing_problem" not in r}
         if log and hu_sample:
             log(f"  sampling HU of {min(hu_sample, len(readable))} volumes")
-        entry["hu"] = sample_ctrate_hu(cases, readable, hu_sample)
+        entry["hu"] = sample_ctrate_hu(cases, readable, hu_sample, getattr(cfg.ctrate, "max_oblique_deg", None))
         entry["per_volume"] = records
     elif source_name == "omniabnorm":
         records = _map(omni_case_record, cases, workers, log, "cases")
@@ -814,7 +866,10 @@ def _render_ctrate(t: _Table, e: dict[str, Any], limit: int) -> None:
     for key, label in (("mask", f"mask ({anatomy or 'anatomy tree'})"), ("report", "report row"),
                        ("metadata", "metadata row"), ("labels", "labels row"), ("cot", "CoT record")):
         cov = c["coverage"][key]
-        t.text(f"{label:<32} {cov['with']:>9} / {cov['without']}")
+        note = ""
+        if key == "mask" and cov["without"] and c.get("missing_mask_policy") == "quarantine":
+            note = "   (build-shards quarantines these: ctrate.missing_mask is quarantine)"
+        t.text(f"{label:<32} {cov['with']:>9} / {cov['without']}{note}")
     d = c["duplicates"]
     dup = f"{d['cases']} cases"
     if d["cases"]:
@@ -839,6 +894,10 @@ def _render_ctrate(t: _Table, e: dict[str, Any], limit: int) -> None:
     t.row("slices", _fmt_quant(v["slices"]["quantiles"]))
     t.cont(_fmt_hist(v["slices"]["histogram"]))
     t.row("matrix (rows x cols)", _fmt_counts(v["matrix_yx"]))
+    ob = v["oblique_deg"]
+    if ob["over_limit"]:
+        t.row(f"oblique > {ob['limit']:g} degree", f"{ob['over_limit']} volumes (max {ob['quantiles']['max']:g} deg; "
+              "ctrate.max_oblique_deg: build-shards quarantines them)")
 
 
 def _render_omni(t: _Table, e: dict[str, Any], limit: int) -> None:
@@ -933,7 +992,10 @@ def plot_inventory(report: dict[str, Any], path: Path) -> None:
             _bar_hist(ax_sp, v["z_spacing_mm"]["histogram"], "tab:blue", "z (slice)")
             _bar_hist(ax_sp, v["inplane_spacing_mm"]["histogram"], "tab:orange", "in-plane")
             ax_sp.set_xlabel("spacing (mm)")
-            ax_sp.legend(fontsize=8)
+            if v["z_spacing_mm"]["histogram"]["counts"]:
+                ax_sp.legend(fontsize=8)
+            else:
+                _empty(ax_sp, "no readable spacing")
             _bar_hist(ax_sl, v["slices"]["histogram"], "tab:green", "slices")
             ax_sl.set_xlabel("slices per volume")
             sizes = v["matrix_yx"]

@@ -18,7 +18,10 @@ from ctprep.cli import app
 from ctprep.config import load_config
 from ctprep.inventory import (
     HuAccumulator,
+    NiftiHeaderInfo,
     build_inventory,
+    mask_grid_problem,
+    obliquity_deg,
     read_nifti_header,
     render_table,
     sample_indices,
@@ -76,6 +79,26 @@ def test_volume_geometry_names_the_slice_axis_by_patient_direction():
     # A 0 mm z spacing (bad metadata) keeps its axis: the normal of the other two.
     aff0 = np.diag([0.7, 0.7, 0.0, 1.0])
     assert volume_geometry(aff0, [512, 512, 300]) == ([0.0, 0.7, 0.7], [300, 512, 512])
+    # obliquity: 5 degrees of in-plane rotation; spacing is the column length, not the diagonal
+    t = np.radians(5)
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([0.7, 0.7, 2.0])
+    assert obliquity_deg(rot) == pytest.approx(5.0, abs=1e-3) and obliquity_deg(aff) == 0.0
+    assert volume_geometry(rot, [10, 10, 4])[0] == [2.0, 0.7, 0.7]
+
+
+def test_mask_grid_check_accepts_reordered_axes_only():
+    img_aff = np.array([[0.7, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1.0]])
+    img = NiftiHeaderInfo([100, 120, 40], "int16", "v2", img_aff.tolist(), 0)
+    # the same grid stored with i and j swapped and x flipped (e.g. a mask made on the other twin)
+    swapped = np.array([[0, -0.7, 0, 69.3], [0.7, 0, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1.0]])
+    ok = NiftiHeaderInfo([120, 100, 40], "uint8", "v2", swapped.tolist(), 0)
+    assert mask_grid_problem(ok, img, img_aff, [2.5, 0.7, 0.7]) is None
+    half = NiftiHeaderInfo([50, 60, 40], "uint8", "v2", np.diag([1.4, 1.4, 2.5, 1.0]).tolist(), 0)
+    assert "mask shape [40, 60, 50]" in mask_grid_problem(half, img, img_aff, [2.5, 0.7, 0.7])
+    coarse = NiftiHeaderInfo([100, 120, 40], "uint8", "v2", np.diag([0.8, 0.8, 2.5, 1.0]).tolist(), 0)
+    assert "mask spacing" in mask_grid_problem(coarse, img, img_aff, [2.5, 0.7, 0.7])
+    blank = NiftiHeaderInfo([100, 120, 40], "uint8", "v1", np.eye(4).tolist(), 0)  # read in the volume's order
+    assert mask_grid_problem(blank, img, img_aff, [2.5, 0.7, 0.7]) is None
 
 
 def test_sample_indices_spread_and_deterministic():
@@ -214,6 +237,26 @@ def test_v1_spacing_comes_from_the_metadata_row(tmp_path):
     assert nib.load(v1[0]).header.get_zooms()[:3] == (1.0, 1.0, 1.0)
     v2 = [r for r in recs.values() if r.get("style") == "v2"]
     assert v2 and all(r["spacing_from"] == "header" for r in v2)
+
+
+def test_image_only_download_still_listed(tmp_path):
+    """No mask tree at all: the volumes are still inventoried; the table says build-shards would
+    quarantine them under the default missing-mask policy."""
+    import shutil
+
+    root = tmp_path / "ctrate"
+    write_ctrate(root, cases=3, grid="demo", seed=4)
+    shutil.rmtree(root / "masks")
+    n = sum(1 for _ in root.rglob("*.nii.gz"))
+    out = tmp_path / "inv"
+    r = _invoke("--src", str(root), "--out", str(out), "--hu-sample", "1")
+    assert r.exit_code == 0, r.output
+    (entry,) = json.loads((out / "inventory.json").read_text())["sources"]
+    c = entry["ctrate"]
+    assert entry["cases"] == n and c["coverage"]["mask"] == {"with": 0, "without": n}
+    assert c["volumes"]["read"] == n and sum(c["volumes"]["header_style"].values()) == n
+    assert "build-shards quarantines these" in r.stdout
+    assert entry["hu"]["volumes"] == 1
 
 
 # ----------------------------------------------------------------------------- CLI
