@@ -23,8 +23,8 @@ OMNI_FAULTS = {"missing_image": "unreadable", "truncated_jpeg": "unreadable",
 @pytest.fixture(scope="module")
 def omni_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("omni")
-    synth.write_omniabnorm(root / "batch_01", cases=3, seed=1, faults=True)
-    synth.write_omniabnorm(root / "batch_02", cases=2, seed=2)
+    synth.write_omniabnorm(root / "batch_01", cases=3, seed=1, faults=True, layout="batches")
+    synth.write_omniabnorm(root / "batch_02", cases=2, seed=2, layout="batches")
     return root
 
 
@@ -43,7 +43,7 @@ def test_scan_batches_and_faults(omni_root):
             got[c.case_id] = e.kind
     assert got == kinds
     good = [c for c in cases if c.case_id not in kinds]
-    assert len(good) == 5 and {c.meta["batch"] for c in good} == {"batch_01", "batch_02"}
+    assert len(good) == 5 and {c.provenance["batch"] for c in good} == {"batch_01", "batch_02"}
     assert all(c.source == "omniabnorm" and c.split == "train" for c in good)
 
 
