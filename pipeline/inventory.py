@@ -1078,6 +1078,7 @@ def inventory(
 ) -> None:
     """What a source folder holds (folders, masks, side tables, duplicates, spacing, HU); writes nothing there."""
     from ctprep.config import load_config, with_mask_options
+    from ctprep.errors import UserError
 
     def log(msg: str) -> None:
         if not quiet:
@@ -1089,11 +1090,17 @@ def inventory(
                 raise FileNotFoundError(f"--src {s} is not a folder")
             if _inside(out, Path(s)):
                 raise ValueError(f"--out {out} is inside --src {s}; the inventory never writes into a source folder")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"cannot write the inventory to {out}: it is a file, not a folder")
         cfg = with_mask_options(load_config(config), masks, anatomy_masks)
         report = build_inventory(src, cfg, source=source, hu_sample=hu_sample, workers=workers, log=log)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, UserError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(render_table(report))
-    js, png = write_inventory(report, out)
+    try:
+        js, png = write_inventory(report, out)
+    except OSError as e:
+        typer.echo(f"error: cannot write the inventory to {out}: {e.strerror or e}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"wrote {js} and {png}")

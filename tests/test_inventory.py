@@ -279,6 +279,9 @@ def test_cli_exit_codes(tmp_path, flat, monkeypatch):
     assert r.exit_code == 1 and "inside --src" in r.stderr
     assert _snapshot(flat) == before
     assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")  # --out that cannot be a folder
+    r = _invoke("--src", str(flat), "--out", str(tmp_path / "afile"), "--hu-sample", "0")
+    assert r.exit_code == 1 and r.stderr.startswith("error: cannot write the inventory") and not r.stdout
 
 
 def test_cli_default_out_is_cwd_inventory(tmp_path, flat, monkeypatch):
