@@ -240,13 +240,13 @@ def test_v1_spacing_comes_from_the_metadata_row(tmp_path):
 
 
 def test_image_only_download_still_listed(tmp_path):
-    """No mask tree at all: the volumes are still inventoried; the table says build-shards would
-    quarantine them under the default missing-mask policy."""
+    """No mask tree under the root: the volumes are still inventoried and the table says build-shards
+    would quarantine them under the default missing-mask policy; --masks NAME=DIR supplies them."""
     import shutil
 
     root = tmp_path / "ctrate"
     write_ctrate(root, cases=3, grid="demo", seed=4)
-    shutil.rmtree(root / "masks")
+    shutil.move(str(root / "masks"), str(tmp_path / "medsam2"))  # masks kept outside the source
     n = sum(1 for _ in root.rglob("*.nii.gz"))
     out = tmp_path / "inv"
     r = _invoke("--src", str(root), "--out", str(out), "--hu-sample", "1")
@@ -257,6 +257,12 @@ def test_image_only_download_still_listed(tmp_path):
     assert c["volumes"]["read"] == n and sum(c["volumes"]["header_style"].values()) == n
     assert "build-shards quarantines these" in r.stdout
     assert entry["hu"]["volumes"] == 1
+    # the same masks given with --masks NAME=DIR: every volume has its anatomy mask
+    r = _invoke("--src", str(root), "--out", str(out), "--hu-sample", "0", "--masks", f"medsam2={tmp_path / 'medsam2'}")
+    assert r.exit_code == 0, r.output
+    c = json.loads((out / "inventory.json").read_text())["sources"][0]["ctrate"]
+    assert c["layout"]["anatomy_tree"] == "medsam2" and c["coverage"]["mask"] == {"with": n, "without": 0}
+    assert c["volumes"]["mask_problems"] == []
 
 
 # ----------------------------------------------------------------------------- CLI
