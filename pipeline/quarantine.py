@@ -33,6 +33,7 @@ DUPLICATE_CASE = "duplicate_case"  # two inputs claim the same case id
 STAGE_ERROR = "stage_error"  # unexpected exception inside a stage (a bug or an unforeseen input)
 MISSING_MASK = "missing_mask"  # no file for the volume in the anatomy mask tree (ctrate.missing_mask: quarantine)
 OBLIQUE = "oblique"  # voxel axes tilted past ctrate.max_oblique_deg from the patient axes
+BAD_ROW = "bad_row"  # the case's CSV row is broken (not UTF-8, wrong field count, oversized cell, conflicting duplicate)
 
 QUARANTINE_KINDS = (
     UNSAFE_NAME,
@@ -48,6 +49,7 @@ QUARANTINE_KINDS = (
     STAGE_ERROR,
     MISSING_MASK,
     OBLIQUE,
+    BAD_ROW,
 )
 
 # Fault names the synthetic generator may use in faults.json -> our kind.

@@ -22,6 +22,8 @@ after it exists; a rerun redoes exactly the cases whose rows are missing or stal
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import time
@@ -29,9 +31,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ctprep.cluster import THREAD_ENV, Cluster, default_workers, pin_threads  # noqa: F401 (re-exported)
 from ctprep.config import PipelineConfig, config_from_dict, stable_hash, to_jsonable
+from ctprep.errors import UserError
+from ctprep.lock import folder_lock
 from ctprep.manifest import Manifest, StageRow
 from ctprep.quarantine import STAGE_ERROR, Quarantine, QuarantineError, one_line, write_quarantine_jsonl
 from ctprep.sources.base import CaseInput, detect_source, get_source
@@ -58,12 +63,36 @@ def work_dir_for(out: Path, work: Path | None) -> Path:
 
 
 # --------------------------------------------------------------------- worker side
+# Errors of the machine, not of the case: a full disk, an I/O error, a permission or quota
+# problem, a stale network mount, too little memory. Such a case is not quarantined: its row is
+# flagged ENVIRONMENT_FAILURE, it is retried once more in the same run and again on every rerun.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT,
+                              errno.ENOMEM, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
+                              errno.ENFILE, errno.EBUSY, errno.EINTR})
+ENVIRONMENT_FAILURE = "environment_failure"
+
+
+def environment_cause(exc: BaseException) -> str | None:
+    """A short cause ("ENOSPC", "MemoryError") if ``exc`` (or what it was raised from) is a
+    failure of the environment rather than of the input, else None."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, MemoryError):
+            return "MemoryError"
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            return errno.errorcode.get(exc.errno, "OSError")
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def execute_case(task: CaseTask) -> CaseResult:
     """Run one per-case stage on one case (on a Dask worker, or in process).
 
-    Never raises for a bad case: QuarantineError -> quarantined with its kind;
-    any other exception -> quarantined as ``stage_error`` with the exception's
-    one-line message (the run goes on; ``status`` shows it).
+    Never raises: QuarantineError -> quarantined with its kind; an error of the environment
+    (:func:`environment_cause`: full disk, EIO, EACCES, out of memory, ... even when a reader
+    wrapped it in a QuarantineError) -> a retryable failure (kind = the cause, info flag
+    ``ENVIRONMENT_FAILURE``), never recorded as done or as a bad case; any other exception ->
+    quarantined as ``stage_error`` with the exception's one-line message.
     """
     pin_threads()
     spec = get_stage(task.stage)
@@ -73,11 +102,22 @@ def execute_case(task: CaseTask) -> CaseResult:
         info = spec.run(task) or {}
         return CaseResult(**base, status="done", output=task.output_path, info=dict(info),
                           seconds=time.perf_counter() - t0)
-    except QuarantineError as e:
-        return CaseResult(**base, status="quarantined", kind=e.kind, reason=e.reason, seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - bad input must never stop the run
+        cause = environment_cause(e)
+        if cause is not None:
+            return CaseResult(**base, status="quarantined", kind=cause, info={ENVIRONMENT_FAILURE: True},
+                              reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
+        if isinstance(e, QuarantineError):
+            return CaseResult(**base, status="quarantined", kind=e.kind, reason=e.reason,
+                              seconds=time.perf_counter() - t0)
         return CaseResult(**base, status="quarantined", kind=STAGE_ERROR,
                           reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
+
+
+def is_retryable(row_or_result) -> bool:
+    """True for a manifest row / result that failed for a reason outside the case (environment, cluster)."""
+    info = row_or_result.info or {}
+    return row_or_result.status == "quarantined" and bool(info.get(ENVIRONMENT_FAILURE) or info.get(CLUSTER_FAILURE))
 
 
 # Manifest ``info`` flag of a row quarantined because its task failed on the cluster (worker died
@@ -120,6 +160,8 @@ def stale_reason(row: StageRow | None, parts: KeyParts, output_ok: bool) -> str 
             return "output missing"
         if row.status == "quarantined" and (row.info or {}).get(CLUSTER_FAILURE):
             return "failed on the cluster last run"  # a lost worker, not a bad case: try again
+        if row.status == "quarantined" and (row.info or {}).get(ENVIRONMENT_FAILURE):
+            return f"failed, will retry ({row.kind})"  # a full disk, EIO, ...: not a bad case
         return None
     if row.input_fp != parts.input_fp:
         return "changed input"
@@ -154,6 +196,7 @@ class StageTally:
     up_to_date: int = 0
     waiting: int = 0  # upstream not done yet (e.g. not requested)
     blocked: int = 0  # quarantined upstream
+    failed: Counter = field(default_factory=Counter)  # environment/cluster cause -> count (retried next run)
     seconds: float = 0.0
     notes: Counter = field(default_factory=Counter)  # done cases' NOTES_KEY counts (e.g. truncated text)
 
@@ -216,10 +259,31 @@ def build(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out).resolve()
     work_dir = work_dir_for(out, Path(work) if work else None)
-    out.mkdir(parents=True, exist_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
     wanted = resolve_stages(stages)
+    with contextlib.ExitStack() as locks:
+        # One writer per output: a second build on the same --out (or --work) stops here at once.
+        locks.enter_context(folder_lock(out))
+        if not _is_inside(work_dir, out):
+            locks.enter_context(folder_lock(work_dir))
+        return _build_locked(srcs, out, work_dir, config, wanted, source, scheduler, workers, retries,
+                             memory_limit, strict, progress, log)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _build_locked(srcs, out: Path, work_dir: Path, config: PipelineConfig, wanted: list[str], source, scheduler,
+                  workers, retries, memory_limit, strict, progress, log) -> BuildReport:
     specs = list_stages()
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the work folder {work_dir}: {e.strerror or e}") from e
     cluster = Cluster(scheduler, workers, retries=retries, memory_limit=memory_limit)
     manifest = Manifest(work_dir / MANIFEST_FILE)
     try:
@@ -303,6 +367,10 @@ def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log):
             msg += f", {len(gone)} no longer present"
         msg += mask_tree_note(res.cases)
         log(msg)
+        for problem in res.problems[:20]:
+            log(f"  input problem (no case named, nothing quarantined): {problem}")
+        if len(res.problems) > 20:
+            log(f"  ... {len(res.problems) - 20} more input problems")
     cases.sort(key=lambda c: (c.source, c.split, c.case_id))
     return cases, file_hashes, scan_q
 
@@ -325,7 +393,7 @@ def _eligibility(spec: StageSpec, case: CaseInput, keys: dict[str, KeyParts], ro
         if row is None or parts is None or row.key != parts.key:
             return "waiting"
         if row.status == "quarantined":
-            return "blocked"
+            return "waiting" if is_retryable(row) else "blocked"
         if not _output_ok(get_stage(u), row, work, out):
             return "waiting"
     return "ok"
@@ -362,7 +430,7 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
     for folder in folders:
         remove_temp_debris(folder)
     bar = _progress_bar(len(todo), spec.name, progress)
-    for task, result in cluster.map(execute_case, todo):
+    for task, result in _map_with_retry(cluster, todo):
         if isinstance(result, BaseException):  # e.g. the worker died on this case again and again (memory?)
             result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=STAGE_ERROR,
                                 reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"),
@@ -374,6 +442,9 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
             tally.done += 1
             tally.notes.update(result.info.get(NOTES_KEY) or {})
             output = _relpath_or_abs(result.output or task.output_path, work)
+        elif is_retryable(result):
+            tally.failed[result.kind or STAGE_ERROR] += 1
+            output = None
         else:
             tally.quarantined[result.kind or STAGE_ERROR] += 1
             output = None
@@ -391,6 +462,23 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
     for folder in folders:
         remove_temp_debris(folder)
     return tally
+
+
+RETRY_PAUSE_S = 2.0  # before the in-run retry of environment failures (a transient I/O error may pass)
+
+
+def _map_with_retry(cluster: Cluster, todo: list[CaseTask]) -> Iterable[tuple[CaseTask, Any]]:
+    """``cluster.map(execute_case, todo)``, then once more for the tasks that failed for an
+    environment reason; yields each task's final result once."""
+    again = []
+    for task, result in cluster.map(execute_case, todo):
+        if isinstance(result, CaseResult) and (result.info or {}).get(ENVIRONMENT_FAILURE):
+            again.append(task)
+            continue
+        yield task, result
+    if again:
+        time.sleep(RETRY_PAUSE_S)
+        yield from cluster.map(execute_case, again)
 
 
 def _abs(path: str | None, spec: StageSpec, work: Path, out: Path) -> str:
@@ -425,7 +513,12 @@ def _run_aggregate_stage(spec: StageSpec, cases, keys, config, manifest: Manifes
     if not any(c.changed for c in agg) and not dropped:
         return tally
     task = AggregateTask(spec.name, agg, work, out, config, dropped, cluster.get())
-    results = spec.run(task) or []
+    try:
+        results = spec.run(task) or []
+    except OSError as e:  # nothing was committed (index.json is written last): a rerun redoes it
+        cause = environment_cause(e) or type(e).__name__
+        raise UserError(f"{spec.name} stopped ({cause}): {e}; nothing of this stage was committed, "
+                        "rerun build-shards once the cause is fixed") from e
     parts_by_id = {c.case.case_id: keys[c.case.case_id][spec.name] for c in agg}
     with manifest.tx():
         for r in results:
@@ -459,7 +552,7 @@ def _write_quarantine_file(manifest: Manifest, out: Path) -> list[Quarantine]:
     present = {c.case.case_id: c.case for c in manifest.cases()}
     records = []
     for (cid, stage), row in manifest.stage_rows().items():
-        if row.status == "quarantined" and cid in present:
+        if row.status == "quarantined" and cid in present and not is_retryable(row):
             case = present[cid]
             records.append(Quarantine(cid, stage, row.kind or "", row.reason or "", case.source, dict(case.files)))
     write_quarantine_jsonl(out / QUARANTINE_FILE, records)
@@ -484,6 +577,9 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
         if t.quarantined:
             bits.append(f"{sum(t.quarantined.values())} quarantined now (" +
                         ", ".join(f"{k} {v}" for k, v in sorted(t.quarantined.items())) + ")")
+        if t.failed:
+            bits.append(f"{sum(t.failed.values())} FAILED, will retry on the next run (" +
+                        ", ".join(f"{k} {v}" for k, v in sorted(t.failed.items())) + ")")
         bits.append(f"{t.up_to_date} up to date")
         if t.waiting:
             bits.append(f"{t.waiting} waiting for upstream")
@@ -494,9 +590,14 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
     head = "nothing to do: everything up to date" if ran == 0 else f"processed {ran} case-stage(s)"
     summary = (f"ctprep build-shards: {head}; " + "; ".join(parts)
                + f"; {len(quarantined)} quarantined in total -> {out / QUARANTINE_FILE}")
+    failed = sum(sum(t.failed.values()) for t in tallies.values())
     if done_final == 0:
         code = 1
         summary += f"; ERROR: no case completed stage {last!r}"
+    elif failed:
+        code = 4
+        summary += (f"; ERROR: {failed} case-stage(s) failed for a reason outside the data (see above); "
+                    "rerun build-shards to retry them")
     elif strict and quarantined:
         code = 2
         summary += " (--strict: quarantined cases make this a failure)"

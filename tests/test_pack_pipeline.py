@@ -40,7 +40,7 @@ def listed_keys(out):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     synth_ct.write_ctrate(root / "ctrate", cases=3, seed=0)
-    synth_omni.write_omniabnorm(root / "omni" / "batch_01", cases=3, seed=1)
+    synth_omni.write_omniabnorm(root / "omni" / "batch_01", cases=3, seed=1, layout="batches")
     return root
 
 
@@ -53,7 +53,7 @@ def test_batches_generations_and_tokenizer_change(data, tmp_path):
     before = shard_files(out)
 
     # A new OmniAbnorm batch: every stage runs for its 2 cases only; old shards untouched.
-    synth_omni.write_omniabnorm(data / "omni" / "batch_02", cases=2, seed=2)
+    synth_omni.write_omniabnorm(data / "omni" / "batch_02", cases=2, seed=2, layout="batches")
     second = run([data / "ctrate", data / "omni"], out)
     assert ran(second) == {"resample": 2, "regions": 2, "text": 2, "pack": 2}
     after = shard_files(out)

@@ -23,6 +23,9 @@ Register a source with ``@register_source`` on its class; modules listed in
 from __future__ import annotations
 
 import importlib
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,7 +48,51 @@ __all__ = [
     "detect_source",
     "available_sources",
     "SOURCE_MODULES",
+    "OUTPUT_MARKER",
+    "is_pipeline_output",
+    "input_files",
 ]
+
+# A file that marks a folder as a ctprep output (``--out``, ``--work``): written by the build's
+# lock (``ctprep.lock``). Source walks never descend into such a folder, so an ``--out`` inside
+# ``--src`` is never read as input (its quarantine.jsonl is not a CoT file, its zarr not a volume).
+OUTPUT_MARKER = ".ctprep.lock"
+
+
+def is_pipeline_output(folder: str | os.PathLike[str]) -> bool:
+    """True if ``folder`` is a ctprep output or work folder (it holds ``OUTPUT_MARKER``)."""
+    return os.path.exists(os.path.join(folder, OUTPUT_MARKER))
+
+
+def _not_regular(path: str) -> str | None:
+    """None for a regular file (links resolved), else what it is ("a FIFO", "a broken link", ...)."""
+    try:
+        mode = os.stat(path).st_mode  # follows links; never opens the file (a FIFO would block)
+    except OSError as e:
+        return "a broken link" if os.path.islink(path) else f"not readable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def input_files(root: str | os.PathLike[str], suffixes: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+    """``(path, problem)`` for every file under ``root`` whose name ends with one of ``suffixes``,
+    in sorted order; ``problem`` is None for a regular file (symlinks to regular files anywhere
+    are fine, e.g. a Hugging Face cache), else what the entry is (a FIFO, a device, a broken link).
+
+    Folders that are ctprep outputs (:func:`is_pipeline_output`) are skipped; symlinked folders
+    are not followed.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not is_pipeline_output(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            if name.endswith(suffixes):
+                path = os.path.join(dirpath, name)
+                yield path, _not_regular(path)
 
 
 @dataclass

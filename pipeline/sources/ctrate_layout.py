@@ -37,10 +37,11 @@ Rules:
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ctprep.sources.base import input_files
 
 NII_SUFFIXES = (".nii.gz", ".nii")
 MASK_DIR_NAMES = {"masks", "mask", "segmentations", "seg", "labels_masks"}
@@ -85,6 +86,9 @@ class Layout:
     images: dict[str, list[ImageCopy]] = field(default_factory=lambda: defaultdict(list))  # stem -> copies
     trees: dict[str, MaskTree] = field(default_factory=dict)
     folders: dict[str, str] = field(default_factory=dict)  # image folder -> kind
+    # stem -> [(path, what it is)] for entries that are not regular files (FIFO, device, broken
+    # link): never opened, since reading a FIFO or /dev/zero would hang or never end.
+    irregular: dict[str, list[tuple[Path, str]]] = field(default_factory=lambda: defaultdict(list))
 
     def rel(self, path: Path) -> str:
         try:
@@ -172,28 +176,27 @@ def walk_layout(root: str | Path, mask_dirs: dict[str, str] | None = None) -> La
         out.trees[name] = MaskTree(name, d)
     walked = [(root, None)] + [(d, name) for d, name in explicit if not _is_inside(d, root)]
     for top, fixed_tree in walked:
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            here = Path(dirpath)
-            tree_here = fixed_tree or next((name for d, name in explicit if _is_inside(here, d)), None)
-            for fname in sorted(filenames):
-                stem = strip_nii(fname)
-                if stem is None:
-                    continue
-                path = here / fname
-                if tree_here is not None:
-                    out.trees[tree_here].files[stem].append(path)
-                    continue
-                parts = path.relative_to(root).parts[:-1]
-                found = _mask_tree_name(parts)
-                if found is not None:
-                    name, n = found
-                    tree = out.trees.setdefault(name, MaskTree(name, root.joinpath(*parts[:n])))
-                    tree.files[stem].append(path)
-                    continue
-                folder, kind = _image_folder(parts, root)
-                out.folders.setdefault(folder, kind)
-                out.images[stem].append(ImageCopy(path, path.relative_to(root).as_posix(), folder, kind))
+        for name_str, problem in input_files(top, NII_SUFFIXES):
+            path = Path(name_str)
+            stem = strip_nii(path.name)
+            tree_here = fixed_tree or next((name for d, name in explicit if _is_inside(path.parent, d)), None)
+            if problem is not None:
+                if tree_here is None and _mask_tree_name(path.relative_to(root).parts[:-1]) is None:
+                    out.irregular[stem].append((path, problem))
+                continue
+            if tree_here is not None:
+                out.trees[tree_here].files[stem].append(path)
+                continue
+            parts = path.relative_to(root).parts[:-1]
+            found = _mask_tree_name(parts)
+            if found is not None:
+                name, n = found
+                tree = out.trees.setdefault(name, MaskTree(name, root.joinpath(*parts[:n])))
+                tree.files[stem].append(path)
+                continue
+            folder, kind = _image_folder(parts, root)
+            out.folders.setdefault(folder, kind)
+            out.images[stem].append(ImageCopy(path, path.relative_to(root).as_posix(), folder, kind))
     return out
 
 

@@ -71,6 +71,7 @@ class ScanResult:
     file_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # case -> role -> hash
     quarantined: list[Quarantine] = field(default_factory=list)
     hashed: int = 0  # files hashed now (not from the cache)
+    problems: list[str] = field(default_factory=list)  # input problems that name no case (e.g. a broken CSV row)
 
 
 def scan_root(root: str | Path, source_name: str, config: PipelineConfig, manifest: Manifest,
@@ -87,7 +88,8 @@ def scan_root(root: str | Path, source_name: str, config: PipelineConfig, manife
     root = Path(root).resolve()
     source = get_source(source_name, config)
     cases, quarantined = source.scan(root)
-    res = ScanResult(str(root), source_name, quarantined=list(quarantined))
+    res = ScanResult(str(root), source_name, quarantined=list(quarantined),
+                     problems=list(getattr(source, "problems", [])))
 
     stats: dict[str, tuple[int, int]] = {}
     todo: list[str] = []
