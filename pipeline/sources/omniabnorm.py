@@ -113,7 +113,7 @@ from ctprep.quarantine import (
     QuarantineError,
 )
 from ctprep.schema import ABNORMALITY_LABELS, is_safe_case_id
-from ctprep.sources.base import CaseInput, LoadedCase, Source, register_source
+from ctprep.sources.base import CaseInput, LoadedCase, Source, is_pipeline_output, register_source
 
 SKIP_JSON = ("faults.json",)  # the generator's fault list, not records
 # Standard CT windows for records that name their window instead of giving numbers.
@@ -257,7 +257,7 @@ def _inside(batch: Path, rel: str) -> Path | None:
 
 def _record_files(batch: Path) -> list[Path]:
     """Older layout: the batch folder's JSON files that hold a list of records."""
-    return [p for p in sorted(batch.glob("*.json")) if p.name not in SKIP_JSON and _peek(p) == "records"]
+    return [p for p in sorted(batch.glob("*.json")) if p.name not in SKIP_JSON and p.is_file() and _peek(p) == "records"]
 
 
 def _is_batch(folder: Path) -> bool:
@@ -282,9 +282,26 @@ def _cot_id(record: dict[str, Any]) -> str | None:
     return None
 
 
+def _jsonl_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a line that is not JSON (or not UTF-8) only loses itself."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def _read_jpeg(path: str) -> np.ndarray:
     from PIL import Image
 
+    if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO or device would block or never end
+        raise QuarantineError(UNREADABLE, f"{path} is not a regular file; only regular files (or links to them) are read")
     try:
         with Image.open(path) as im:
             im.load()
@@ -384,8 +401,10 @@ def release_files(root: Path) -> list[Path]:
         subdirs = []
         for e in entries:
             if e.is_dir():
-                subdirs.append(Path(e.path))
-            elif e.name.endswith(".json") and e.name not in SKIP_JSON and _peek(Path(e.path)) == "release":
+                if not is_pipeline_output(e.path):  # an --out inside the source is never input
+                    subdirs.append(Path(e.path))
+            elif (e.name.endswith(".json") and e.name not in SKIP_JSON and e.is_file()
+                  and _peek(Path(e.path)) == "release"):
                 found.append(Path(e.path))
         if depth < MAX_JSON_DEPTH and len(subdirs) <= DATA_FOLDER_SUBDIRS:
             for sub in subdirs:
@@ -691,11 +710,9 @@ class OmniAbnormSource(Source):
         folders = sorted({root, *(f.parent for f in files)})
         for folder in folders:
             for jl in sorted(folder.glob("*.jsonl")):
-                for line in jl.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        if isinstance(rec, dict) and _cot_id(rec):
-                            cot[_cot_id(rec)] = rec  # type: ignore[index]
+                for rec in _jsonl_records(jl):
+                    if isinstance(rec, dict) and _cot_id(rec):
+                        cot[_cot_id(rec)] = rec  # type: ignore[index]
         return cot
 
     def _datum(self, datum_id: str, case_id: str, datum: dict[str, Any], jf: Path, plane: str, split: str,
@@ -788,11 +805,9 @@ class OmniAbnormSource(Source):
         for batch in self.batches(root):
             cot: dict[str, dict[str, Any]] = {}
             for jl in sorted(batch.glob("*.jsonl")):
-                for line in jl.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        if _cot_id(rec):
-                            cot[_cot_id(rec)] = rec  # type: ignore[index]
+                for rec in _jsonl_records(jl):
+                    if _cot_id(rec):
+                        cot[_cot_id(rec)] = rec  # type: ignore[index]
             for rf in _record_files(batch):
                 for record in json.loads(rf.read_text(encoding="utf-8")):
                     case, bad = self._case(batch, record, cot)
