@@ -9,10 +9,15 @@ increasing indices point S, A, R (``ctprep.schema.CANONICAL_ORIENTATION``).
 Structures that do not change along z (body wall, spine, trachea, esophagus)
 are computed as 2D masks and broadcast; localized ones (heart, aorta, lesions)
 only inside their bounding box, so a 60 x 160 x 160 volume renders in ~0.1 s.
+
+Findings are drawn by their kinds (``ctprep.synth.finding_kinds``), at the stage of
+``render_chest`` each kind names: with the heart, with the aorta, or after the whole
+anatomy; a kind may also change the heart (``Anatomy.heart_radii`` / ``heart_pad``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,10 +80,17 @@ class Grid:
 class Finding:
     """One abnormality: what is drawn, where, and the words for it."""
 
-    kind: str  # nodule|effusion|cardiomegaly|emphysema|consolidation|opacity|atelectasis|
-    # aortic_calcification|coronary_calcification|pericardial_effusion|lymphadenopathy|hiatal_hernia|device
+    kind: str  # a kind's name in ctprep.synth.finding_kinds (e.g. "nodule"), which defines the rest
     label: str  # one of ctprep.schema.ABNORMALITY_LABELS
     params: dict = field(default_factory=dict)  # kind-specific geometry (mm) and wording choices
+
+
+def _kind_of(f: Finding):
+    """The finding kind (``ctprep.synth.finding_kinds``) that samples, draws and describes ``f``."""
+    # The kinds draw with this module's geometry (they import it), so the registry is imported on use.
+    from ctprep.synth.finding_kinds import kind_of
+
+    return kind_of(f.kind)
 
 
 @dataclass
@@ -140,9 +152,18 @@ class Anatomy:
         return next((f for f in self.findings if f.kind == kind), None)
 
     def heart_radii(self) -> tuple[float, float, float]:
-        f = self.finding("cardiomegaly")
-        s = f.params["scale"] if f else 1.0
+        """(z, y, x) semi-axes of the heart with its findings (cardiomegaly scales them)."""
+        s = 1.0
+        for f in self.findings:
+            s *= _kind_of(f).heart_scale(f.params)
         return tuple(r * s for r in self.heart_r)  # type: ignore[return-value]
+
+    def heart_pad(self) -> float:
+        """mm around the heart taken by its findings (pericardial fluid); 0 without."""
+        pad = 0.0
+        for f in self.findings:
+            pad += _kind_of(f).heart_pad(f.params)
+        return pad
 
     def lung(self, side: int) -> tuple[float, float, float, float]:
         """(cx, cy, rx, ry) of the lung footprint; side +1 = right, -1 = left."""
@@ -261,7 +282,7 @@ def effusion_at(a: Anatomy, side: int, depth: float, z, y, x):
     return lung_side_at(a, side, z, y, x) & (y < y_post + depth) & (z < a.z_base + 0.62 * a.lung_h)
 
 
-def _capsule(z, y, x, p0, p1, r):
+def capsule_at(z, y, x, p0, p1, r):
     """Points within r of the segment p0-p1 (z, y, x mm)."""
     p0 = np.asarray(p0, np.float32)
     d = np.asarray(p1, np.float32) - p0
@@ -286,7 +307,7 @@ def aorta_at(a: Anatomy, z, y, x, z_low: float, r: float | None = None):
     r = a.aorta_r if r is None else r
     m = np.zeros(np.broadcast_shapes(np.shape(z), np.shape(y), np.shape(x)), bool)
     for p0, p1 in aorta_segments(a, z_low):
-        m |= _capsule(z, y, x, p0, p1, r)
+        m |= capsule_at(z, y, x, p0, p1, r)
     return m
 
 
@@ -294,7 +315,24 @@ def aorta_at(a: Anatomy, z, y, x, z_low: float, r: float | None = None):
 # Rendering
 
 
-def _put(hu, lab, sl, mask, value, label=None):
+# When render_chest draws a kind (``FindingKind.stage``):
+STAGE_HEART = "heart"  # just before the heart, in the heart's box (the heart then covers the kind's inside)
+STAGE_AORTA = "aorta"  # just after the aorta, in its box (organs drawn later cover it as they cover the aorta)
+STAGE_LESION = "lesion"  # after the whole anatomy, in the order of the scan's findings
+STAGES = (STAGE_HEART, STAGE_AORTA, STAGE_LESION)
+
+
+@dataclass(frozen=True)
+class OrganView:
+    """An organ as render_chest drew it, for the kinds drawn with it (``STAGE_HEART`` / ``STAGE_AORTA``)."""
+
+    box: tuple[slice, ...]  # the organ's sub-box of the grid (Z, Y, X)
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]  # broadcastable z, y, x mm inside ``box``
+    mask: np.ndarray  # bool, the organ inside ``box``
+    grown: Callable[[float], np.ndarray]  # d mm -> the organ's mask grown by d (negative: shrunk)
+
+
+def fill(hu, lab, sl, mask, value, label=None):
     """Write ``value`` (and ``label``) where ``mask`` inside the sub-box ``sl``."""
     if mask is None or not mask.any():
         return
@@ -304,8 +342,32 @@ def _put(hu, lab, sl, mask, value, label=None):
         lab[sl][mask] = label
 
 
-def _sphere_box(grid: Grid, c, r):
+def sphere_box(grid: Grid, c, r):
+    """Index slices of the grid covering the ball of radius ``r`` mm around ``c`` (z, y, x mm)."""
     return grid.box((c[0] - r, c[1] - r, c[2] - r), (c[0] + r, c[1] + r, c[2] + r))
+
+
+def _draw_findings(a: Anatomy, grid: Grid, hu, lab, stage: str, organ: OrganView | None, masks: dict) -> None:
+    """Draw the findings whose kind is drawn at ``stage``; record (sub-box, mask) of each in ``masks``."""
+    for i, f in enumerate(a.findings):
+        kind = _kind_of(f)
+        if kind.stage == stage:
+            m = kind.draw(a, grid, hu, lab, f, organ)
+            if m is not None:
+                masks[i] = m
+
+
+@dataclass(frozen=True)
+class _Section:
+    """The z-invariant body section on the grid: 2D maps shared by the organs."""
+
+    z1: np.ndarray  # (Z,) mm
+    y2: np.ndarray  # (Y, 1) mm
+    x2: np.ndarray  # (1, X) mm
+    rho2: np.ndarray  # (Y, X) squared normalised body radius
+    body: np.ndarray  # (Y, X) inside the skin
+    inner: np.ndarray  # (Y, X) inside the rib cage
+    cage_in: float  # rho2 of the rib cage's inner surface
 
 
 def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
@@ -319,9 +381,30 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     Returns:
         (hu, labels, masks) with masks {} unless ``finding_masks``.
     """
+    hu, lab, sec = _render_body_wall(a, grid)
+    _render_abdomen(a, hu, lab, sec)
+    _render_lungs(a, grid, hu, lab)
+    masks: dict[int, tuple] = {}  # finding index -> (sub-box, mask), in the order they are drawn
+    _render_heart(a, grid, hu, lab, masks)
+    _render_aorta(a, grid, hu, lab, sec, masks)
+    _render_airway_and_esophagus(a, hu, lab, sec)
+    _render_spine(a, hu, lab, sec)
+    _render_ribs_and_sternum(a, grid, hu, lab, sec)
+    _draw_findings(a, grid, hu, lab, STAGE_LESION, None, masks)
+    if not finding_masks:
+        return hu, lab, {}
+    full = {}
+    for i, (sl, m) in masks.items():
+        mm = np.zeros(grid.shape, bool)
+        mm[sl] = m
+        full[i] = mm
+    return hu, lab, full
+
+
+def _render_body_wall(a: Anatomy, grid: Grid):
+    """HU of air, subcutaneous fat, chest-wall muscle and mediastinal fat; empty labels; the section maps."""
     Z, Y, X = grid.shape
     z, y, x = grid.coords()
-    z1 = z[:, 0, 0]
     y2, x2 = y[0], x[0]  # (Y,1), (1,X)
     rho2 = _body_rho2(a, y2, x2)
     body = rho2 <= 1.0
@@ -335,30 +418,37 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     tissue2d[inner] = -70.0  # mediastinal fat
     hu = np.broadcast_to(tissue2d, (Z, Y, X)).copy()
     lab = np.zeros((Z, Y, X), np.uint8)
+    return hu, lab, _Section(z[:, 0, 0], y2, x2, rho2, body, inner, cage_in)
 
-    # Upper abdomen below the diaphragm: liver on the right, stomach on the left.
+
+def _render_abdomen(a: Anatomy, hu, lab, sec: _Section) -> None:
+    """Upper abdomen below the diaphragm: liver on the right, stomach (with its gas) on the left."""
+    y2, x2 = sec.y2, sec.x2
+    z = sec.z1[:, None, None]
     dz = diaphragm_z(a, y2, x2)  # (Y, X)
-    below = (z < dz[None]) & inner[None]
+    below = (z < dz[None]) & sec.inner[None]
     liver = below & (x2 > -0.05 * a.ax)[None]
-    _put(hu, lab, (slice(None),) * 3, below, 30.0, STOMACH)
-    _put(hu, lab, (slice(None),) * 3, liver, 58.0, LIVER)
+    fill(hu, lab, (slice(None),) * 3, below, 30.0, STOMACH)
+    fill(hu, lab, (slice(None),) * 3, liver, 58.0, LIVER)
     gas = below & ~liver & (z > dz[None] - 25.0) & (y2 > 0.1 * a.ay)[None] & (x2 < -0.25 * a.ax)[None]
-    _put(hu, lab, (slice(None),) * 3, gas, -990.0)
+    fill(hu, lab, (slice(None),) * 3, gas, -990.0)
 
-    # Lungs by lobe, with a gravity gradient (posterior slightly denser).
+
+def _render_lungs(a: Anatomy, grid: Grid, hu, lab) -> None:
+    """Lungs by lobe with a gravity gradient, pulmonary vessels and the main bronchi."""
     lsl = grid.box((a.z_base - 1, -a.ay, -a.ax), (a.z_apex + 1, a.ay, a.ax))
     lz, ly, lx = grid.coords(lsl)
     lobes = lobe_at(a, lz, ly, lx)
     lung = lobes > 0
     lung_hu = (-855.0 - 0.35 * ly).astype(np.float32)  # posterior (dependent) lung slightly denser
-    _put(hu, lab, lsl, lung, lung_hu)
+    fill(hu, lab, lsl, lung, lung_hu)
     lab[lsl][lung] = lobes[lung]
 
     # Pulmonary vessels (part of the lobes in TotalSegmentator, so labels stay).
     for p0, p1, r in a.vessels:
         vsl = grid.box(tuple(min(u, v) - r for u, v in zip(p0, p1)), tuple(max(u, v) + r for u, v in zip(p0, p1)))
         vz, vy, vx = grid.coords(vsl)
-        _put(hu, lab, vsl, _capsule(vz, vy, vx, p0, p1, r) & np.isin(lab[vsl], LUNG_IDS), 35.0)
+        fill(hu, lab, vsl, capsule_at(vz, vy, vx, p0, p1, r) & np.isin(lab[vsl], LUNG_IDS), 35.0)
 
     # Main bronchi: air tubes from the carina into each hilum (image only).
     zc = a.z_carina
@@ -366,50 +456,47 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
         p1 = (zc - 35.0, a.trachea_y - 8.0, side * 0.30 * a.ax)
         bsl = grid.box((p1[0] - 8, a.trachea_y - 20, min(0, p1[2]) - 8), (zc + 8, a.trachea_y + 8, max(0, p1[2]) + 8))
         bz, by, bx = grid.coords(bsl)
-        _put(hu, lab, bsl, _capsule(bz, by, bx, (zc, a.trachea_y, 0.0), p1, 0.62 * a.trachea_r), -990.0)
+        fill(hu, lab, bsl, capsule_at(bz, by, bx, (zc, a.trachea_y, 0.0), p1, 0.62 * a.trachea_r), -990.0)
 
-    # Heart (+ pericardial effusion shell).
-    hr = a.heart_radii()
-    peri = a.finding("pericardial_effusion")
-    pad = peri.params["thickness"] if peri else 0.0
-    rmax = max(hr) + pad + 1
-    hsl = _sphere_box(grid, a.heart_c, rmax)
+
+def _render_heart(a: Anatomy, grid: Grid, hu, lab, masks: dict) -> None:
+    """The heart, after the findings drawn with it (pericardial fluid around it)."""
+    hsl = sphere_box(grid, a.heart_c, max(a.heart_radii()) + a.heart_pad() + 1)
     hz, hy, hx = grid.coords(hsl)
     heart = heart_at(a, hz, hy, hx)
-    masks: dict[int, np.ndarray] = {}
-    if peri:
-        shell = heart_at(a, hz, hy, hx, pad=pad) & ~heart
-        _put(hu, lab, hsl, shell, 12.0, 0)
-        masks[a.findings.index(peri)] = (hsl, shell)
-    _put(hu, lab, hsl, heart, 42.0, HEART)
+    organ = OrganView(hsl, (hz, hy, hx), heart, lambda d: heart_at(a, hz, hy, hx, pad=d))
+    _draw_findings(a, grid, hu, lab, STAGE_HEART, organ, masks)
+    fill(hu, lab, hsl, heart, 42.0, HEART)
 
-    # Aorta: ascending, arch, descending (through the diaphragm).
-    z_low = float(z1[0]) - 5.0
+
+def _render_aorta(a: Anatomy, grid: Grid, hu, lab, sec: _Section, masks: dict) -> None:
+    """Aorta (ascending, arch, descending through the diaphragm), then the findings of its wall."""
+    z_low = float(sec.z1[0]) - 5.0
     lo = (z_low, min(a.aorta_desc_xy[1], a.aorta_asc_xy[1]) - a.aorta_r, a.aorta_desc_xy[0] - a.aorta_r)
     hi = (a.z_arch + 8 + a.aorta_r, a.aorta_asc_xy[1] + a.aorta_r, a.aorta_asc_xy[0] + a.aorta_r)
     asl = grid.box(lo, hi)
-    az, ay_, ax_ = grid.coords(asl)
-    aorta = aorta_at(a, az, ay_, ax_, z_low)
-    _put(hu, lab, asl, aorta, 40.0, AORTA)
-    calc = a.finding("aortic_calcification")
-    if calc:
-        wall = aorta & ~aorta_at(a, az, ay_, ax_, z_low, r=a.aorta_r - calc.params["thickness"])
-        # Plaques: patchy along the wall, a fixed function of position so every recon agrees.
-        patchy = np.sin(0.21 * az + calc.params["phase"]) + np.sin(0.33 * ax_ + 0.27 * ay_) > calc.params["threshold"]
-        plaque = wall & patchy
-        _put(hu, lab, asl, plaque, calc.params["hu"])
-        masks[a.findings.index(calc)] = (asl, plaque)
+    az, ay, ax = grid.coords(asl)
+    aorta = aorta_at(a, az, ay, ax, z_low)
+    fill(hu, lab, asl, aorta, 40.0, AORTA)
+    organ = OrganView(asl, (az, ay, ax), aorta, lambda d: aorta_at(a, az, ay, ax, z_low, r=a.aorta_r + d))
+    _draw_findings(a, grid, hu, lab, STAGE_AORTA, organ, masks)
 
-    # Trachea down to the carina, esophagus all the way.
-    tz = z1 >= zc
+
+def _render_airway_and_esophagus(a: Anatomy, hu, lab, sec: _Section) -> None:
+    """Trachea down to the carina, esophagus all the way."""
+    z1, y2, x2 = sec.z1, sec.y2, sec.x2
+    tz = z1 >= a.z_carina
     tr2 = (x2 / a.trachea_r) ** 2 + ((y2 - a.trachea_y) / a.trachea_r) ** 2 <= 1.0
-    _put(hu, lab, (slice(None),) * 3, tz[:, None, None] & tr2[None], -1000.0, TRACHEA)
+    fill(hu, lab, (slice(None),) * 3, tz[:, None, None] & tr2[None], -1000.0, TRACHEA)
     ex, ey = a.esophagus_xy
     es2 = ((x2 - ex) / 9.0) ** 2 + ((y2 - ey) / 7.0) ** 2 <= 1.0
     es3 = (z1 > a.z_base - 10.0)[:, None, None] & es2[None]
-    _put(hu, lab, (slice(None),) * 3, es3, 35.0, ESOPHAGUS)
+    fill(hu, lab, (slice(None),) * 3, es3, 35.0, ESOPHAGUS)
 
-    # Spine: vertebral body (trabecular + cortex) and posterior elements, labelled by level.
+
+def _render_spine(a: Anatomy, hu, lab, sec: _Section) -> None:
+    """Vertebral bodies (trabecular + cortex) and posterior elements, labelled by level; discs between."""
+    z1, y2, x2, body = sec.z1, sec.y2, sec.x2, sec.body
     level = np.floor((a.z_apex + 22.0 - z1) / a.level_h)
     frac = (a.z_apex + 22.0 - z1) / a.level_h - level
     disc = (frac < 0.16)[:, None, None]
@@ -426,7 +513,11 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     lab[vmask] = np.broadcast_to(vid, lab.shape)[vmask]
     hu[bone2[None] & disc & body_v[None]] = 80.0
 
-    # Ribs: one band per level in the chest wall, left/right numbered 1..12; sternum in front.
+
+def _render_ribs_and_sternum(a: Anatomy, grid: Grid, hu, lab, sec: _Section) -> None:
+    """One rib band per level in the chest wall, left/right numbered 1..12; the sternum in front."""
+    z, y, _ = grid.coords()
+    z1, y2, x2, rho2, cage_in = sec.z1, sec.y2, sec.x2, sec.rho2, sec.cage_in
     rib_ring = (rho2 < (1.0 - (a.fat + 10.0) / a.ay) ** 2) & (rho2 >= cage_in) & (np.abs(x2) > 26.0) & (y2 < 0.6 * a.ay)
     # Ribs slope down from the spine to the front (~0.6 mm per mm), so an axial slice cuts arcs.
     rib_phase = (a.z_apex + 22.0 - z + 0.6 * (y - a.spine_y)) / a.level_h  # (Z, Y, 1)
@@ -439,143 +530,7 @@ def render_chest(a: Anatomy, grid: Grid, finding_masks: bool = False):
     lab[rib3] = np.broadcast_to(rib_id, lab.shape)[rib3].astype(np.uint8)
     stern2 = (rho2 < (1.0 - (a.fat + 6.0) / a.ay) ** 2) & (rho2 >= cage_in) & (np.abs(x2) <= 16.0) & (y2 > 0)
     stern3 = ((z1 < a.z_apex - 10.0) & (z1 > a.heart_c[0] - 20.0))[:, None, None] & stern2[None]
-    _put(hu, lab, (slice(None),) * 3, stern3, 450.0, STERNUM)
-
-    for i, f in enumerate(a.findings):
-        m = _draw_finding(a, grid, hu, lab, f)
-        if m is not None:
-            masks[i] = m
-    if not finding_masks:
-        return hu, lab, {}
-    full = {}
-    for i, (sl, m) in masks.items():
-        mm = np.zeros(grid.shape, bool)
-        mm[sl] = m
-        full[i] = mm
-    return hu, lab, full
-
-
-def _draw_finding(a: Anatomy, grid: Grid, hu, lab, f: Finding):
-    """Draw one finding in place; returns (sub-box, mask) of what it changed, or None."""
-    p = f.params
-    k = f.kind
-    if k in ("nodule", "consolidation", "opacity"):
-        c, r = p["center"], p["radius"]
-        sl = _sphere_box(grid, c, r)
-        z, y, x = grid.coords(sl)
-        sph = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
-        where = sph & (lab[sl] == p["lobe"]) if k != "nodule" else sph & np.isin(lab[sl], LUNG_IDS)
-        _put(hu, lab, sl, where, p["hu"])
-        return sl, where
-    if k == "emphysema":
-        lsl = grid.box((a.z_base, -a.ay, -a.ax), (a.z_apex, a.ay, a.ax))
-        sub = lab[lsl]
-        upper = np.isin(sub, p["lobes"])
-        hu[lsl][upper] = hu[lsl][upper] - p["shift"]
-        tot = upper.copy()
-        for c, r in zip(p["centers"], p["radii"]):
-            sl = _sphere_box(grid, c, r)
-            z, y, x = grid.coords(sl)
-            bl = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r) & np.isin(lab[sl], p["lobes"])
-            _put(hu, lab, sl, bl, -975.0)
-        return lsl, tot
-    if k in ("mosaic_attenuation", "fibrotic_sequela", "septal_thickening"):
-        lsl = grid.box((a.z_base, -a.ay, -a.ax), (a.z_apex, a.ay, a.ax))
-        z, y, x = grid.coords(lsl)
-        inl = np.isin(lab[lsl], p["lobes"])
-        if k == "mosaic_attenuation":
-            # Lobular patches of higher and lower attenuation (air trapping vs perfused lung).
-            w = p["period"]
-            pat = np.sin(z / w + p["phase"][0]) * np.sin(y / w + p["phase"][1]) * np.sin(x / w + p["phase"][2]) > 0
-            h = hu[lsl]
-            h[inl & pat] += 90.0
-            h[inl & ~pat] -= 45.0
-            return lsl, inl & pat
-        rho = np.maximum(np.where(x > 0, lung_rho(a, 1, z, y, x), 0), np.where(x <= 0, lung_rho(a, -1, z, y, x), 0))
-        if k == "fibrotic_sequela":
-            # Subpleural reticular bands in the lower lobes.
-            band = inl & (rho > 0.78) & (np.sin(0.45 * (x + 0.7 * y) + 0.3 * z) > 0.1)
-            _put(hu, lab, lsl, band, -200.0)
-            return lsl, band
-        period = p["spacing_mm"]
-        lines = (np.abs(np.sin(np.pi * z / period)) < 0.25) | (np.abs(np.sin(np.pi * y / period)) < 0.25)
-        lines = lines | (np.abs(np.sin(np.pi * x / period)) < 0.25)
-        sept = inl & (rho > 0.55) & lines
-        _put(hu, lab, lsl, sept, -420.0)
-        return lsl, sept
-    if k in ("bronchiectasis", "peribronchial_thickening"):
-        tot = np.zeros(grid.shape, bool)
-        for p0, p1 in p["airways"]:
-            box = grid.box(tuple(min(u, v) - 12 for u, v in zip(p0, p1)), tuple(max(u, v) + 12 for u, v in zip(p0, p1)))
-            z, y, x = grid.coords(box)
-            inl = np.isin(lab[box], p["lobes"])
-            wall = _capsule(z, y, x, p0, p1, p["lumen"] + p["wall"]) & inl
-            lumen = _capsule(z, y, x, p0, p1, p["lumen"]) & inl
-            _put(hu, lab, box, wall & ~lumen, 30.0)
-            _put(hu, lab, box, lumen, -990.0)
-            tot[box] |= wall
-        return (slice(None),) * 3, tot
-    if k == "atelectasis":
-        lsl = grid.box((a.z_base, -a.ay, -a.ax), (a.z_base + 0.5 * a.lung_h, a.ay, a.ax))
-        z, y, x = grid.coords(lsl)
-        band = (np.abs(y - p["y"]) < p["half_thickness"]) & (z < p["z_top"]) & (lab[lsl] == p["lobe"])
-        _put(hu, lab, lsl, band, 25.0)
-        return lsl, band
-    if k == "effusion":
-        lsl = grid.box((a.z_base - 1, -a.ay, -a.ax), (a.z_apex, a.ay, a.ax))
-        z, y, x = grid.coords(lsl)
-        tot = np.zeros(lab[lsl].shape, bool)
-        for side, depth in p["sides"].items():
-            fl = effusion_at(a, int(side), depth, z, y, x) & np.isin(lab[lsl], LUNG_IDS)
-            _put(hu, lab, lsl, fl, 12.0, 0)
-            tot |= fl
-        return lsl, tot
-    if k == "coronary_calcification":
-        tot_sl = _sphere_box(grid, a.heart_c, max(a.heart_radii()) + 8)
-        tot = np.zeros(lab[tot_sl].shape, bool)
-        for c in p["centers"]:
-            sl = _sphere_box(grid, c, p["radius"])
-            z, y, x = grid.coords(sl)
-            bl = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= p["radius"] ** 2
-            _put(hu, lab, sl, bl, 650.0)
-        z, y, x = grid.coords(tot_sl)
-        for c in p["centers"]:
-            tot |= (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= p["radius"] ** 2
-        return tot_sl, tot
-    if k == "lymphadenopathy":
-        box = grid.box((a.z_carina - 60, -a.ay, -60), (a.z_carina + 60, a.ay, 60))
-        z, y, x = grid.coords(box)
-        tot = np.zeros(lab[box].shape, bool)
-        for node in p["nodes"]:
-            c, r = node["center"], node["radius"]
-            tot |= ((z - c[0]) / (1.3 * r)) ** 2 + ((y - c[1]) / r) ** 2 + ((x - c[2]) / r) ** 2 <= 1.0
-        tot &= ~np.isin(lab[box], (TRACHEA, AORTA, ESOPHAGUS, HEART))
-        _put(hu, lab, box, tot, 38.0, 0)
-        return box, tot
-    if k == "hiatal_hernia":
-        c, r = p["center"], p["radius"]
-        sl = _sphere_box(grid, c, r)
-        z, y, x = grid.coords(sl)
-        sph = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
-        sph &= ~np.isin(lab[sl], (AORTA, HEART) + tuple(range(27, 51)))
-        _put(hu, lab, sl, sph, np.where(z > c[0] + 0.2 * r, -980.0, 20.0).astype(np.float32), STOMACH)  # air over fluid
-        return sl, sph
-    if k == "device":
-        c, hs = p["center"], p["half_size"]
-        sl = grid.box(tuple(ci - h for ci, h in zip(c, hs)), tuple(ci + h for ci, h in zip(c, hs)))
-        z, y, x = grid.coords(sl)
-        box = (np.abs(z - c[0]) <= hs[0]) & (np.abs(y - c[1]) <= hs[1]) & (np.abs(x - c[2]) <= hs[2])
-        _put(hu, lab, sl, box, 2800.0)
-        lead_end = a.heart_c
-        lsl = grid.box(
-            tuple(min(u, v) - 3 for u, v in zip(c, lead_end)), tuple(max(u, v) + 3 for u, v in zip(c, lead_end))
-        )
-        z, y, x = grid.coords(lsl)
-        _put(hu, lab, lsl, _capsule(z, y, x, c, lead_end, 2.0), 2500.0)
-        return sl, box
-    if k in ("cardiomegaly", "aortic_calcification", "pericardial_effusion"):
-        return None  # drawn with the organ itself
-    raise ValueError(f"unknown finding kind {k!r}")
+    fill(hu, lab, (slice(None),) * 3, stern3, 450.0, STERNUM)
 
 
 def render_head(grid: Grid, center_z: float):

@@ -45,6 +45,7 @@ import numpy as np
 
 from ctprep.schema import ABNORMALITY_LABELS
 from ctprep.synth.anatomy import Anatomy, Grid, render_chest, render_head, sample_anatomy
+from ctprep.synth.finding_kinds import KINDS
 from ctprep.synth.findings import labels_vector, sample_findings
 from ctprep.synth.grids import GridPreset, get_grid, sample_recon_geometry
 from ctprep.synth.nifti import RAW_INTERCEPT, canonical_to_nifti, nifti_gz, write_bytes
@@ -198,11 +199,9 @@ def _render(a: Anatomy, grid: Grid, max_voxels: int = 16_000_000):
     return hu, lab
 
 
-# Label value of each finding kind in the non-anatomy TotalSegmentator tasks of the release layout.
-TASK_FINDINGS = {
-    "ts_lung_nodules": {"nodule": 1},
-    "ts_pleural_pericard_effusion": {"effusion": 1, "pericardial_effusion": 2},
-}
+# Label value of each finding kind in the non-anatomy TotalSegmentator tasks of the release layout
+# (each kind's ``ts_seg``).
+TASK_FINDINGS = {task: {k.name: k.ts_seg[task] for k in KINDS if task in k.ts_seg} for task in TS_TASKS[1:]}
 
 
 def _render_maps(a: Anatomy, grid: Grid, tasks: bool, max_voxels: int = 16_000_000):

@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from ctprep.synth.anatomy import Anatomy, Grid, render_chest, sample_anatomy
+from ctprep.synth.finding_kinds import OMNI_KINDS, kind_of
 from ctprep.synth.findings import sample_findings
 from ctprep.synth.grids import get_grid
 from ctprep.synth.nifti import write_bytes
@@ -65,29 +66,8 @@ CONTEXT_OFFSETS = (-2, -1, 1, 2)
 SLICE_GAP_MM = 5.0
 LUNG_WINDOW = {"center": -600, "width": 1500}
 SOFT_WINDOW = {"center": 40, "width": 400}
-LOCALIZED_KINDS = (
-    "nodule", "consolidation", "opacity", "effusion", "lymphadenopathy", "pericardial_effusion", "atelectasis",
-    "hiatal_hernia", "aortic_calcification",
-)  # fmt: skip
-CATEGORY = {
-    "nodule": "lung", "consolidation": "lung", "opacity": "lung", "atelectasis": "lung", "effusion": "pleura",
-    "lymphadenopathy": "mediastinum", "pericardial_effusion": "heart", "hiatal_hernia": "esophagus",
-    "aortic_calcification": "vessel",
-}  # fmt: skip
+LOCALIZED_KINDS = OMNI_KINDS  # kinds a datum may show (each defines its category), in the order the RNG picks from
 OMNI_FAULT_KINDS = ("missing_image", "truncated_jpeg", "mask_size_mismatch", "path_in_name")
-
-
-def _focus_z(a: Anatomy, kind: str, p: dict) -> float:
-    """Height (mm) of an axial slice that cuts through the finding."""
-    if "center" in p:
-        return float(p["center"][0])
-    if kind == "lymphadenopathy":
-        return float(p["nodes"][0]["center"][0])
-    if kind == "pericardial_effusion":
-        return float(a.heart_c[0])
-    if kind == "aortic_calcification":
-        return float(a.z_carina)
-    return float(a.z_base + 0.22 * a.lung_h)  # effusion, atelectasis: lung bases
 
 
 def _jpeg(arr_u8: np.ndarray) -> bytes:
@@ -114,7 +94,7 @@ def _case(out: Path, case_id: str, rng: np.random.Generator, size: int) -> tuple
     if not a.findings:
         return None
     key = a.findings[0]
-    zc = _focus_z(a, key.kind, key.params)
+    zc = kind_of(key.kind).focus(a, key.params)[0]  # an axial cut through it
     fov = max(float(rng.uniform(380, 430)), 2 * a.ax + 20)
     d = round(fov / size, 3)
     off = np.array((-2, -1, 0, 1, 2))
@@ -125,7 +105,7 @@ def _case(out: Path, case_id: str, rng: np.random.Generator, size: int) -> tuple
     if not visible:
         return None
     shown = [a.findings[i] for i in visible]
-    window = LUNG_WINDOW if CATEGORY[shown[0].kind] in ("lung", "pleura") else SOFT_WINDOW
+    window = LUNG_WINDOW if kind_of(shown[0].kind).category in ("lung", "pleura") else SOFT_WINDOW
     u8 = window_u8(hu, window)
     folder = out / case_id
     for k, o in enumerate(off):
@@ -137,7 +117,7 @@ def _case(out: Path, case_id: str, rng: np.random.Generator, size: int) -> tuple
         write_bytes(out / rel, _jpeg(_radiological(masks[i][2]).astype(np.uint8) * 255))
         phrase = impression_phrase(f)
         abn.append({"id": j + 1, "description": phrase[0].upper() + phrase[1:], "rewritten_findings": finding_sentence(f, rng),
-                    "label": f.label, "category": CATEGORY[f.kind], "mask": rel})  # fmt: skip
+                    "label": f.label, "category": kind_of(f.kind).category, "mask": rel})  # fmt: skip
         mask_paths.append(rel)
     a.findings = shown
     text = compose_text(a, rng)
@@ -159,19 +139,8 @@ def _case(out: Path, case_id: str, rng: np.random.Generator, size: int) -> tuple
 # ------------------------------------------------------------------------------ release layout
 FOREIGN_ROOT = "/mnt/omniabnorm/OmniAbnormCT_14K"  # absolute prefix of the plane JSONs' paths
 RELEASE_CONTEXT = (-2, -1, 0, 1, 2)  # offsets listed in ``context`` (0 = the key slice, as released)
-CORONAL_KINDS = ("nodule", "consolidation", "opacity", "lymphadenopathy", "pericardial_effusion", "hiatal_hernia")
+CORONAL_KINDS = tuple(name for name in LOCALIZED_KINDS if kind_of(name).coronal)  # also shown on coronal images
 NORMAL_WINDOWS = (LUNG_WINDOW, SOFT_WINDOW)
-
-
-def _focus_zy(a: Anatomy, kind: str, p: dict) -> tuple[float, float]:
-    """(height, depth) mm of a point inside the finding: where an axial / coronal cut goes through it."""
-    if "center" in p:
-        return float(p["center"][0]), float(p["center"][1])
-    if kind == "lymphadenopathy":
-        return float(p["nodes"][0]["center"][0]), float(p["nodes"][0]["center"][1])
-    if kind == "pericardial_effusion":
-        return float(a.heart_c[0]), float(a.heart_c[1])
-    return _focus_z(a, kind, p), -0.55 * a.ay
 
 
 def _render_plane(a: Anatomy, plane: str, key_mm: float, z_mm: float, size: int, d: float, findings: bool):
@@ -224,7 +193,7 @@ def _release_datum(out: Path, name: str, plane: str, normal: bool, two_part: boo
         a.findings = sample_findings(a, rng, kinds=[str(k) for k in rng.choice(pool, size=n, replace=False)])
         if not a.findings:
             return None
-        zc, yc = _focus_zy(a, a.findings[0].kind, a.findings[0].params)
+        zc, yc = kind_of(a.findings[0].kind).focus(a, a.findings[0].params)  # axial / coronal cut through it
     fov = max(float(rng.uniform(380, 430)), 2 * a.ax + 20)
     d = round(fov / size, 3)
     hu, masks = _render_plane(a, plane, zc if plane == "axial" else yc, zc, size, d, not normal)
@@ -237,7 +206,7 @@ def _release_datum(out: Path, name: str, plane: str, normal: bool, two_part: boo
     if normal:
         window = NORMAL_WINDOWS[int(rng.integers(len(NORMAL_WINDOWS)))]
     else:
-        window = LUNG_WINDOW if CATEGORY[shown[0].kind] in ("lung", "pleura") else SOFT_WINDOW
+        window = LUNG_WINDOW if kind_of(shown[0].kind).category in ("lung", "pleura") else SOFT_WINDOW
     u8 = window_u8(hu, window)
     folder = f"images/{_folder(name)}"
     for k, o in enumerate(RELEASE_CONTEXT):
@@ -252,7 +221,7 @@ def _release_datum(out: Path, name: str, plane: str, normal: bool, two_part: boo
         for part in parts:
             aid = len(abn) + 1
             write_bytes(out / datum["mask"] / f"{aid}.jpeg", _jpeg(part.astype(np.uint8) * 255))
-            abn.append({"id": aid, "group_id": g + 1, "label": f.label, "category": CATEGORY[f.kind],
+            abn.append({"id": aid, "group_id": g + 1, "label": f.label, "category": kind_of(f.kind).category,
                         "description": phrase[0].upper() + phrase[1:], "rewritten_findings": rewritten})
     if abn:
         datum["abnormality"] = abn
