@@ -1,19 +1,83 @@
 """``ctprep build-shards`` and ``ctprep status``: Typer-compatible command functions.
 
-Registered by ``ctprep.cli``; all logic lives in ``ctprep.runner``.
-Exit codes of ``build-shards``: 0 = ran (quarantined cases are reported, not
-fatal); 1 = nothing could be processed (no case completed the last requested
-stage) or bad arguments; 2 = ``--strict`` and some case is quarantined.
+Registered by ``ctprep.cli``; all logic lives in ``ctprep.runner`` (and ``ctprep.cluster`` for the
+scheduler and its TLS). Exit codes of ``build-shards``: 0 = ran (quarantined cases are reported,
+not fatal); 1 = nothing could be processed (no case completed the last requested stage) or an
+expected failure (bad arguments, unreachable scheduler, unwritable or full ``--out``, ...); 2 =
+``--strict`` and some case is quarantined; other codes as :class:`~ctprep.errors.UserError`
+subclasses set them (3 = ``--out`` is locked by another build).
+
+An expected failure is one line on stderr, ``error: <path or address>: <cause>``, and no
+traceback; ``--debug`` re-raises it with its traceback. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ctprep.cluster import TLS_ENV, check_scheduler, tls_config, tls_files
 from ctprep.config import load_config, with_mask_options
+from ctprep.errors import UserError
+
+DEBUG_HELP = "Show the traceback of an error instead of the one-line message."
+
+
+# A write that fails with one of these and no file name (write(), flush() and close() carry none)
+# is reported against the output folder: that is where the driver writes.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
+
+
+def one_line_error(exc: BaseException, out: Path | None = None, manifest: Path | None = None) -> str | None:
+    """The user's line for an expected failure (None: a bug, let it raise).
+
+    UserError, ValueError (bad arguments / config) and FileNotFoundError carry their own message;
+    any other OSError (read-only or full disk, not a folder, permission) is named by its path (or
+    ``out`` for a failed write that names none) and its cause; an SQLite error by ``manifest``.
+    """
+    if isinstance(exc, (UserError, ValueError)) and not isinstance(exc, UnicodeError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError):
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        if exc.filename is not None:
+            return f"{exc.filename}: {cause}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        if out is not None and exc.errno in WRITE_ERRNOS:
+            return f"{out}: {cause} (while writing the output)"
+        return " ".join(cause.split())
+    if isinstance(exc, sqlite3.OperationalError):  # "database or disk is full", "readonly database", ...
+        return f"{manifest if manifest else 'the manifest'}: {exc} (SQLite)"
+    return None
+
+
+@contextlib.contextmanager
+def reported_errors(debug: bool, out: Path | None = None, manifest: Path | None = None) -> Iterator[None]:
+    """Turn an expected failure inside the block into ``error: <line>`` and a non-zero exit."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - one_line_error() picks the expected ones
+        line = None if debug else one_line_error(e, out, manifest)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(getattr(e, "exit_code", 1) if isinstance(e, UserError) else 1) from None
+
+
+def check_sources(srcs: list[Path]) -> None:
+    """Each ``--src`` is an existing folder (before anything is scanned or started)."""
+    for s in srcs:
+        if not s.exists():
+            raise UserError(f"--src {s}: no such folder")
+        if not s.is_dir():
+            raise UserError(f"--src {s}: not a folder")
 
 
 def build_shards(
@@ -23,7 +87,10 @@ def build_shards(
     work: Optional[Path] = typer.Option(None, "--work", help="Work folder (manifest, zarr, ...). Default: OUT/work."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run, e.g. scan,resample. Default: all."),
     source: Optional[str] = typer.Option(None, "--source", help="Source layout (ctrate, omniabnorm). Default: detected."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler: tls://host:8786 (with --tls-*), or tcp://host:8786 on a trusted network only."),
+    tls_ca_file: Optional[Path] = typer.Option(None, "--tls-ca-file", envvar=TLS_ENV["ca_file"], help="The cluster CA's certificate (PEM) for a tls:// --scheduler."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar=TLS_ENV["cert"], help="This client's certificate (PEM), signed by that CA."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar=TLS_ENV["key"], help="This client's private key (PEM), unless it is inside --tls-cert."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local Dask worker processes (1 thread each). Default: min(2, CPUs); 0 = in process."),
     retries: int = typer.Option(2, "--retries", help="Re-run a task that raised on a Dask worker up to N times (a dead worker's tasks are re-run anyway)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Per local worker process, e.g. 6GiB (default: Dask's share of RAM). With --scheduler, set it on the workers."),
@@ -31,18 +98,23 @@ def build_shards(
     anatomy_masks: Optional[str] = typer.Option(None, "--anatomy-masks", help="Name of the mask tree that drives regions (default: ts_total if present, else masks/, else the only tree)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (2) if any case is quarantined."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Preprocess raw CT sources into zarr and WebDataset shards, incrementally."""
-    from ctprep.runner import build
+    from ctprep.runner import MANIFEST_FILE, build, work_dir_for
 
-    try:
+    with reported_errors(debug, out=out, manifest=work_dir_for(out, work) / MANIFEST_FILE):
+        # Everything that can be checked without work is checked first: a wrong --src or an
+        # unreachable scheduler fails in seconds, before any scanning or writing.
+        check_sources(src)
+        tls = tls_files(scheduler, tls_ca_file, tls_cert, tls_key)
         cfg = with_mask_options(load_config(config), masks, anatomy_masks)
-        report = build(src, out, cfg, work=work, stages=stages, source=source, scheduler=scheduler,
-                       workers=workers, retries=retries, memory_limit=memory_limit, strict=strict,
-                       progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+        if scheduler:
+            check_scheduler(scheduler, tls)
+        with tls_config(tls):
+            report = build(src, out, cfg, work=work, stages=stages, source=source, scheduler=scheduler,
+                           workers=workers, retries=retries, memory_limit=memory_limit, strict=strict,
+                           progress=progress)
     raise typer.Exit(report.exit_code)
 
 
@@ -53,14 +125,15 @@ def status(
     src: Optional[list[Path]] = typer.Option(None, "--src", help="Source folders to check (default: those of the last run)."),
     source: Optional[str] = typer.Option(None, "--source", help="Source layout for --src (default: detected)."),
     max_cases: int = typer.Option(50, "--max-cases", help="Quarantined cases to list."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Per stage: done / stale (and why) / quarantined (and why)."""
+    """Per stage: done / stale (and why) / quarantined (and why). Reads only: works on a read-only --out."""
+    from ctprep.runner import MANIFEST_FILE, work_dir_for
     from ctprep.runner import status as run_status
 
-    try:
+    with reported_errors(debug, manifest=work_dir_for(out, work) / MANIFEST_FILE):
+        if src:
+            check_sources(src)
         cfg = load_config(config) if config else None
         report = run_status(out, work=work, config=cfg, srcs=src or None, source=source)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
     typer.echo(report.render(max_cases=max_cases))

@@ -2,8 +2,10 @@
 
 No engine runs on CI, so these tests hold the images to what can be read:
 the compose file's services and mounts, the images' install commands against
-the Makefile's (what CI runs), pinned bases, a non-root user, and a
-``.dockerignore`` that keeps data, shards and ``.venv`` out of the context.
+the Makefile's (what CI runs), pinned bases, a non-root user, a
+``.dockerignore`` that keeps data, shards and ``.venv`` out of the context, and
+that every cluster recipe speaks TLS with mutual certificates by default
+(``tests/test_scale_tls.py`` runs such a cluster and the SLURM recipe for real).
 """
 
 from __future__ import annotations
@@ -126,6 +128,18 @@ def load_compose() -> dict:
     return yaml.safe_load((REPO / "docker/compose.yaml").read_text())
 
 
+# What scripts/make_tls_certs.sh writes, by role.
+CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
+CLUSTER_FILES = {"ca.pem", "cluster.pem", "cluster-key.pem"}
+CLIENT_FILES = {"ca.pem", "client.pem", "client-key.pem"}
+
+
+def tls_flags(args: list) -> dict[str, str]:
+    """``--tls-ca-file/--tls-cert/--tls-key`` -> value in a command's argument list."""
+    args = [str(a) for a in args]
+    return {a: args[i + 1] for i, a in enumerate(args) if a in ("--tls-ca-file", "--tls-cert", "--tls-key")}
+
+
 def volume_targets(service: dict) -> dict[str, dict]:
     out = {}
     for vol in service.get("volumes", []):
@@ -154,10 +168,45 @@ def test_compose_has_scheduler_workers_and_driver():
     assert sched[:2] == ["dask", "scheduler"] and "8786" in sched
 
 
+def test_compose_cluster_speaks_tls_with_certificates_from_secrets():
+    compose = load_compose()
+    services = compose["services"]
+    secrets = {name: Path(spec["file"]).name for name, spec in compose["secrets"].items()}
+    # Every secret is a file of scripts/make_tls_certs.sh from CTPREP_TLS_DIR, which has no default.
+    assert set(secrets.values()) <= CLUSTER_FILES | CLIENT_FILES and CA_KEY not in secrets.values()
+    for spec in compose["secrets"].values():
+        assert spec["file"].startswith("${CTPREP_TLS_DIR:?"), spec
+
+    def mounted(service: str) -> dict[str, str]:
+        names = services[service].get("secrets", [])
+        return {f"/run/secrets/{n}": secrets[n] for n in names}
+
+    sched = [str(c) for c in services["scheduler"]["command"]]
+    assert sched[sched.index("--protocol") + 1] == "tls"
+    for name in ("scheduler", "worker"):
+        files = mounted(name)
+        assert set(files.values()) == CLUSTER_FILES, name  # never the client key
+        flags = tls_flags(services[name]["command"])
+        assert {files[flags["--tls-ca-file"]], files[flags["--tls-cert"]], files[flags["--tls-key"]]} == CLUSTER_FILES
+        assert files[flags["--tls-cert"]] == "cluster.pem" and files[flags["--tls-key"]] == "cluster-key.pem"
+    build = services["build"]
+    files = mounted("build")
+    assert set(files.values()) == CLIENT_FILES  # never the cluster key
+    env = build["environment"]
+    assert files[env["CTPREP_TLS_CA_FILE"]] == "ca.pem"
+    assert files[env["CTPREP_TLS_CERT"]] == "client.pem" and files[env["CTPREP_TLS_KEY"]] == "client-key.pem"
+    # The comm port is TLS-only; the plain-HTTP dashboard is published on the host's loopback only.
+    ports = [str(p) for p in services["scheduler"]["ports"]]
+    assert "8786:8786" in ports
+    assert all(p.startswith("127.0.0.1:") for p in ports if p.endswith(":8787")), ports
+    # The healthcheck does not open bare TCP connections to the TLS port (each would log a failed handshake).
+    assert "8786" not in " ".join(services["scheduler"]["healthcheck"]["test"])
+
+
 def test_compose_worker_is_single_threaded_memory_limited_and_scalable():
     worker = load_compose()["services"]["worker"]
     cmd = [str(c) for c in worker["command"]]
-    assert cmd[:3] == ["dask", "worker", "tcp://scheduler:8786"]
+    assert cmd[:3] == ["dask", "worker", "tls://scheduler:8786"]
     assert cmd[cmd.index("--nthreads") + 1] == "1"
     assert "--memory-limit" in cmd
     assert "replicas" in worker["deploy"]
@@ -174,7 +223,7 @@ def test_compose_mounts_data_read_only_and_output_on_workers_and_driver():
     # The driver's paths are sent to the workers verbatim: they must see the same mount points.
     assert volume_targets(services["worker"]).keys() == volume_targets(services["build"]).keys()
     build_cmd = services["build"]["command"]
-    assert "--scheduler" in build_cmd and build_cmd[build_cmd.index("--scheduler") + 1] == "tcp://scheduler:8786"
+    assert "--scheduler" in build_cmd and build_cmd[build_cmd.index("--scheduler") + 1] == "tls://scheduler:8786"
     assert services["build"]["profiles"] == ["run"]
 
 
@@ -188,12 +237,17 @@ def compose_cli() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_compose_config_validates_with_the_compose_cli():
+def test_compose_config_validates_with_the_compose_cli(tmp_path):
     """`compose config` validates against the Compose schema and needs no engine."""
     cli = compose_cli()
     if cli is None:
         pytest.skip("neither the `docker compose` plugin nor `docker-compose` is installed")
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "CTPREP_WORKERS": "5", "HOME": "/tmp"}
+    tls = tmp_path / "tls"  # the secrets' files need not be real certificates for `config`
+    tls.mkdir()
+    for name in CLUSTER_FILES | CLIENT_FILES:
+        (tls / name).write_text("placeholder\n")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "CTPREP_WORKERS": "5", "HOME": str(tmp_path),
+           "CTPREP_TLS_DIR": str(tls)}
     res = subprocess.run(
         [*cli, "-f", str(REPO / "docker/compose.yaml"), "--profile", "run", "config"],
         capture_output=True,
@@ -340,6 +394,52 @@ def test_kubernetes_daskcluster_matches_the_compose_worker():
     assert worker["image"].split(":")[0] in compose_image
 
 
+def _secret_files(pod_spec: dict, container: dict) -> dict[str, str]:
+    """mountPath/key -> secret name for the secret volumes a container mounts."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec["volumes"] if "secret" in v}
+    return {m["mountPath"]: secrets[m["name"]] for m in container["volumeMounts"] if m["name"] in secrets}
+
+
+def test_kubernetes_cluster_speaks_tls_with_certificates_from_secrets():
+    import json
+
+    spec = yaml.safe_load((REPO / "docker/cluster/daskcluster.yaml").read_text())["spec"]
+    driver_spec = json.loads((REPO / "docker/cluster/driver-overrides.json").read_text())["spec"]
+    pods = {
+        "scheduler": (spec["scheduler"]["spec"], spec["scheduler"]["spec"]["containers"][0], "args"),
+        "worker": (spec["worker"]["spec"], spec["worker"]["spec"]["containers"][0], "args"),
+    }
+    sched_args = [str(a) for a in pods["scheduler"][1]["args"]]
+    assert sched_args[sched_args.index("--protocol") + 1] == "tls"
+    worker_args = [str(a) for a in pods["worker"][1]["args"]]
+    # Explicit tls:// address: the operator's DASK_SCHEDULER_ADDRESS variable says tcp://.
+    assert worker_args[2] == "tls://ctprep-scheduler:8786"
+    secret_names = set()
+    for name, (pod, container, _) in pods.items():
+        mounts = _secret_files(pod, container)
+        assert len(mounts) == 1, name
+        (folder, secret), = mounts.items()
+        secret_names.add(secret)
+        flags = tls_flags(container["args"])
+        assert {Path(v).parent.as_posix() for v in flags.values()} == {folder}, name
+        assert {Path(v).name for v in flags.values()} == CLUSTER_FILES, name
+        assert pod["securityContext"]["fsGroup"] == 1000  # the image's user reads the 0440 files
+    assert len(secret_names) == 1  # scheduler and workers: ctprep-dask-tls-cluster
+    driver = driver_spec["containers"][0]
+    assert driver["args"][driver["args"].index("--scheduler") + 1] == "tls://ctprep-scheduler:8786"
+    (folder, driver_secret), = _secret_files(driver_spec, driver).items()
+    assert driver_secret not in secret_names, "the driver's client key lives in its own secret"
+    env = {e["name"]: e["value"] for e in driver["env"]}
+    assert {Path(env[k]).name for k in ("CTPREP_TLS_CA_FILE", "CTPREP_TLS_CERT", "CTPREP_TLS_KEY")} == CLIENT_FILES
+    assert {Path(env[k]).parent.as_posix() for k in env if k.startswith("CTPREP_TLS_")} == {folder}
+    # The recipe's kubectl lines put exactly those files into the two secrets (and never ca-key.pem).
+    text = (REPO / "docker/cluster/daskcluster.yaml").read_text().split("apiVersion:")[0]
+    header = " ".join(line.lstrip("#").strip().rstrip("\\") for line in text.splitlines())
+    for secret, files in ((secret_names.pop(), CLUSTER_FILES), (driver_secret, CLIENT_FILES)):
+        chunk = header.split(f"create secret generic {secret} ")[1].split("kubectl")[0]
+        assert {Path(f).name for f in re.findall(r"--from-file=(\S+)", chunk)} == files, secret
+
+
 def test_slurm_recipes_are_valid_scripts():
     import py_compile
 
@@ -350,8 +450,24 @@ def test_slurm_recipes_are_valid_scripts():
     py_compile.compile(str(REPO / "docker/cluster/jobqueue_build_shards.py"), doraise=True)
 
 
+def test_slurm_recipes_use_tls():
+    text = (REPO / "docker/cluster/slurm_dask.sbatch").read_text()
+    scheduler = next(line for line in text.splitlines() if '/dask" scheduler' in line)
+    worker = next(line for line in text.splitlines() if '/dask" worker' in line)
+    assert "--protocol tls" in scheduler and "CLUSTER_TLS" in scheduler and "CLUSTER_TLS" in worker
+    assert "make_tls_certs.sh" in text and "CTPREP_TLS_CERT=" in text
+    jobqueue = (REPO / "docker/cluster/jobqueue_build_shards.py").read_text()
+    assert 'protocol="tls://"' in jobqueue and "security=security" in jobqueue and '"--tls-cert"' in jobqueue
+
+
 def _flags(args: list) -> set[str]:
     return {str(a) for a in args if str(a).startswith("--")}
+
+
+def _driver_args() -> list[str]:
+    import json
+
+    return json.loads((REPO / "docker/cluster/driver-overrides.json").read_text())["spec"]["containers"][0]["args"]
 
 
 def test_recipe_flags_exist_in_the_installed_clis():
@@ -373,7 +489,7 @@ def test_recipe_flags_exist_in_the_installed_clis():
     used = {
         "worker": _flags(services["worker"]["command"]) | _flags(k8s["worker"]["spec"]["containers"][0]["args"]),
         "scheduler": _flags(services["scheduler"]["command"]) | _flags(k8s["scheduler"]["spec"]["containers"][0]["args"]),
-        "build": _flags(services["build"]["command"]),
+        "build": _flags(services["build"]["command"]) | _flags(_driver_args()),
     }
     for name, flags in used.items():
         missing = sorted(f for f in flags if f not in helps[name])
