@@ -24,8 +24,12 @@ simply recomputes (outputs are deterministic and replaced atomically).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -74,6 +78,34 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 
+def connect_readonly(path: Path) -> tuple[sqlite3.Connection, tempfile.TemporaryDirectory | None]:
+    """Open the manifest for reading only, whether or not its folder is writable.
+
+    The manifest is in WAL mode, and SQLite reads a WAL database through a ``-shm`` file that it
+    creates beside it: ``mode=ro`` therefore needs a writable folder. In a read-only folder:
+    ``immutable=1`` when there is no pending ``-wal`` (a build that ended normally checkpoints and
+    removes it), else a private copy of the database and its ``-wal`` in a temporary folder, so
+    the rows of a killed build are read too. Returns the connection and that copy (or None).
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no manifest here", str(path))
+    wal = path.with_name(path.name + "-wal")
+    if os.access(path.parent, os.W_OK):
+        return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=30), None
+    if not wal.exists() or wal.stat().st_size == 0:
+        return sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True, isolation_level=None), None
+    copy = tempfile.TemporaryDirectory(prefix="ctprep-manifest-")
+    try:
+        target = Path(copy.name) / path.name
+        shutil.copyfile(path, target)
+        shutil.copyfile(wal, target.with_name(target.name + "-wal"))
+        return sqlite3.connect(str(target), isolation_level=None), copy
+    except BaseException:
+        copy.cleanup()
+        raise
+
+
 @dataclass
 class StageRow:
     """A ``stages`` row."""
@@ -107,20 +139,33 @@ class CaseRow:
 
 
 class Manifest:
-    """The SQLite manifest at ``work/manifest.sqlite`` (driver only; not thread-safe)."""
+    """The SQLite manifest at ``work/manifest.sqlite`` (driver only; not thread-safe).
 
-    def __init__(self, path: str | Path):
+    ``readonly=True`` (``ctprep status``) never writes, creates or migrates anything, so it works
+    on an output folder that is read-only (a finished run on a read-only mount, another user's
+    folder); see :func:`connect_readonly`.
+    """
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self._copy: tempfile.TemporaryDirectory | None = None
+        self._depth = 0
+        if readonly:
+            self.conn, self._copy = connect_readonly(self.path)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves in tx().
         self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
-        self._depth = 0
 
     def close(self) -> None:
         self.conn.close()
+        if self._copy is not None:
+            self._copy.cleanup()
+            self._copy = None
 
     def __enter__(self) -> Manifest:
         return self

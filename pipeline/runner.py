@@ -663,7 +663,8 @@ def status(out: str | Path, work: str | Path | None = None, config: PipelineConf
     mpath = work_dir / MANIFEST_FILE
     if not mpath.exists():
         raise FileNotFoundError(f"no manifest at {mpath}: run `ctprep build-shards --out {out}` first")
-    with Manifest(mpath) as manifest:
+    # Read only: status must work on a finished run in a read-only folder (and never lock it).
+    with Manifest(mpath, readonly=True) as manifest:
         if config is None:
             recorded = manifest.get_setting("config")
             config = config_from_dict(recorded, name=recorded.get("name", "recorded")) if recorded else PipelineConfig()
