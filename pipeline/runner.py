@@ -432,7 +432,7 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
     bar = _progress_bar(len(todo), spec.name, progress)
     for task, result in _map_with_retry(cluster, todo):
         if isinstance(result, BaseException):  # e.g. the worker died on this case again and again (memory?)
-            result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=STAGE_ERROR,
+            result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=type(result).__name__,
                                 reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"),
                                 info={CLUSTER_FAILURE: True})
         tally.ran += 1

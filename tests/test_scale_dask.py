@@ -159,8 +159,8 @@ def test_runner_cluster_retries_raised_tasks_and_limits_local_worker_memory(tmp_
 def test_cases_lost_with_their_workers_are_redone_by_the_next_run(tmp_path):
     """allowed-failures=0: one dead worker fails its tasks (KilledWorker) instead of re-running them.
 
-    Those healthy cases are quarantined for this run, and the next run must redo them (a lost
-    worker is not a bad case), ending with every case done.
+    Those healthy cases fail for this run (exit 4, not quarantined), and the next run must redo them
+    (a lost worker is not a bad case), ending with every case done.
     """
     env = quiet_env()
     src, out = tmp_path / "ctrate", tmp_path / "out"
@@ -182,8 +182,10 @@ def test_cases_lost_with_their_workers_are_redone_by_the_next_run(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert proc.returncode == 0, first
-    assert "KilledWorker" in (out / "quarantine.jsonl").read_text(), first
+    # Not bad cases: reported as failed (exit 4, "will retry"), never written to quarantine.jsonl.
+    assert proc.returncode == 4, first
+    assert "FAILED, will retry" in first and "KilledWorker" in first, first
+    assert "KilledWorker" not in (out / "quarantine.jsonl").read_text(), first
 
     rerun = subprocess.run(
         [str(BIN / "ctprep"), "build-shards", "--src", str(src), "--out", str(out), "--workers", "0", "--no-progress"],
