@@ -148,9 +148,6 @@ class Anatomy:
     def aorta_asc_xy(self) -> tuple[float, float]:
         return (0.08 * self.ax, 0.12 * self.ay)
 
-    def finding(self, kind: str) -> Finding | None:
-        return next((f for f in self.findings if f.kind == kind), None)
-
     def heart_radii(self) -> tuple[float, float, float]:
         """(z, y, x) semi-axes of the heart with its findings (cardiomegaly scales them)."""
         s = 1.0
