@@ -8,6 +8,7 @@ import typer
 from ctprep.inventory import inventory
 from ctprep.synth.cli import demo_data
 from ctprep.runner_cli import build_shards, status
+from trainer.inference_cli import classify, embed
 
 app = typer.Typer(
     add_completion=False,
@@ -18,6 +19,8 @@ app.command("demo-data")(demo_data)
 app.command("build-shards")(build_shards)
 app.command("status")(status)
 app.command("inventory")(inventory)
+app.command("embed")(embed)
+app.command("classify")(classify)
 
 if __name__ == "__main__":
     app()

@@ -4,12 +4,14 @@ Layout under the run folder::
 
     checkpoints/step_00000040/          DeepSpeed save_checkpoint(tag="step_00000040")
         mp_rank_00_model_states.pt ...  (engine, optimizer, scheduler, client state)
-        encoder/                        trainer.model.save_pretrained (fp32) + tokenizer.json
+        encoder/                        self-contained export (trainer.export): fp32 weights, config,
+                                        preprocessing.json, tokenizer files, model card
         COMPLETE                        JSON {"step", ...}; written LAST, atomically
     encoder/                            copy of the newest export (what evaluation loads)
 
 A checkpoint without ``COMPLETE`` is half-written (the run died while saving) and is
-ignored by ``--resume auto``; it is deleted once a newer complete one exists.
+ignored by ``--resume auto`` (alias ``latest``, open_clip's spelling); it is deleted once a
+newer complete one exists.
 The encoder export holds the fp32 master weights reconstructed from the ZeRO shards just
 written (``deepspeed.utils.zero_to_fp32``), so it equals what a resumed run trains on.
 """
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_DIR = "checkpoints"
+NEWEST_ALIASES = ("auto", "latest")  # --resume spellings for "the newest complete checkpoint"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -51,12 +54,12 @@ def complete_checkpoints(output: Path) -> list[tuple[int, Path]]:
 def resolve_resume(output: Path, resume: str | None) -> Path | None:
     """The checkpoint folder to resume from, or None to start fresh.
 
-    ``auto``: the newest complete checkpoint of ``output`` (None if there is none);
+    ``auto`` or ``latest``: the newest complete checkpoint of ``output`` (None if there is none);
     a path: that checkpoint folder, which must be complete.
     """
     if not resume:
         return None
-    if resume == "auto":
+    if resume in NEWEST_ALIASES:
         done = complete_checkpoints(output)
         return done[-1][1] if done else None
     path = Path(resume)
@@ -84,8 +87,16 @@ def export_encoder(
     build_fresh_model: Callable[[], torch.nn.Module],
     save_pretrained: Callable[[torch.nn.Module, str], Any],
     tokenizer: dict[str, str],
+    metadata: dict[str, Any] | None = None,
+    step: int | None = None,
 ) -> Path:
-    """Rank 0: rebuild fp32 weights from the ZeRO checkpoint in ``ckpt_dir`` into ``ckpt_dir/encoder``."""
+    """Rank 0: rebuild fp32 weights from the ZeRO checkpoint in ``ckpt_dir`` into ``ckpt_dir/encoder``.
+
+    ``metadata`` (``trainer.export.export_metadata``: preprocessing spec + data summary) and
+    ``step`` make the export self-contained (``trainer.export.complete_export``).
+    """
+    from trainer.export import complete_export
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
@@ -98,7 +109,7 @@ def export_encoder(
     tmp = ckpt_dir / "encoder.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, str(tmp))
-    _write_json_atomic(tmp / "tokenizer.json", dict(tokenizer))
+    complete_export(tmp, dict(tokenizer), metadata=metadata, step=step, run=Path(ckpt_dir).parent.parent.name)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
@@ -130,8 +141,11 @@ def save_checkpoint(
     build_fresh_model: Callable[[], torch.nn.Module],
     save_pretrained: Callable[[torch.nn.Module, str], Any],
     tokenizer: dict[str, str],
+    export_metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    ``export_metadata``: see :func:`export_encoder` (rank 0's value is used)."""
     root = Path(output) / CHECKPOINT_DIR
     tag = checkpoint_tag(step)
     ckpt_dir = root / tag
@@ -141,7 +155,7 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     _barrier()  # all ZeRO shards on disk before rank 0 reads them back
     if rank == 0:
-        export_encoder(ckpt_dir, build_fresh_model, save_pretrained, tokenizer)
+        export_encoder(ckpt_dir, build_fresh_model, save_pretrained, tokenizer, export_metadata, step)
         _write_json_atomic(ckpt_dir / COMPLETE_MARKER, {"step": step, **client_state})
         publish_encoder(output, ckpt_dir)
         prune_checkpoints(output, keep)

@@ -5,7 +5,7 @@ Launch (any of)::
     deepspeed trainer/train.py --config configs/train/demo.yaml [--shards DIR] [--output runs/NAME]
     torchrun --nproc_per_node 2 trainer/train.py --config configs/train/demo.yaml
     python trainer/train.py --config configs/train/demo.yaml      # one process
-    ... [--resume auto|PATH] [key=value ...]                       # e.g. optim.lr=1e-4 train.steps=20
+    ... [--resume auto|latest|PATH] [key=value ...]                # e.g. optim.lr=1e-4 train.steps=20
 
 A plain ``python`` run has no launcher environment; it creates a one-rank process group
 (gloo on CPU, nccl on GPU) on a free local port and still uses the DeepSpeed engine, so that
@@ -36,6 +36,7 @@ from trainer import checkpoint as ckpt
 from trainer import data as data_lib
 from trainer.augment import augment_batch
 from trainer.config import Config, ConfigError, load_config, load_deepspeed_config
+from trainer.export import export_metadata
 from trainer.run_log import RunLog
 
 
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
     parser.add_argument("--shards", help="shard folder with index.json (overrides data.shards)")
     parser.add_argument("--output", help="run folder (overrides train.output)")
-    parser.add_argument("--resume", help="'auto' = newest complete checkpoint of --output, or a checkpoint folder")
+    parser.add_argument("--resume", help="'auto' (or 'latest') = newest complete checkpoint of --output, "
+                        "or a checkpoint folder")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
     return parser.parse_args(argv)
@@ -411,6 +413,10 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     tokenizer = expected_tokenizer(cfg, model)
     expect = data_lib.expectation_from_config(cfg.data, tokenizer)
     index = data_lib.load_shard_index(cfg.data.shards, expect)
+    # What the encoder export records about preprocessing and data (the shards' build manifest).
+    export_meta = export_metadata(cfg.data.shards, index.raw) if is_main else None
+    for warning in (export_meta or {}).get("warnings", []):
+        print(f"[train] encoder export: {warning}", file=sys.stderr)
     library = resolve_object(cfg.model.module)
     loss_fn = build_loss(cfg)
     promote_scalar_params(model)
@@ -444,7 +450,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             engine, output, step, client_state(step, cfg, engine, info.world_size, steps_per_epoch),
             rank=info.rank, keep=cfg.train.keep_checkpoints,
             build_fresh_model=lambda: library.create_model(cfg.model.name, **cfg.model.overrides),
-            save_pretrained=library.save_pretrained, tokenizer=index.tokenizer,
+            save_pretrained=library.save_pretrained, tokenizer=index.tokenizer, export_metadata=export_meta,
         )
 
     last: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,12 @@ def list_models() -> list[str]:
 def _read_config_dict(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if path.is_dir():
-        return json.loads((path / CONFIG_FILE).read_text())
+        data = json.loads((path / CONFIG_FILE).read_text())
+        text = data.get("text")
+        if isinstance(text, dict) and text.get("path") and not Path(text["path"]).is_absolute():
+            # A self-contained export (trainer.export) names its own folder: "." = beside config.json.
+            text["path"] = str((path / text["path"]).resolve())
+        return data
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return yaml.safe_load(path.read_text())
     candidate = model_config_dir() / f"{name_or_path}.yaml"
@@ -79,13 +85,20 @@ def save_pretrained(model: CTCLIP, directory: str | Path) -> Path:
     tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": "pt"})
     tmp_c.write_text(json.dumps(to_dict(cfg), indent=2))
+    for tmp in (tmp_w, tmp_c):
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; an export is meant to be shared
     tmp_w.replace(directory / WEIGHTS_FILE)  # rename last: a crash never leaves a half-written file in place
     tmp_c.replace(directory / CONFIG_FILE)
     return directory
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> CTCLIP:
-    """Rebuild a CTCLIP from ``save_pretrained`` output; needs no DeepSpeed, no text path, no network."""
+    """Rebuild a CTCLIP from ``save_pretrained`` output; needs no DeepSpeed, no text path, no network.
+
+    The text tower is built from ``text.hf_config``; a relative ``text.path`` (``"."`` in a
+    ``trainer.export`` folder, which holds the tokenizer files) is resolved against ``directory``.
+    For preprocessing and prompts too, use ``trainer.inference.load_encoder``.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
