@@ -29,7 +29,9 @@ Orientation and grid convention
    config order -> k, everything else 0) after the nearest lookup.
 
 Memory: never float64; the volume is processed in slabs of ``slab_z`` output
-slices (each needs two input slices per output slice in float32).
+slices: one float32 slab of ``slab_z`` input slices (+ one input slice for the z lerp, + the
+interpolated slab) is alive at a time, next to the int16 input and output volumes. A 1024 x 1024
+input with ``slab_z`` 32 needs 0.13 GB of slab; see docs/benchmarks.md for whole-case peaks.
 """
 
 from __future__ import annotations
@@ -188,22 +190,42 @@ def resample_case(
     lo, hi = float(hu_clip[0]), float(hu_clip[1])
 
     zs = np.flatnonzero(valid_z)
+    ny, nx = vol.shape[1:]
+    # Replicated edge rows/columns so that interpolation reaches all n_valid voxels (see AxisGrid).
+    pad_y, pad_x = (0, 0) if same_plane else (gy.edge_pad(), gx.edge_pad())
+    padded = bool(pad_y or pad_x)
     for s in range(0, len(zs), slab_z):
         tz = zs[s : s + slab_z]
-        a = torch.from_numpy(np.ascontiguousarray(vol[z0[tz]], dtype=np.float32))
         w = wz[tz]
-        if np.any(w > 0):
-            b = torch.from_numpy(np.ascontiguousarray(vol[z1[tz]], dtype=np.float32))
-            a = torch.lerp(a, b, torch.from_numpy(w).view(-1, 1, 1))
+        lerp = bool(np.any(w > 0))
+        # The float32 slab of input slices (already padded) is the only large temporary: 128 MB
+        # for 32 slices of 1024 x 1024, where a whole-slab gather + lerp + F.pad held four of them.
+        # Each slice is converted, z-lerped (in place, contiguous, with the same tensor-weight kernel as
+        # one lerp over the slab) and edge-replicated (copies, as F.pad "replicate") on its own, so the
+        # values are bit-identical to the whole-slab version.
+        slab = np.empty((len(tz), ny + pad_y, nx + pad_x), dtype=np.float32)
+        cur = np.empty((ny, nx), dtype=np.float32) if padded else None
+        nxt = np.empty((ny, nx), dtype=np.float32) if lerp else None
+        for i, t in enumerate(tz):
+            a_i = cur if padded else slab[i]
+            a_i[...] = vol[z0[t]]
+            if lerp:
+                nxt[...] = vol[z1[t]]
+                torch.from_numpy(a_i).lerp_(torch.from_numpy(nxt), torch.from_numpy(w[i : i + 1]))
+            if padded:
+                slab[i, :ny, :nx] = a_i
+                slab[i, ny:, :nx] = a_i[ny - 1]
+                slab[i, :, nx:] = slab[i, :, nx - 1 : nx]
+        a = torch.from_numpy(slab)
+        cur = nxt = None
         if not same_plane:
-            pad_y, pad_x = gy.edge_pad(), gx.edge_pad()
-            if pad_y or pad_x:
-                a = F.pad(a[None], (0, pad_x, 0, pad_y), mode="replicate")[0]
             # scale_factor (not size) so that torch maps output t to input (t + 0.5) * ratio - 0.5.
             a = F.interpolate(a[None], scale_factor=(1.0 / gy.ratio, 1.0 / gx.ratio), mode="bilinear",
                               align_corners=False, recompute_scale_factor=False)[0]
+            slab = None  # a is the (smaller) interpolated slab now
         a = a[:, ky, kx].clamp_(lo, hi).round_()
         out[tz[0] : tz[-1] + 1, py, px] = a.to(torch.int16).numpy()
+        a = slab = None  # before the next slab is allocated: two slabs are never alive at once
 
     mask = np.zeros(tuple(shape_zyx), dtype=np.uint8)
     if labels is not None:
