@@ -220,6 +220,24 @@ def test_export_is_self_contained_portable_and_readable(encoder_dir, loaded, dat
     assert emb.shape == (1, 128) and torch.isfinite(emb).all()
 
 
+def test_export_of_a_checkpoint_written_before_exports_were_self_contained(shards, tmp_path):
+    from trainer.model import create_model, save_pretrained
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
+    save_pretrained(create_model("tiny", **{"text.pretrained": False}), ckpt / "encoder")
+    identity = json.loads((shards / "index.json").read_text())["tokenizer"]
+    (ckpt / "encoder" / "tokenizer.json").write_text(json.dumps(identity))  # the old layout: identity only
+    (ckpt / COMPLETE_MARKER).write_text(json.dumps({"step": 5}))
+    export_main([str(ckpt), "--out", str(tmp_path / "export"), "--shards", str(shards)])
+    out = tmp_path / "export"
+    assert json.loads((out / TOKENIZER_IDENTITY_FILE).read_text()) == identity
+    assert "model" in json.loads((out / "tokenizer.json").read_text())  # Hugging Face's file now
+    assert json.loads((out / PREPROCESSING_FILE).read_text())["shape_zyx"] == [32, 128, 128]
+    assert json.loads((out / "training.json").read_text())["step"] == 5
+    model, preprocess, tokenizer = load_encoder(out)
+    assert tokenizer.identity["hash"] == identity["hash"]
+
+
 def test_export_command_needs_a_complete_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)  # no COMPLETE marker
     with pytest.raises(SystemExit):

@@ -19,7 +19,9 @@ Folder layout (every file mode 0644)::
 
 ``trainer.inference.load_encoder(DIR)`` reads it; no DeepSpeed, no run folder, no shards, no
 ``text.path`` of the training machine. The export command starts from the ``encoder/`` that every
-complete checkpoint already holds (no DeepSpeed needed) and only adds what that one lacks.
+complete checkpoint already holds (no DeepSpeed needed). It keeps the preprocessing that export
+recorded at training time; ``--shards`` / ``--pipeline-config`` re-derive it (for checkpoints
+written before it was recorded).
 
 Where the preprocessing comes from: the shards' ``index.json`` does not record the pipeline
 config, the manifest does (``SHARDS/work/manifest.sqlite``, setting ``config``, written by every
@@ -35,6 +37,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import warnings
 from collections.abc import Sequence
@@ -190,8 +193,8 @@ def export_metadata(shards: str | Path, index: dict[str, Any] | None = None,
             config, versions, sources = read_manifest_config(shards)
             where = f"{Path(shards).name}/work/manifest.sqlite (build-shards setting 'config')"
         out["preprocessing"] = preprocessing_spec(config, index, stage_versions=versions, recorded_from=where)
-    except (FileNotFoundError, ValueError) as err:
-        out["warnings"].append(f"no {PREPROCESSING_FILE}: {err}")
+    except (OSError, ValueError, sqlite3.Error) as err:  # an unreadable manifest must not stop training
+        out["warnings"].append(f"no {PREPROCESSING_FILE}: {type(err).__name__}: {err}")
     out["data"] = data_summary(shards, index, sources)
     return out
 
@@ -479,13 +482,13 @@ def export(checkpoint: str | Path, out: str | Path, *, shards: str | Path | None
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
     marker = json.loads((ckpt / COMPLETE_MARKER).read_text() or "{}")
     identity = read_tokenizer_identity(src)
-    shards = Path(shards) if shards else _run_shards(run)
-    if shards is not None:
-        metadata = export_metadata(shards, pipeline_config=pipeline_config)
-    elif (src / PREPROCESSING_FILE).is_file() and pipeline_config is None:
+    if shards is None and pipeline_config is None and (src / PREPROCESSING_FILE).is_file():
+        # What the run recorded when it saved the checkpoint: the shards may have been rebuilt since.
         old = json.loads((src / TRAINING_FILE).read_text()) if (src / TRAINING_FILE).is_file() else {}
         metadata = {"preprocessing": json.loads((src / PREPROCESSING_FILE).read_text()), "data": old.get("data"),
                     "warnings": []}
+    elif (shards := Path(shards) if shards else _run_shards(run)) is not None:
+        metadata = export_metadata(shards, pipeline_config=pipeline_config)
     elif pipeline_config is not None:
         from ctprep.config import load_config
 
@@ -493,8 +496,8 @@ def export(checkpoint: str | Path, out: str | Path, *, shards: str | Path | None
                                   recorded_from=f"pipeline config {pipeline_config}")
         metadata = {"preprocessing": spec, "data": None, "warnings": ["shards not found: no training data summary"]}
     else:
-        raise FileNotFoundError(f"{ckpt}: cannot find the run's shards (config.json data.shards) and its encoder has "
-                                f"no {PREPROCESSING_FILE}; pass --shards DIR or --pipeline-config PRESET_OR_YAML")
+        raise FileNotFoundError(f"{ckpt}: its encoder has no {PREPROCESSING_FILE} and the run's shards (config.json "
+                                "data.shards) are not found; pass --shards DIR or --pipeline-config PRESET_OR_YAML")
     eval_path = Path(eval_json) if eval_json else (run / "eval" / "eval.json" if run else None)
     eval_result = json.loads(eval_path.read_text()) if eval_path is not None and eval_path.is_file() else None
     tmp = out.with_name(out.name + ".tmp")
