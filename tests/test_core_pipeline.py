@@ -171,19 +171,30 @@ def test_crash_debris_and_lost_manifest_row_give_identical_result(dataset, first
 def test_kill_midway_then_rerun_matches_uninterrupted(dataset, first_build, tmp_path):
     ref_out, _ = first_build
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ctprep.cli", "build-shards", "--src", str(dataset), "--out", str(out),
-           "--stages", STAGES, "--workers", "0", "--no-progress"]
+    args = ["build-shards", "--src", str(dataset), "--out", str(out), "--stages", STAGES, "--workers", "0",
+            "--no-progress"]
+    cmd = [sys.executable, "-m", "ctprep.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "work" / "zarr").glob("*.zarr"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert len(list((out / "work" / "zarr").glob("*.zarr"))) < len(_zarr_cases(ref_out))  # really midway
+    # Killed at a fixed point, not by racing a timer: SIGKILL right after the second case's zarr is
+    # renamed into place and before the manifest hears of it (the worst moment for the manifest).
+    killer = (
+        "import os, signal, sys\n"
+        "from ctprep.stages import resample\n"
+        "real, done = resample.write_case_zarr, []\n"
+        "def write(*a, **k):\n"
+        "    result = real(*a, **k)\n"
+        "    done.append(1)\n"
+        "    if len(done) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return result\n"
+        "resample.write_case_zarr = write\n"
+        "from ctprep.cli import app\n"
+        f"sys.argv = ['ctprep'] + {args!r}\n"
+        "app()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killer], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(list((out / "work" / "zarr").glob("*.zarr"))) == 2 < len(_zarr_cases(ref_out))  # really midway
     rc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr
     assert _zarr_cases(out) == _zarr_cases(ref_out)
