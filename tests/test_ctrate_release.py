@@ -29,18 +29,14 @@ SEED = 0  # with 12 cases this seed gives v1 twins with both intercepts (-1024 a
 LUNG = 1  # coarse region id of "lung" (first region of configs/regions/default.yaml)
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release") / "dataset"
-    synth.write_ctrate(root, cases=CASES, grid="demo", seed=SEED, layout="release")
-    return root
+@pytest.fixture
+def release(synthetic_ctrate) -> Path:
+    return synthetic_ctrate(cases=CASES, seed=SEED, layout="release")
 
 
-@pytest.fixture(scope="module")
-def release_fixed(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release_fixed") / "dataset"
-    synth.write_ctrate(root, cases=CASES, grid="demo", seed=SEED, layout="release-fixed")
-    return root
+@pytest.fixture
+def release_fixed(synthetic_ctrate) -> Path:
+    return synthetic_ctrate(cases=CASES, seed=SEED, layout="release-fixed")
 
 
 def _build(src: Path, out: Path, *extra: str) -> tuple[int, str]:

@@ -20,22 +20,14 @@ from ctprep.config import load_config
 from ctprep.errors import OutputLocked
 from ctprep.lock import folder_lock
 from ctprep.runner import build, environment_cause, status
-from ctprep.synth import ctrate as synth
 
 CASES = 4
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults_real") / "ctrate"
-    synth.write_ctrate(root, cases=CASES, grid="demo", seed=5)
-    return root
-
-
 @pytest.fixture
-def src(dataset, tmp_path) -> Path:
+def src(synthetic_ctrate, tmp_path) -> Path:
     copy = tmp_path / "ctrate"
-    shutil.copytree(dataset, copy)
+    shutil.copytree(synthetic_ctrate(cases=CASES, seed=5), copy)
     return copy
 
 
