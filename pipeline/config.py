@@ -157,6 +157,9 @@ class CtRateConfig:
     # Largest angle (degrees) between a voxel axis and the nearest patient axis that is still
     # stored as if axis-aligned (the error is recorded); above it the case is quarantined as oblique.
     max_oblique_deg: float = 1.0
+    # Largest volume a header may declare (MiB of stored voxels; 1024 x 1024 x 1000 int16 = 2000):
+    # a small file that declares more (a compression bomb, a corrupt header) is quarantined unread.
+    max_volume_mb: int = 4096
 
 
 @dataclass

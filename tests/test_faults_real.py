@@ -189,3 +189,44 @@ def test_out_inside_src_is_never_read_as_input(src):
     second = _build(src, out)
     assert second.summary.startswith("ctprep build-shards: nothing to do"), second.summary
     assert _packed(out) == _ids(src)
+
+
+def _nifti_gz(data, affine, trailing: bytes = b"") -> bytes:
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code="scanner")
+    img.set_qform(affine, code="scanner")
+    return gzip.compress(img.to_bytes() + trailing, compresslevel=1, mtime=0)
+
+
+def test_volume_followed_by_trailing_data_is_refused(tmp_path):
+    import numpy as np
+
+    from ctprep.quarantine import QuarantineError
+    from ctprep.sources.ctrate import read_ctrate_volume
+
+    data = np.zeros((16, 16, 8), np.int16)
+    data[4:12, 4:12, 2:6] = 40
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    ok = tmp_path / "ok.nii.gz"
+    ok.write_bytes(_nifti_gz(data, affine, trailing=b"\0" * 1000))  # a little padding: fine
+    assert read_ctrate_volume(str(ok), {})[0].shape == (16, 16, 8)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(_nifti_gz(data, affine, trailing=b"\0" * (3 << 20)))  # 3 MiB of zeros after the voxels
+    with pytest.raises(QuarantineError, match="follow the voxels the header declares") as e:
+        read_ctrate_volume(str(bad), {})
+    assert e.value.kind == "unreadable"
+
+
+def test_declared_size_over_the_limit_is_quarantined_unread(src, tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("extends: demo\nctrate:\n  max_volume_mb: 1\n")  # the demo volumes are 1-4 MiB
+    out = tmp_path / "out"
+    report = build([src], out, load_config(cfg), workers=0, progress=False, log=lambda m: None)
+    q = _quarantined(out)
+    assert report.exit_code == 1 and q  # every case too big for a 1 MiB limit: none packed
+    assert all(r["kind"] == "unreadable" and "over the 1 MiB limit (ctrate.max_volume_mb)" in r["reason"]
+               for r in q.values())

@@ -433,11 +433,12 @@ class CtRateSource(Source):
         ), None
 
     def load(self, case: CaseInput) -> LoadedCase:
-        image, affine, style, info = read_ctrate_volume(case.files["image"], case.meta,
-                                                        self._settings().max_oblique_deg)
+        settings = self._settings()
+        image, affine, style, info = read_ctrate_volume(case.files["image"], case.meta, settings.max_oblique_deg,
+                                                        settings.max_volume_mb)
         labels = None
         if "mask" in case.files:
-            raw, hdr = read_nifti(case.files["mask"])
+            raw, hdr = read_nifti(case.files["mask"], int(settings.max_volume_mb) << 20)
             labels = np.asarray(raw)
             if labels.ndim == 4 and labels.shape[3] == 1:
                 labels = labels[..., 0]
@@ -543,7 +544,7 @@ def obliquity_deg(affine: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)).max())
 
 
-def read_ctrate_volume(path: str, meta: dict[str, Any], max_oblique_deg: float = 1.0
+def read_ctrate_volume(path: str, meta: dict[str, Any], max_oblique_deg: float = 1.0, max_volume_mb: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
     """Read a CT-RATE volume as HU (int16 when exact, else float32), with v1/v2 detection.
 
@@ -554,10 +555,11 @@ def read_ctrate_volume(path: str, meta: dict[str, Any], max_oblique_deg: float =
         max_oblique_deg: voxel axes tilted more than this from the patient axes are quarantined
             as ``oblique`` (the resample stage stores axis-aligned grids); smaller tilts are
             recorded in ``info["obliquity_deg"]``.
+        max_volume_mb: refuse a header declaring more stored voxel MiB than this, unread.
 
     Returns (image (i, j, k), affine, header_style, info).
     """
-    raw, hdr = read_nifti(path)
+    raw, hdr = read_nifti(path, None if max_volume_mb is None else int(max_volume_mb) << 20)
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:
@@ -594,11 +596,12 @@ def read_ctrate_volume(path: str, meta: dict[str, Any], max_oblique_deg: float =
     info["input_spacing_ijk"] = [float(s) for s in spacing]
     info["input_shape_ijk"] = [int(s) for s in raw.shape]
 
-    if raw.dtype.kind == "f":
-        finite = np.isfinite(raw)
-        if not finite.all():
-            raise QuarantineError(NONFINITE, f"{int(raw.size - finite.sum())} NaN/inf voxels")
-    image = apply_rescale(raw, slope, inter)
+    if raw.dtype.kind == "f" and not (np.isfinite(raw.min()) and np.isfinite(raw.max())):
+        # min/max first: no volume-sized boolean array for the common, finite case
+        raise QuarantineError(NONFINITE, f"{int(raw.size - np.isfinite(raw).sum())} NaN/inf voxels")
+    # raw is fresh from read_nifti and not used again: rescale in its own buffer (a 1 GB v1
+    # volume needs no second GB; same values as a copying rescale).
+    image = apply_rescale(raw, slope, inter, inplace=True)
     return image, affine, style, info
 
 

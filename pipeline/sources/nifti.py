@@ -21,6 +21,9 @@ from ctprep.quarantine import UNREADABLE, QuarantineError
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_DEFLATE_RATIO = 1032  # deflate never inflates more than ~1032:1: a bound on what a file can hold
 READ_CHUNK = 16 << 20  # bytes inflated per readinto call: big enough to amortise calls, small next to a volume
+# Bytes allowed after the voxels the header declares (writers leave none; a little padding is
+# harmless). More is refused: a valid volume followed by a GB of zeros is not what it claims to be.
+MAX_TRAILING_BYTES = 1 << 20
 
 
 def inflate(path: str | os.PathLike[str]) -> bytes:
@@ -89,8 +92,17 @@ def _read_exactly(stream, view: memoryview) -> int:
     return got
 
 
-def read_nifti(path: str | os.PathLike[str]):
+def read_nifti(path: str | os.PathLike[str], max_bytes: int | None = None):
     """Read a NIfTI-1/2 file into its *stored* dtype without scaling.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz``.
+        max_bytes: refuse (QuarantineError(unreadable), with the figures) a header that declares
+            more voxel bytes than this, before allocating anything: a 1 MB file of zeros can
+            declare many GB. None: only the deflate bound applies.
+
+    Inflation is bounded by the size the header declares: more than ``MAX_TRAILING_BYTES``
+    after the voxels is refused too.
 
     Returns (array in nibabel voxel order (i, j, k), header). The array is a fresh, writable,
     Fortran-ordered buffer in native byte order (big-endian files are swapped in place), holding
@@ -105,8 +117,8 @@ def read_nifti(path: str | os.PathLike[str]):
     try:
         with fobj:
             stream, limit = _open_stream(fobj)
-            arr, hdr = _read_stream(stream, name, limit)
-            _drain(stream)
+            arr, hdr = _read_stream(stream, name, limit, max_bytes)
+            _drain(stream, name)
     except QuarantineError:
         raise
     except Exception as e:  # isal raises EOFError / IsalError / OSError / BadGzipFile depending on damage
@@ -114,7 +126,7 @@ def read_nifti(path: str | os.PathLike[str]):
     return arr, hdr
 
 
-def _read_stream(stream, name: str, limit: int):
+def _read_stream(stream, name: str, limit: int, max_bytes: int | None = None):
     """Header, then the voxels inflated straight into a fresh array (see :func:`read_nifti`).
 
     ``limit``: the most bytes the file can yield. A header claiming more is corrupt: quarantined
@@ -145,6 +157,9 @@ def _read_stream(stream, name: str, limit: int):
     if need > limit:
         raise QuarantineError(UNREADABLE, f"{name}: header claims {need} bytes of data; the file can hold at "
                               f"most {limit} (shape {shape}, {dtype})")
+    if max_bytes is not None and need > max_bytes:
+        raise QuarantineError(UNREADABLE, f"{name}: header declares {need / 2**20:.0f} MiB of voxels (shape {shape}, "
+                              f"{dtype}), over the {max_bytes / 2**20:.0f} MiB limit (ctrate.max_volume_mb)")
     if offset < got:
         raise QuarantineError(UNREADABLE, f"{name}: vox_offset {offset} lies inside the {got}-byte header")
     skip = offset - got  # extensions between the header and the voxels: not used
@@ -164,11 +179,16 @@ def _read_stream(stream, name: str, limit: int):
     return flat.reshape(shape, order="F"), hdr
 
 
-def _drain(stream) -> None:
-    """Read to the end of the stream so gzip's length/CRC trailer is checked (as a whole-file inflate does)."""
+def _drain(stream, name: str = "") -> None:
+    """Read to the end of the stream so gzip's length/CRC trailer is checked (as a whole-file inflate
+    does), refusing more than ``MAX_TRAILING_BYTES`` after the voxels without inflating them all."""
     sink = memoryview(bytearray(1 << 16))
-    while stream.readinto(sink):
-        pass
+    extra = 0
+    while k := stream.readinto(sink):
+        extra += k
+        if extra > MAX_TRAILING_BYTES:
+            raise QuarantineError(UNREADABLE, f"{name}: more than {MAX_TRAILING_BYTES} bytes follow the voxels the "
+                                  "header declares (a volume with trailing data is not what its header says)")
 
 
 def header_has_orientation(hdr) -> bool:
