@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ctprep.config import load_config
+from ctprep.stages.base import get_stage
 from ctprep.quarantine import MISSING_METADATA, QuarantineError
 from ctprep.runner import build
 from ctprep.schema import ABNORMALITY_LABELS
@@ -203,7 +204,8 @@ def test_export_is_self_contained_portable_and_readable(encoder_dir, loaded, dat
     assert spec["spacing_zyx_mm"] == list(demo.resample.spacing_zyx) and spec["shape_zyx"] == list(demo.resample.shape_zyx)
     assert spec["orientation"] == "SAR" and spec["patch_grid_zyx"] == [8, 8, 8]
     assert spec["region_names"] == demo.regions.names and spec["region_map"] == demo.regions.regions
-    assert spec["hu_clip"] == list(demo.resample.hu_clip) and spec["stage_versions"] == {"resample": "2", "regions": "1"}
+    assert spec["hu_clip"] == list(demo.resample.hu_clip) and spec["stage_versions"] == {"resample": get_stage("resample").version,
+                                                                         "regions": get_stage("regions").version}
     card = (encoder_dir / "README.md").read_text()
     assert "step 3" in card and "ctrate 8 samples" in card and "synthetic" in card and "0.625" in card
     assert "Research only" in card

@@ -242,6 +242,12 @@ def test_build_release_tree_then_a_new_json_file(tree, tmp_path):
     cor = case_id_for(notes["notes"]["coronal"][0])
     _, _, attrs = read_case_zarr(out / "work" / "zarr" / f"{cor}.zarr")
     assert attrs["input"]["patient_from_slab"] == PATIENT_FROM_SLAB["coronal"].tolist()
+    # meta.json's affine maps the stored (z, y, x) grid to the patient: for a coronal slab the thin
+    # stored axis (z index, the context offsets) runs along A, not along S.
+    thin = np.asarray(metas[cor]["affine"])[:3, 0]
+    assert np.argmax(np.abs(thin)) == 1 and metas[cor]["affine"] == attrs["affine"]
+    axial_case = next(c for c in metas if metas[c]["plane"] == "axial")
+    assert np.argmax(np.abs(np.asarray(metas[axial_case]["affine"])[:3, 0])) == 2
 
     # A new delivery: a new JSON file beside the old ones, listing 2 new datums and one old one again.
     new = tmp_path / "batch2"

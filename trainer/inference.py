@@ -123,31 +123,20 @@ class Preprocess:
             float16 (1, P, R + 1) patch-to-region fractions, ``ids`` [case id], ``meta`` [dict]
             (``has_mask``, ``spacing``, ``affine``, ``shape``, ``header_style``, ``region_names``).
         """
-        from ctprep.quarantine import NOT_CHEST, QuarantineError
         from ctprep.sources import get_source
         from ctprep.stages.regions import patch_region_fraction
-        from ctprep.stages.resample import DENSE_HU, check_not_constant, lung_fraction, resample_case
+        from ctprep.stages.resample import resample_loaded
 
         cfg = self.config
         case, loaded = self.load(image, mask, meta, case_id)
-        if check:
-            check_not_constant(loaded.image)
-        # Exactly run_resample's call (ctprep.stages.resample): target grid, LUT, clip, pad, slab size.
-        spacing, shape = get_source("ctrate", cfg).target_grid(case, cfg)
-        lut = np.asarray(cfg.regions.lookup_table(), dtype=np.uint8) if loaded.label_space == "totalseg" else None
-        res = resample_case(loaded.image, loaded.labels, loaded.affine, spacing, shape, cfg.resample.hu_clip,
-                            cfg.resample.pad_hu, lut, cfg.resample.slab_z)
-        if check and cfg.resample.min_lung_fraction > 0:
-            frac = lung_fraction(res.image)
-            if frac < cfg.resample.min_lung_fraction:
-                raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of the body is enclosed low density (lung-like, "
-                                      f"< {DENSE_HU} HU); not a chest CT?")
+        # The resample stage's own per-case function: the same grid, LUT, clip, pad, slab size, checks.
+        res, affine = resample_loaded(case, loaded, get_source("ctrate", cfg), cfg, check=check)
         regions = patch_region_fraction(res.mask, len(cfg.regions.names), tuple(cfg.regions.patch_size_zyx))
         meta_out = {
             "id": case.case_id,
             "has_mask": loaded.labels is not None,
             "spacing": list(res.spacing_zyx),
-            "affine": res.affine.tolist(),
+            "affine": affine.tolist(),
             "shape": list(res.image.shape),
             "header_style": loaded.header_style,
             "region_names": self.region_names,

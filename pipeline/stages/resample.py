@@ -328,8 +328,42 @@ def read_case_zarr(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
 # --------------------------------------------------------------------- stage
 def _config_slice(c: PipelineConfig) -> dict[str, Any]:
     # slab_z stays in: float rounding of the in-plane interpolation depends (by 1 HU, rarely) on the
-    # batch size, and reruns must reproduce outputs bit for bit.
-    return {"resample": to_jsonable(c.resample), "regions": c.regions.regions, "omni": to_jsonable(c.omni)}
+    # batch size, and reruns must reproduce outputs bit for bit. omni.image_root is left out: it says
+    # where the JPEGs are found, and their content hashes already key the cases.
+    omni = {k: v for k, v in to_jsonable(c.omni).items() if k != "image_root"}
+    return {"resample": to_jsonable(c.resample), "regions": c.regions.regions, "omni": omni}
+
+
+def resample_loaded(case, loaded, source, cfg: PipelineConfig, check: bool = True) -> tuple[ResampledCase, np.ndarray]:
+    """A loaded case on the configured grid: the one home of the resample stage's per-case work,
+    used by ``run_resample`` and by ``trainer.inference`` (so inference preprocesses exactly as
+    ``build-shards`` does).
+
+    Args:
+        case: the ``CaseInput`` (the source's ``target_grid`` may read it).
+        loaded: what ``source.load(case)`` returned (or an equivalent ``LoadedCase``).
+        source: the case's source.
+        cfg: the pipeline config.
+        check: apply the quarantine checks (constant volume; not a chest, except for 2D sources).
+
+    Returns:
+        (resampled case, the stored grid's affine: (z, y, x) voxel -> patient RAS+ mm). A source
+        that stacks slices in a frame of its own (OmniAbnorm's coronal and sagittal slabs) gives
+        ``info["patient_from_slab"]``; the affine then maps to the patient, not to that frame.
+    """
+    if check:
+        check_not_constant(loaded.image)
+    spacing, shape = source.target_grid(case, cfg)
+    lut = np.asarray(cfg.regions.lookup_table(), dtype=np.uint8) if loaded.label_space == "totalseg" else None
+    res = resample_case(loaded.image, loaded.labels, loaded.affine, spacing, shape, cfg.resample.hu_clip,
+                        cfg.resample.pad_hu, lut, cfg.resample.slab_z)
+    if check and loaded.header_style != "jpg" and cfg.resample.min_lung_fraction > 0:
+        frac = lung_fraction(res.image)
+        if frac < cfg.resample.min_lung_fraction:
+            raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of the body is enclosed low density (lung-like, < {DENSE_HU} HU); "
+                                  "not a chest CT?")
+    affine = np.asarray(loaded.info.get("patient_from_slab", np.eye(4)), dtype=np.float64) @ res.affine
+    return res, affine
 
 
 def _pin_threads() -> None:
@@ -346,7 +380,9 @@ def _pin_threads() -> None:
         pass
 
 
-@case_stage("resample", upstream=(), version="2", config_slice=_config_slice,
+# Version 3: v1 volumes placed by ImagePositionPatient (a v1 file and its _fixed twin share an
+# affine); coronal/sagittal OmniAbnorm slabs' affine maps to the patient; oblique series quarantined.
+@case_stage("resample", upstream=(), version="3", config_slice=_config_slice,
             case_fields=("files", "meta"), output=lambda case_id: f"{ZARR_DIR}/{case_id}.zarr")
 def run_resample(task: CaseTask) -> dict[str, Any]:
     """Read (via the case's source), resample, check, write zarr. Returns the manifest info."""
@@ -358,16 +394,7 @@ def run_resample(task: CaseTask) -> dict[str, Any]:
     source = get_source(task.case.source, cfg)
     loaded = source.load(task.case)
     t_read = time.perf_counter() - t0
-    check_not_constant(loaded.image)
-    spacing, shape = source.target_grid(task.case, cfg)
-    lut = np.asarray(cfg.regions.lookup_table(), dtype=np.uint8) if loaded.label_space == "totalseg" else None
-    res = resample_case(loaded.image, loaded.labels, loaded.affine, spacing, shape, cfg.resample.hu_clip,
-                        cfg.resample.pad_hu, lut, cfg.resample.slab_z)
-    if loaded.header_style != "jpg" and cfg.resample.min_lung_fraction > 0:
-        frac = lung_fraction(res.image)
-        if frac < cfg.resample.min_lung_fraction:
-            raise QuarantineError(NOT_CHEST, f"only {frac:.1%} of the body is enclosed low density (lung-like, < {DENSE_HU} HU); "
-                                  "not a chest CT?")
+    res, affine = resample_loaded(task.case, loaded, source, cfg)
     t_resample = time.perf_counter() - t0 - t_read
     attrs = {
         "case_id": task.case.case_id,
@@ -375,7 +402,7 @@ def run_resample(task: CaseTask) -> dict[str, Any]:
         "split": task.case.split,
         "spacing": list(res.spacing_zyx),
         "shape": list(res.image.shape),
-        "affine": res.affine.tolist(),
+        "affine": affine.tolist(),
         "header_style": loaded.header_style,
         "axes": "zyx",
         "orientation": "SAR",
