@@ -11,16 +11,25 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
            slope/intercept, torch trilinear resample to the same grid, clip, per case.
 
 MB/s is always counted in shard-tar bytes per sample so the three are comparable.
+
+``--verify-cost`` adds the price of verified reads (docs/verified-reads.md): the streaming
+loader with one DataLoader worker, checksums verified (the default) and not
+(``ShardExpectation.verify_checksums=False``), measured in alternation, each paired with a raw
+read; wall-clock samples/s and CPU seconds (this process + its worker, whole run).
+
 Usage::
 
     python bench/loader.py                      # defaults: 12 cases, src 120x320x320 -> 64x256x256
     python bench/loader.py --cases 8 --grid 32 128 128 --src 60 160 160 --compress zst
+    python bench/loader.py --skip-ctclip --workers 1 --verify-cost
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -34,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer import data as D
 from trainer.config import DataConfig
-from trainer.testing import TEST_TOKENIZER, make_sample, write_shard
+from trainer.testing import TEST_TOKENIZER, make_sample, shard_entry
 
 
 # --------------------------------------------------------------------------- inputs
@@ -92,10 +101,7 @@ def prepare(root: Path, cases: int, src: tuple[int, int, int], grid: tuple[int, 
     half = cases // 2
     entries = []
     for n, chunk in enumerate((samples[:half], samples[half:])):
-        rel = f"train/bench-{n:06d}.tar"
-        size = write_shard(shard_dir / rel, chunk, compress=members)
-        entries.append({"path": rel, "samples": len(chunk), "bytes": size, "sha256": "", "source": "ctrate",
-                        "generation": 0})
+        entries.append(shard_entry(shard_dir, f"train/bench-{n:06d}.tar", chunk, compress=members))
     index = {"schema_version": D.schema.SCHEMA_VERSION, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
              "patch_size": [4, 16, 16], "region_names": ["lung", "heart", "aorta"],
              "generations": [], "splits": {"train": entries}}
@@ -119,11 +125,25 @@ def measure_raw(tars: list[str], block: int = 16 << 20) -> float:
     return time.perf_counter() - start
 
 
-def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, read_threads: int = 2) -> tuple[float, int]:
-    """Seconds for ``n_batches`` after the first one (steady state), samples counted."""
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and of its reaped children (DataLoader workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, read_threads: int = 2,
+                   verify: bool = True, cpu: list[float] | None = None) -> tuple[float, int]:
+    """Seconds for ``n_batches`` after the first one (steady state), samples counted.
+
+    Args:
+        verify: check the per-member checksums (the trainer's default).
+        cpu: gets the CPU seconds of the whole measurement appended (start-up and worker
+            shutdown included, so that the workers' CPU is counted).
+    """
+    cpu0 = _cpu_seconds()
     cfg = DataConfig(shards=str(shards), batch_size=batch_size, num_workers=workers, buffer_size=4,
                      read_threads=read_threads, tokenizer=dict(TEST_TOKENIZER))
-    expect = D.expectation_from_config(cfg)
+    expect = dataclasses.replace(D.expectation_from_config(cfg), verify_checksums=verify)
     loader = D.build_train_loader(cfg, D.load_shard_index(shards, expect), expect, rank=0, world_size=1)
     it = iter(loader)
     next(it)  # worker start-up is a one-time cost
@@ -132,7 +152,10 @@ def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, 
     for _ in range(n_batches):
         samples += len(next(it)["ids"])
     elapsed = time.perf_counter() - start
+    it.close()  # joins the workers, so their CPU time is reaped and counted
     del it
+    if cpu is not None:
+        cpu.append(_cpu_seconds() - cpu0)
     return elapsed, samples
 
 
@@ -175,12 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", help="folder for the generated inputs (default: a temp folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--skip-ctclip", action="store_true", help="only raw read and the streaming loader")
+    parser.add_argument("--verify-cost", action="store_true",
+                        help="also measure the loader (1 worker) with checksum verification on and off")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-loader-"))
     t0 = time.perf_counter()
-    key = {"cases": args.cases, "src": args.src, "grid": args.grid, "compress": args.compress}
+    key = {"cases": args.cases, "src": args.src, "grid": args.grid, "compress": args.compress, "checksums": True}
     stamp = work / "prepared.json"
     if stamp.is_file() and json.loads(stamp.read_text())["key"] == key:  # reuse inputs of an earlier run
         inputs = json.loads(stamp.read_text())["inputs"]
@@ -227,15 +252,50 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"method": "stream shards", "workers": workers, "samples_s": rate, "mb_s": rate * per_sample / 1e6,
                      "vs_raw": statistics.median(r * per_sample / 1e6 / raw for raw, r in pairs),
                      **({"vs_ctclip": rate / ctclip_rate[workers]} if workers in ctclip_rate else {})})
+    verify_rows = []
+    if args.verify_cost:
+        runs: dict[bool, list[tuple[float, float, int, float]]] = {True: [], False: []}  # (raw, s, samples, cpu)
+        for _ in range(args.repeats):
+            for verify in (True, False):  # alternate: drifting load on a shared machine hits both
+                raw, cpu = raw_rate(), []
+                elapsed, samples = measure_stream(inputs["shards"], 1, args.batch_size, n_batches, args.read_threads,
+                                                  verify=verify, cpu=cpu)
+                runs[verify].append((raw, elapsed, samples, cpu[0]))
+                raw_all.append(raw)
+        for verify in (True, False):
+            rs = runs[verify]
+            rate = statistics.median(n / s for _, s, n, _ in rs)
+            verify_rows.append({
+                "method": f"stream shards, checksums {'verified' if verify else 'off'}", "workers": 1,
+                "samples_s": rate, "mb_s": rate * per_sample / 1e6,
+                "vs_raw": statistics.median(n / s * per_sample / 1e6 / raw for raw, s, n, _ in rs),
+                "wall_s": statistics.median(s for _, s, _, _ in rs),
+                "cpu_s": statistics.median(c for *_, c in rs),
+                "samples": rs[0][2],
+            })
+        on, off = verify_rows
+        on["vs_off_samples_s"] = on["samples_s"] / off["samples_s"]
+        on["vs_off_cpu_s"] = on["cpu_s"] / off["cpu_s"]
     raw_mbs = statistics.median(raw_all)
     rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / per_sample, "mb_s": raw_mbs,
                     "vs_raw": 1.0})
+    rows += verify_rows
 
     print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         vs = f"{r['vs_ctclip']:.1f}x" if "vs_ctclip" in r else ""
         print(f"| {r['method']} | {r['workers']} | {r['samples_s']:.2f} | {r['mb_s']:.0f} | {r['vs_raw']:.0%} | {vs} |")
+    if verify_rows:
+        print()
+        print("| loader, 1 worker | samples/s | vs raw read | wall s (steady) | CPU s (process + worker, whole run) "
+              "| verified / off |")
+        print("|---|---|---|---|---|---|")
+        for r in verify_rows:
+            ratio = (f"samples/s {r['vs_off_samples_s']:.2f}x, CPU {r['vs_off_cpu_s']:.2f}x"
+                     if "vs_off_cpu_s" in r else "")
+            print(f"| {r['method']} | {r['samples_s']:.2f} | {r['vs_raw']:.0%} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} "
+                  f"| {ratio} |")
     result = {"args": vars(args), "bytes_per_sample": per_sample, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

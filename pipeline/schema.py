@@ -124,6 +124,11 @@ META_KEYS = (
     "region_texts",  # list[str], R entries
     "has_mask",  # bool: False = no anatomy mask was given; mask.npy is all 0 and regions.npy all background
     "plane",  # "axial" | "coronal" | "sagittal": acquisition plane of the source images
+    # {member name: CRC32 (zlib polynomial) of the member's bytes exactly as stored in the tar}
+    # for every other member of the sample. meta.json's own CRC32 is in its shard's index.json
+    # entry, "meta_crc32": {sample key: int}. Readers skip a sample that fails either; a sample
+    # without them was packed before checksums and cannot be verified (docs/verified-reads.md).
+    "crc32",
 )
 
 # A case id is a file-name stem: letters, digits, '_', '-'; no path parts and

@@ -24,6 +24,13 @@ Design, in the order data flows:
    per batch under ``BATCH_STATS_KEY``, which the trainer pops before the model sees the
    batch); a shard whose tar headers are corrupt is read up to the corruption. Never pickle:
    ``.npy`` headers are parsed with ``numpy.lib.format`` and object dtypes are refused.
+7. Verified reads (docs/verified-reads.md): a sample's ``meta.json`` is checked against the
+   CRC32 its shard's index entry holds (``meta_crc32``), every other member against the CRC32
+   ``meta.json`` holds (``crc32``), each where its bytes are read: small members in
+   ``decode_sample``, compressed volumes before they are decompressed into the batch,
+   uncompressed volumes after ``preadv`` put them there. A mismatch is a corrupt member (6.).
+   A shard whose index entry has no ``meta_crc32`` was packed before checksums: its samples
+   are read unverified, with one warning per shard.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +61,19 @@ log = logging.getLogger(__name__)
 
 BATCH_STATS_KEY = "_stream"  # per-batch loader statistics; popped by the trainer
 TAR_BLOCK = 512
+# Written by ctprep.stages.pack (same names there; ctprep.schema.META_KEYS documents them).
+CHECKSUM_KEY = "crc32"  # meta.json: {member name: CRC32 of the member's bytes as stored}
+INDEX_CHECKSUM_KEY = "meta_crc32"  # index.json shard entry: {sample key: CRC32 of its meta.json}
+
+try:  # ISA-L computes the same CRC32 as zlib ~5x faster and releases the GIL
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency
+    _crc32 = zlib.crc32
+
+
+def crc32(data: bytes | memoryview | np.ndarray, value: int = 0) -> int:
+    """CRC32 of ``data`` (any C-contiguous buffer), continuing from ``value``."""
+    return _crc32(data, value)
 
 
 class ShardMismatchError(RuntimeError):
@@ -72,6 +93,8 @@ class ShardInfo:
     samples: int
     source: str
     bytes: int = 0
+    # sample key -> CRC32 of its meta.json, from the index; None: packed before checksums
+    meta_crc32: Mapping[str, int] | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,7 @@ class ShardExpectation:
     schema_version: int = schema.SCHEMA_VERSION
     tokenizer: dict[str, str] | None = None  # None: accept the index's tokenizer
     patch_size: tuple[int, int, int] = (4, 16, 16)
+    verify_checksums: bool = True  # False only to measure what verification costs (bench/loader.py)
 
 
 @dataclass
@@ -110,6 +134,7 @@ class ShardIndex:
                 samples=int(entry["samples"]),
                 source=str(entry.get("source", "ctrate")),
                 bytes=int(entry.get("bytes", 0)),
+                meta_crc32=_meta_crcs(entry),
             )
             grouped.setdefault(info.source, []).append(info)
         if sources is None:
@@ -121,6 +146,23 @@ class ShardIndex:
                 f"(has {sorted(grouped)}); set its weight to 0 in data.sources to train without it"
             )
         return {s: grouped[s] for s in sources}
+
+
+def _meta_crcs(entry: Mapping[str, Any]) -> dict[str, int] | None:
+    """The ``meta_crc32`` map of an index shard entry (None when the entry predates checksums)."""
+    crcs = entry.get(INDEX_CHECKSUM_KEY)
+    if crcs is None:
+        return None
+    if not isinstance(crcs, dict):
+        raise ShardMismatchError(f"{entry.get('path')}: index {INDEX_CHECKSUM_KEY} is not a mapping")
+    return {str(k): int(v) for k, v in crcs.items()}
+
+
+def warn_unverified(shard: ShardInfo) -> None:
+    """One warning for a shard whose samples cannot be verified (packed before checksums)."""
+    log.warning("%s: its index entry has no %s (packed before per-sample checksums): its samples are read "
+                "unverified; rebuild the shards with this ctprep version to verify them", shard.path,
+                INDEX_CHECKSUM_KEY)
 
 
 def _check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, tokenizer: dict | None) -> None:
@@ -377,20 +419,32 @@ class LazyNpy:
     volume is copied once (page cache -> batch), like a plain ``read``; ``np.asarray`` also works.
     """
 
-    __slots__ = ("path", "offset", "shape", "dtype", "fortran")
+    __slots__ = ("path", "offset", "shape", "dtype", "fortran", "crc", "head_crc", "where")
 
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool):
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool,
+                 crc: int | None = None, head_crc: int = 0, where: str = ""):
         self.path, self.offset, self.shape, self.dtype, self.fortran = path, offset, shape, dtype, fortran
+        # expected CRC32 of the whole member (None: not verified) and the CRC32 of its npy header
+        self.crc, self.head_crc, self.where = crc, head_crc, where or path
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def read_into(self, out: np.ndarray) -> None:
-        """Fill the C-contiguous ``out`` (same shape) from the file."""
+        """Fill the C-contiguous ``out`` (same shape) from the file, then verify it."""
         _pread_into(self.path, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
+        self.verify(out)
         if self.fortran:  # rare: stored column-major; reorder in place via a copy
             out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
+
+    def verify(self, out: np.ndarray) -> None:
+        """Raise ``CorruptMemberError`` if the bytes read into ``out`` (stored order) fail the CRC32."""
+        if self.crc is None:
+            return
+        found = crc32(out.reshape(-1).view(np.uint8), self.head_crc)
+        if found != self.crc:
+            raise CorruptMemberError(f"{self.where}: crc32 {found} != {self.crc} in meta.json")
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.empty(self.shape, dtype=self.dtype)
@@ -405,10 +459,11 @@ def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None
     shape, fortran, dtype, data_at = _npy_header(head)
     if dtype.hasobject:
         raise CorruptMemberError(f"{name}: object arrays are refused (would need pickle)")
-    lazy = LazyNpy(path, offset + data_at, tuple(shape), dtype, fortran)
+    lazy = LazyNpy(path, offset + data_at, tuple(shape), dtype, fortran, head_crc=crc32(head[:data_at]))
     if data_at + lazy.nbytes > size:
         raise CorruptMemberError(f"{name}: npy data truncated ({size - data_at} < {lazy.nbytes} bytes)")
     return lazy
+
 
 
 class CompressedNpy:
@@ -416,14 +471,16 @@ class CompressedNpy:
 
     ``collate_samples`` decompresses it straight into the batch tensor (shared memory inside a
     DataLoader worker), instead of into a fresh buffer that is then copied: one pass over the
-    decompressed bytes instead of three. Data errors past the header surface there as
+    decompressed bytes instead of three. Data errors past the header, and a CRC32 mismatch of
+    the compressed bytes (checked there, before decompressing), surface as
     ``CorruptVolumeError`` and the sample is replaced (see ``TrainBatches``).
     """
 
-    __slots__ = ("data", "suffix", "shape", "dtype", "fortran", "data_at")
+    __slots__ = ("data", "suffix", "shape", "dtype", "fortran", "data_at", "crc", "where")
 
-    def __init__(self, data: bytes, suffix: str):
+    def __init__(self, data: bytes, suffix: str, crc: int | None = None, where: str = ""):
         self.data, self.suffix = data, suffix
+        self.crc, self.where = crc, where  # expected CRC32 of ``data`` (None: not verified)
         with self._reader() as reader:
             head = _read_up_to(reader, 4096)
         shape, fortran, dtype, data_at = _npy_header(head)
@@ -447,7 +504,17 @@ class CompressedNpy:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    def verify(self) -> None:
+        """Raise ``CorruptMemberError`` if the compressed bytes fail their CRC32 (checked once)."""
+        if self.crc is None:
+            return
+        found = crc32(self.data)
+        if found != self.crc:
+            raise CorruptMemberError(f"{self.where}: crc32 {found} != {self.crc} in meta.json")
+        self.crc = None
+
     def read_into(self, out: np.ndarray) -> None:
+        self.verify()
         target = memoryview(out.reshape(-1).view(np.uint8))
         with self._reader() as reader:
             _read_up_to(reader, self.data_at)  # skip the header
@@ -485,43 +552,59 @@ class CorruptVolumeError(CorruptMemberError):
         self.index = index
 
 
-def decode_sample(ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str, str]) -> dict[str, Any]:
-    """Read and decode one sample; raises CorruptMemberError or ShardMismatchError.
+def decode_sample(
+    ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str, str], meta_crcs: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Read, verify and decode one sample; raises CorruptMemberError or ShardMismatchError.
 
     Large uncompressed ``.npy`` members become ``LazyNpy`` (header parsed, data read later
     straight into the batch). The other members are contiguous in the tar and are fetched with
     one ``pread``; each is then a zero-copy slice of it.
+
+    Args:
+        meta_crcs: the shard's ``meta_crc32`` from the index (``ShardInfo.meta_crc32``); None
+            for a shard packed before checksums (then ``meta.json`` is not verified; its
+            members still are if it lists their checksums).
     """
-    sample: dict[str, Any] = {"__key__": ref.key}
+    where = f"{ref.shard} sample {ref.key}"
+    sample: dict[str, Any] = {"__key__": ref.key, "__shard__": ref.shard}
+    lazy: dict[str, LazyNpy] = {}  # member name -> volume read later
     small = []
     for name, offset, size in ref.members:
         field_name = schema.strip_compression(name)[0].rsplit(".", 1)[0]
         try:
-            lazy = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
+            member = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
         except CorruptMemberError:
             raise
         except Exception as exc:
             raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
-        if lazy is not None:
-            sample[field_name] = lazy
+        if member is not None:
+            lazy[name], sample[field_name] = member, member
         else:
             small.append((field_name, name, offset, size))
+    blobs: dict[str, memoryview] = {}
     if small:
         start = min(offset for _, _, offset, _ in small)
         end = max(offset + size for _, _, offset, size in small)
         blob = memoryview(read_member(ref.shard, start, end - start))
-        for field_name, name, offset, size in small:
-            member = blob[offset - start : offset - start + size]
-            base, suffix = schema.strip_compression(name)
-            if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
-                try:
-                    sample[field_name] = CompressedNpy(bytes(member), suffix)
-                except CorruptMemberError:
-                    raise
-                except Exception as exc:
-                    raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
-            else:
-                sample[field_name] = decode_member(name, member)
+        blobs = {name: blob[offset - start : offset - start + size] for _, name, offset, size in small}
+    sums = _member_checksums(where, blobs.get("meta.json"), ref, expect, tokenizer, meta_crcs)
+    for name, member in lazy.items():
+        member.crc, member.where = sums.get(name), f"{where} {name}"
+    for field_name, name, offset, size in small:
+        data = blobs[name]
+        base, suffix = schema.strip_compression(name)
+        if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
+            try:  # verified when it is decompressed into the batch
+                sample[field_name] = CompressedNpy(bytes(data), suffix, sums.get(name), name)
+            except CorruptMemberError:
+                raise
+            except Exception as exc:
+                raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+            continue
+        if name in sums and name != "meta.json" and crc32(data) != sums[name]:
+            raise CorruptMemberError(f"{name}: crc32 {crc32(data)} != {sums[name]} in meta.json")
+        sample[field_name] = decode_member(name, data)
     missing = [m for m in REQUIRED_MEMBERS if m not in sample]
     if missing:
         raise CorruptMemberError(f"missing member(s) {missing}")
@@ -530,6 +613,53 @@ def decode_sample(ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str,
         raise CorruptMemberError("meta.json is not an object")
     _check_identity(f"{ref.shard} sample {ref.key}", meta, expect, tokenizer)
     return sample
+
+
+def _member_checksums(
+    where: str, raw_meta: memoryview | bytes | None, ref: SampleRef, expect: ShardExpectation,
+    tokenizer: dict[str, str], meta_crcs: Mapping[str, int] | None,
+) -> dict[str, int]:
+    """Verify ``meta.json`` against the index and return its {member: CRC32} ({}: nothing to verify).
+
+    Raises CorruptMemberError when the sample cannot be trusted: ``meta.json`` fails the
+    index's CRC32, or a schema member has no checksum although the shard was packed with them.
+    A ``meta.json`` that fails its CRC32 but parses into another schema / tokenizer / patch
+    grid raises ShardMismatchError instead: that is a shard from another build put in place of
+    the listed one (a single flipped byte landing in exactly those fields reads the same; the
+    run then stops with the file named rather than silently skipping a whole foreign shard).
+    """
+    if not expect.verify_checksums or raw_meta is None:
+        return {}  # no meta.json: decode_sample reports the missing member
+    try:
+        meta = json.loads(bytes(raw_meta))
+    except ValueError:
+        meta = None
+    if meta_crcs is not None:
+        want = meta_crcs.get(ref.key)
+        found = crc32(raw_meta)
+        if want is None:
+            raise CorruptMemberError("meta.json: the index lists no checksum for this sample")
+        if found != want:
+            if isinstance(meta, dict):
+                try:
+                    _check_identity(where, meta, expect, tokenizer)
+                except ShardMismatchError as exc:
+                    raise ShardMismatchError(f"{exc} (its meta.json does not match the index's checksum either: "
+                                             "was the shard replaced after index.json was written?)") from None
+            raise CorruptMemberError(f"meta.json: crc32 {found} != {want} in the index")
+    if not isinstance(meta, dict):
+        raise CorruptMemberError("meta.json: not a JSON object")
+    sums = meta.get(CHECKSUM_KEY)
+    if sums is None and meta_crcs is None:
+        return {}  # packed before checksums (warned once per shard by the stream)
+    names = {name for name, _, _ in ref.members} - {"meta.json"}
+    required = {name for name in names if schema.strip_compression(name)[0].rsplit(".", 1)[0] in schema.NPY_MEMBERS}
+    if not isinstance(sums, dict) or not required <= set(sums) or not all(type(v) is int for v in sums.values()):
+        raise CorruptMemberError(f"meta.json: {CHECKSUM_KEY} does not cover the sample's members with integers")
+    absent = set(sums) - names
+    if absent:
+        raise CorruptMemberError(f"member(s) {sorted(absent)} listed in meta.json are not in the tar")
+    return sums
 
 
 # --------------------------------------------------------------------------- collate
@@ -579,12 +709,23 @@ class LazyVolumes:
         jobs: list[tuple[int, Any]] = []
         if executor is None:
             for i, part in enumerate(self.parts):
-                jobs.append((i, lambda part=part, i=i: part.read_into(view[i])))
+                jobs.append((i, lambda part=part, i=i: part.read_into(view[i])))  # reads, then verifies
         else:
             for i, part in enumerate(self.parts):
                 target = memoryview(view[i].reshape(-1).view(np.uint8))
                 jobs += [(i, executor.submit(_read_chunk, part, target, start))
                          for start in range(0, part.nbytes, READ_CHUNK)]
+        bad = self._run(jobs, failed)
+        if executor is not None:  # whole volumes read: verify them (CRC32 releases the GIL)
+            checks = [(i, executor.submit(part.verify, view[i])) for i, part in enumerate(self.parts)
+                      if part.crc is not None and i not in bad]
+            self._run(checks, failed)
+        return out
+
+    @staticmethod
+    def _run(jobs: list[tuple[int, Any]], failed: dict[int, str] | None) -> set[int]:
+        """Run / await the jobs; batch indices that failed (recorded in ``failed``, or raised)."""
+        bad: set[int] = set()
         for i, job in jobs:
             try:
                 job() if callable(job) else job.result()
@@ -592,7 +733,8 @@ class LazyVolumes:
                 if failed is None:
                     raise
                 failed.setdefault(i, f"{type(exc).__name__}: {exc}")
-        return out
+                bad.add(i)
+        return bad
 
 
 READ_CHUNK = 4 << 20  # bytes per parallel read: small enough to balance threads, large enough to stream
@@ -798,6 +940,7 @@ class SourceStream:
         self.rng = random.Random(f"{seed}/{source}/buffer/{slot}")
         self.buffer_size = max(1, buffer_size)
         self._scanned: dict[str, list[SampleRef]] = {}  # shard -> its samples (offsets only)
+        self._by_path = {s.path: s for s in self.shards}
         self._refs = self._buffered(self._refs_forever())
 
     def _refs_forever(self) -> Iterator[SampleRef]:
@@ -813,6 +956,8 @@ class SourceStream:
                     except OSError as exc:
                         refs, error = [], f"{type(exc).__name__}: {exc}"
                     self._scanned[shard.path] = refs
+                    if shard.meta_crc32 is None and self.expect.verify_checksums:
+                        warn_unverified(shard)
                 if error:
                     self.counter.corrupt += 1
                     log.warning("%s: %s; reading the %d sample(s) before it", shard.path, error, len(refs))
@@ -846,13 +991,19 @@ class SourceStream:
             next(self._refs)
 
     def next_sample(self) -> dict[str, Any]:
+        failures = 0
         while True:
             ref = next(self._refs)
             try:
-                return decode_sample(ref, self.expect, self.tokenizer)
+                return decode_sample(ref, self.expect, self.tokenizer, self._by_path[ref.shard].meta_crc32)
             except (CorruptMemberError, OSError) as exc:
                 self.counter.corrupt += 1
                 log.warning("skipping corrupt sample %s in %s: %s", ref.key, ref.shard, exc)
+                failures += 1
+                # More failures in a row than samples in this slot's shards: a whole pass is damaged.
+                if failures > sum(len(refs) for refs in self._scanned.values()):
+                    raise RuntimeError(f"source '{self.source}': no readable sample in the shards of slot "
+                                       f"{self.slot} ({failures} damaged in a row; last: {exc})") from exc
 
     def next_batch(self, batch_size: int) -> list[dict[str, Any]]:
         return [self.next_sample() for _ in range(batch_size)]
@@ -936,7 +1087,8 @@ class TrainBatches(IterableDataset):
                     break
                 except CorruptVolumeError as exc:  # found only while decompressing into the batch
                     counter.corrupt += 1
-                    log.warning("skipping corrupt sample %s: %s", samples[exc.index]["__key__"], exc)
+                    bad = samples[exc.index]
+                    log.warning("skipping corrupt sample %s in %s: %s", bad["__key__"], bad.get("__shard__"), exc)
                     samples[exc.index] = streams[source].next_sample()
             batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": source, "batch": k}
             yield batch
@@ -967,17 +1119,22 @@ class ValidBatches(IterableDataset):
         self.shards, self.batch_size = shards, batch_size
         self.rank, self.world_size = rank, world_size
         self.expect, self.tokenizer, self.max_samples = expect, tokenizer, max_samples
+        self._warned: set[str] = set()  # shards already reported unverified (validation runs repeat)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         position = 0
         counter = _Counter()
         for name, shard_list in self.shards.items():
             refs: list[SampleRef] = []
+            crcs = {shard.path: shard.meta_crc32 for shard in shard_list}
             for shard in sorted(shard_list, key=lambda s: s.path):
                 found, error = scan_tar(shard.path)
                 if error:
                     counter.corrupt += 1
                     log.warning("%s: %s", shard.path, error)
+                if shard.meta_crc32 is None and self.expect.verify_checksums and shard.path not in self._warned:
+                    self._warned.add(shard.path)
+                    warn_unverified(shard)
                 refs.extend(found)
             if self.max_samples:
                 refs = refs[: max(0, self.max_samples - position)]
@@ -993,7 +1150,7 @@ class ValidBatches(IterableDataset):
                 samples, kept = [], []
                 for ref, pos in chunk:
                     try:
-                        samples.append(decode_sample(ref, self.expect, self.tokenizer))
+                        samples.append(decode_sample(ref, self.expect, self.tokenizer, crcs[ref.shard]))
                         kept.append(pos)
                     except (CorruptMemberError, OSError) as exc:
                         counter.corrupt += 1
@@ -1006,7 +1163,8 @@ class ValidBatches(IterableDataset):
                         break
                     except CorruptVolumeError as exc:
                         counter.corrupt += 1
-                        log.warning("skipping corrupt sample %s: %s", samples[exc.index]["__key__"], exc)
+                        bad = samples[exc.index]
+                        log.warning("skipping corrupt sample %s in %s: %s", bad["__key__"], bad.get("__shard__"), exc)
                         del samples[exc.index], kept[exc.index]
                         if not samples:
                             raise RuntimeError(f"validation batch of source '{name}' has no readable sample") from exc
@@ -1215,7 +1373,9 @@ def samples_per_epoch(index: ShardIndex, data_cfg) -> int:
 
 __all__ = [
     "BATCH_STATS_KEY",
+    "CHECKSUM_KEY",
     "CorruptMemberError",
+    "INDEX_CHECKSUM_KEY",
     "SampleRef",
     "ShardExpectation",
     "ShardIndex",
@@ -1227,6 +1387,7 @@ __all__ = [
     "build_train_loader",
     "build_valid_loader",
     "collate_samples",
+    "crc32",
     "decode_member",
     "decode_npy",
     "load_shard_index",

@@ -2,67 +2,125 @@
 
 Training streams shuffled samples (``trainer.data``); evaluation needs the
 opposite: every case of a split exactly once, in index order, with its
-``meta.json`` (report text for dedup, step regions for CoT alignment). Reading
-is plain ``tarfile`` over the shards that ``index.json`` lists; members are
-decoded and batches collated by ``trainer.data`` (no pickle, same batch
-contract as training).
+``meta.json`` (report text for dedup, step regions for CoT alignment). Samples
+are read and verified by the training reader (``trainer.data.decode_sample``:
+the same checksums, no pickle) and collated by ``trainer.data``, so evaluation
+sees exactly the bytes training would. A damaged sample is skipped and
+reported with its shard and key, never evaluated.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ctprep.schema import INDEX_FILE, strip_compression
-from trainer.data import collate_samples, decode_member
+import numpy as np
+
+from ctprep.schema import INDEX_FILE, SCHEMA_VERSION
+from trainer.data import (
+    INDEX_CHECKSUM_KEY,
+    LAZY_FIELDS,
+    CorruptMemberError,
+    ShardExpectation,
+    ShardInfo,
+    ShardMismatchError,
+    collate_samples,
+    decode_sample,
+    scan_tar,
+    warn_unverified,
+)
+
+log = logging.getLogger(__name__)
 
 
 def read_index(shards_root: str | Path) -> dict[str, Any]:
+    """``index.json`` of a shard folder; refused unless it is of this trainer's schema version."""
     path = Path(shards_root) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {shards_root} a `ctprep build-shards` output folder?")
-    return json.loads(path.read_text())
+    index = json.loads(path.read_text())
+    version = index.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardMismatchError(
+            f"{path}: schema_version {version}, but this evaluation reads schema_version {SCHEMA_VERSION}; "
+            "rebuild the shards with this ctprep version (ctprep build-shards)"
+        )
+    return index
 
 
-def split_shards(shards_root: str | Path, split: str) -> list[Path]:
+def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
+    """The shards ``index.json`` lists for ``split``, in index order, with their checksums."""
     index = read_index(shards_root)
     splits = index.get("splits", {})
     if split not in splits:
         raise KeyError(f"split {split!r} not in {Path(shards_root) / INDEX_FILE}; available: {sorted(splits)}")
-    return [Path(shards_root) / entry["path"] for entry in splits[split]]
+    shards = []
+    for entry in splits[split]:
+        crcs = entry.get(INDEX_CHECKSUM_KEY)
+        shards.append(ShardInfo(
+            path=str(Path(shards_root) / entry["path"]), samples=int(entry["samples"]),
+            source=str(entry.get("source", "ctrate")), bytes=int(entry.get("bytes", 0)),
+            meta_crc32=None if crcs is None else {str(k): int(v) for k, v in crcs.items()},
+        ))
+    return shards
 
 
-def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield {member name without compression suffix: decoded value, "__key__": key} per sample."""
-    current: dict[str, Any] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = Path(info.name).name
-            key, _, member = name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            raw = tar.extractfile(info).read()  # type: ignore[union-attr]
-            base, _ = strip_compression(member)
-            if base.endswith((".npy", ".json")):
-                current[base.rsplit(".", 1)[0]] = decode_member(member, raw)
-    if current:
-        yield current
+def _expectation(index: dict[str, Any]) -> ShardExpectation:
+    # Evaluation takes the tokenizer and patch grid the index declares (the encoder's tokenizer is
+    # checked by trainer.evaluate.check_tokenizer); every sample must agree with them.
+    return ShardExpectation(schema_version=SCHEMA_VERSION, tokenizer=dict(index["tokenizer"]),
+                            patch_size=tuple(int(p) for p in index.get("patch_size", (4, 16, 16))))
+
+
+def iter_shard_samples(shard: ShardInfo, expect: ShardExpectation, skipped: list[dict[str, str]] | None = None
+                       ) -> Iterator[dict[str, Any]]:
+    """Every intact sample of one shard, volumes decoded (and verified) to numpy.
+
+    A sample that fails its checksums or cannot be decoded is not yielded: it is appended to
+    ``skipped`` as ``{"shard", "key", "error"}`` or, without ``skipped``, logged with both.
+    A damaged tar header ends the shard there (reported with key ``""``).
+    """
+
+    def report(key: str, error: str) -> None:
+        if skipped is not None:
+            skipped.append({"shard": shard.path, "key": key, "error": error})
+        else:
+            log.warning("skipping damaged sample %s in %s: %s", key, shard.path, error)
+
+    refs, error = scan_tar(shard.path)
+    if shard.meta_crc32 is None:
+        warn_unverified(shard)
+    tokenizer = dict(expect.tokenizer or {})
+    for ref in refs:
+        try:
+            sample = decode_sample(ref, expect, tokenizer, shard.meta_crc32)
+            for name in LAZY_FIELDS:  # read now: verified before it can reach a batch
+                sample[name] = np.asarray(sample[name])
+        except (CorruptMemberError, OSError) as exc:
+            report(ref.key, f"{type(exc).__name__}: {exc}")
+            continue
+        yield sample
+    if error:
+        report("", f"tar damaged ({error}); samples after it are not read")
 
 
 def iter_split(
-    shards_root: str | Path, split: str, max_cases: int | None = None, source: str | None = None
+    shards_root: str | Path, split: str, max_cases: int | None = None, source: str | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Every sample of ``split`` once, in index order (optionally only one source)."""
+    """Every intact sample of ``split`` once, in index order (optionally only one source).
+
+    Args:
+        skipped: damaged samples are appended here (``{"shard", "key", "error"}``) instead of
+            being logged; they do not count towards ``max_cases``.
+    """
+    expect = _expectation(read_index(shards_root))
     n = 0
     for shard in split_shards(shards_root, split):
-        for sample in iter_tar_samples(shard):
+        for sample in iter_shard_samples(shard, expect, skipped):
             meta = sample.get("meta", {})
             if source is not None and meta.get("source") != source:
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from trainer.attention_maps import AttentionRecorder, slice_bias_tables
 from trainer.eval_data import batches_by_shape, iter_split, read_index
 
 DEFAULT_PROMPTS = ("{label} is present.", "{label} is not present.")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Collected:
     report_texts: list[str] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     picture_samples: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # damaged samples: {"shard", "key", "error"}
 
 
 def _json_safe(x: Any) -> Any:
@@ -105,7 +108,7 @@ def check_tokenizer(encoder: Path, index: dict[str, Any]) -> None:
 def collect(model, cfg: EvalConfig) -> Collected:
     device = torch.device(cfg.device)
     out = Collected()
-    samples = iter_split(cfg.shards, cfg.split, cfg.max_cases, cfg.source)
+    samples = iter_split(cfg.shards, cfg.split, cfg.max_cases, cfg.source, skipped=out.skipped)
     for batch in batches_by_shape(samples, cfg.batch_size):
         dev = _to_device(batch, device)
         img = model.encode_image(dev)
@@ -199,8 +202,10 @@ def pictures_and_alignment(model, col: Collected, cfg: EvalConfig, region_names:
             sname = f"cot_steps_{n}.png"
             pictures.plot_step_attention(image, steps_text[:s_n], step_maps, named, patch, out_dir / sname, mask, rid, f"{cid}: CoT steps")
             figs.append((f"Case {cid}: where each CoT step's evidence attends (named region outlined).", sname))
-    # CoT alignment over every case of the split (one more pass; the step head is cheap).
-    for batch in batches_by_shape(iter_split(cfg.shards, cfg.split, cfg.max_cases, cfg.source), cfg.batch_size):
+    # CoT alignment over every case of the split (one more pass; the step head is cheap). Damaged
+    # samples were reported by collect's pass: skip them quietly here.
+    samples = iter_split(cfg.shards, cfg.split, cfg.max_cases, cfg.source, skipped=[])
+    for batch in batches_by_shape(samples, cfg.batch_size):
         for i in range(len(batch["ids"])):
             sample = _single(batch, i)
             if not sample["meta"][0].get("step_regions"):
@@ -310,6 +315,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     text_path = getattr(getattr(getattr(model, "cfg", None), "text", None), "path", None)
     tokenizer = load_tokenizer(text_path)
     col = collect(model, cfg)
+    for bad in col.skipped:
+        log.warning("skipped damaged sample %s in %s: %s", bad["key"], bad["shard"], bad["error"])
     if not col.ids:
         raise SystemExit(f"split {cfg.split!r} of {cfg.shards} has no cases" + (f" of source {cfg.source}" if cfg.source else ""))
     result: dict[str, Any] = {
@@ -318,6 +325,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "split": cfg.split,
         "n_cases": len(col.ids),
         "prompts": list(cfg.prompts),
+        # samples that failed their checksums or could not be decoded: not evaluated
+        "corrupt_skipped": {"count": len(col.skipped), "samples": col.skipped},
     }
     result["retrieval"] = retrieval_section(col, cfg)
     img = torch.cat(col.image_emb)
@@ -345,6 +354,8 @@ def summary_line(result: dict[str, Any]) -> str:
         f"R@5 {f('image_to_text', 'R@5')} | t->i R@1 {f('text_to_image', 'R@1')} R@5 {f('text_to_image', 'R@5')} "
         f"| random R@5 {_fmt(r['random_baseline'].get('R@5'))} | zero-shot macro AUC "
         f"{_fmt(result['zero_shot']['macro_auc'], False)}"
+        + (f" | {n} damaged sample(s) skipped (eval.json corrupt_skipped)"
+           if (n := result.get("corrupt_skipped", {}).get("count", 0)) else "")
     )
 
 

@@ -2,13 +2,15 @@
 
 The real writer is ``ctprep.stages.pack``; this one exists so the trainer can be tested on
 tiny, hand-controlled shards (uneven sizes, a wrong tokenizer, a corrupt member) without
-running the pipeline. Samples carry a learnable signal: each case has a class ``c`` that
-sets both a bright blob in the image and the first report tokens.
+running the pipeline. Member bytes come from pack's own encoder (``sample_members``: npy,
+zstd frames with checksums, canonical ``meta.json`` with its ``crc32`` map) and the index
+records each sample's ``meta_crc32``, so the trainer verifies test shards as it does real
+ones. Samples carry a learnable signal: each case has a class ``c`` that sets both a bright
+blob in the image and the first report tokens.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -23,19 +25,6 @@ from ctprep import schema
 
 TEST_TOKENIZER = {"name": "trainer-test-tokenizer", "hash": "0" * 16}
 TEST_REGIONS = ("lung", "heart", "aorta")
-
-
-def _npy_bytes(array: np.ndarray, compression: str) -> tuple[str, bytes]:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    data = buf.getvalue()
-    if compression == ".zst":
-        import zstandard
-
-        data = zstandard.ZstdCompressor(level=3).compress(data)
-    elif compression == ".gz":
-        data = gzip.compress(data, compresslevel=1)
-    return ".npy" + compression, data
 
 
 def make_sample(
@@ -116,22 +105,41 @@ def make_sample(
     }
 
 
-def write_shard(path: Path, samples: Sequence[dict[str, Any]], compress: Sequence[str] = ("image", "mask")) -> int:
-    """Write samples as one WebDataset tar; members in ``compress`` get ``.npy.zst``."""
+def write_shard(path: Path, samples: Sequence[dict[str, Any]], compress: Sequence[str] = ("image", "mask"),
+                meta_crc32: dict[str, int] | None = None) -> int:
+    """Write samples as one WebDataset tar; members in ``compress`` get ``.npy.zst``.
+
+    Args:
+        meta_crc32: filled with {sample key: CRC32 of its meta.json} (the index entry's ``meta_crc32``).
+    Returns:
+        the tar's size in bytes.
+    """
+    from ctprep.stages.pack import meta_crc32 as member_meta_crc32
+    from ctprep.stages.pack import sample_members
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["meta"]["id"]
-            for member in schema.NPY_MEMBERS:
-                ext, data = _npy_bytes(np.asarray(sample[member]), ".zst" if member in compress else "")
-                info = tarfile.TarInfo(f"{key}.{member}{ext}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-            data = json.dumps(sample["meta"]).encode()
-            info = tarfile.TarInfo(f"{key}.meta.json")
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
+            arrays = {m: np.asarray(sample[m]) for m in schema.NPY_MEMBERS}
+            members = sample_members(arrays, sample["meta"], "zst", compressed=compress)
+            if meta_crc32 is not None:
+                meta_crc32[key] = member_meta_crc32(members)
+            for name in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime = len(members[name]), 0
+                tar.addfile(info, io.BytesIO(members[name]))
     return path.stat().st_size
+
+
+def shard_entry(root: Path, rel: str, samples: Sequence[dict[str, Any]], compress: Sequence[str] = ("image", "mask"),
+                source: str = "ctrate", generation: int = 0) -> dict[str, Any]:
+    """Write ``root/rel`` (:func:`write_shard`) and return its ``index.json`` shard entry."""
+    crcs: dict[str, int] = {}
+    size = write_shard(root / rel, samples, compress, crcs)
+    digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+    return {"path": rel, "samples": len(samples), "bytes": size, "sha256": digest, "source": source,
+            "generation": generation, "meta_crc32": crcs}
 
 
 def write_test_shards(
@@ -185,11 +193,7 @@ def write_test_shards(
                     )
                 )
             rel = f"{split}/{source}-{seed}-{shard_no:06d}.tar"
-            size = write_shard(root / rel, samples, compress)
-            digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-            entries.append(
-                {"path": rel, "samples": n, "bytes": size, "sha256": digest, "source": source, "generation": 0}
-            )
+            entries.append(shard_entry(root, rel, samples, compress, source))
             index["generations"][0]["shards"].append(rel)
     (root / schema.INDEX_FILE).write_text(json.dumps(index, indent=1))
     return index
