@@ -50,6 +50,9 @@ Additive keys written by ``ctprep.stages.pack`` (readers may ignore them): each
 shard entry's ``"cases": {case_id: pack_key}``, each generation's ``"retired":
 [path, ...]`` and a top-level ``"retired": [{"path", "generation"}]`` listing
 shards no longer to be read (files kept for readers of an older index).
+Each shard entry's ``"meta_crc32": {sample key: CRC32 of its meta.json}``
+(``INDEX_CHECKSUM_KEY``) lets readers verify ``meta.json`` itself; an entry without
+it was packed before checksums and is read unverified.
 
 ``splits`` lists exactly the shards to read; a case never appears in two
 listed shards (a superseded sample's shard is dropped from the list or the
@@ -130,6 +133,8 @@ META_KEYS = (
     # without them was packed before checksums and cannot be verified (docs/verified-reads.md).
     "crc32",
 )
+CHECKSUM_KEY = "crc32"  # meta.json: {member name: CRC32 of its stored bytes}
+INDEX_CHECKSUM_KEY = "meta_crc32"  # index.json shard entry: {sample key: CRC32 of its meta.json bytes}
 
 # A case id is a file-name stem: letters, digits, '_', '-'; no path parts and
 # no '.', because WebDataset splits sample keys at the first '.'.

@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 BATCH_STATS_KEY = "_stream"  # per-batch loader statistics; popped by the trainer
 TAR_BLOCK = 512
 # Written by ctprep.stages.pack (same names there; ctprep.schema.META_KEYS documents them).
-CHECKSUM_KEY = "crc32"  # meta.json: {member name: CRC32 of the member's bytes as stored}
-INDEX_CHECKSUM_KEY = "meta_crc32"  # index.json shard entry: {sample key: CRC32 of its meta.json}
+CHECKSUM_KEY = schema.CHECKSUM_KEY  # meta.json: {member name: CRC32 of the member's bytes as stored}
+INDEX_CHECKSUM_KEY = schema.INDEX_CHECKSUM_KEY  # index.json shard entry: {sample key: CRC32 of its meta.json}
 
 try:  # ISA-L computes the same CRC32 as zlib ~5x faster and releases the GIL
     from isal.isal_zlib import crc32 as _crc32

@@ -92,10 +92,11 @@ def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
 
 def check_tokenizer(encoder: Path, index: dict[str, Any]) -> None:
     """Refuse shards made with another tokenizer than the encoder's text tower."""
-    ident_file = encoder / "tokenizer.json"
-    if not ident_file.is_file():
+    from trainer.export import read_tokenizer_identity
+
+    mine = read_tokenizer_identity(encoder)  # tokenizer_identity.json (or an older export's tokenizer.json)
+    if mine is None:
         return
-    mine = json.loads(ident_file.read_text())
     theirs = index.get("tokenizer", {})
     if mine.get("hash") and theirs.get("hash") and mine["hash"] != theirs["hash"]:
         raise SystemExit(

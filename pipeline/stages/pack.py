@@ -70,8 +70,7 @@ from ctprep.tokenizer import tokenizer_identity
 # 240x480x480 image ~2.3x (noise-dominated phantom) and a mask ~230x.
 COMPRESSED_MEMBERS = ("image", "mask")
 TAR_BLOCK = 512
-CHECKSUM_KEY = "crc32"  # meta.json: {member name: CRC32 of its stored bytes} (ctprep.schema.META_KEYS)
-INDEX_CHECKSUM_KEY = "meta_crc32"  # index.json shard entry: {sample key: CRC32 of its meta.json}
+from ctprep.schema import CHECKSUM_KEY, INDEX_CHECKSUM_KEY  # noqa: E402 (re-exported; the schema owns the names)
 
 
 def crc32(data: bytes | memoryview) -> int:
