@@ -60,7 +60,7 @@ import numpy as np
 
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
-from ctprep.schema import INDEX_FILE, SCHEMA_VERSION, is_safe_case_id, strip_compression
+from ctprep.schema import CHECKSUM_KEY, INDEX_CHECKSUM_KEY, INDEX_FILE, SCHEMA_VERSION, is_safe_case_id, strip_compression
 from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage, remove_temp_debris
 from ctprep.tokenizer import tokenizer_identity
 
@@ -70,7 +70,6 @@ from ctprep.tokenizer import tokenizer_identity
 # 240x480x480 image ~2.3x (noise-dominated phantom) and a mask ~230x.
 COMPRESSED_MEMBERS = ("image", "mask")
 TAR_BLOCK = 512
-from ctprep.schema import CHECKSUM_KEY, INDEX_CHECKSUM_KEY  # noqa: E402 (re-exported; the schema owns the names)
 
 
 def crc32(data: bytes | memoryview) -> int:
