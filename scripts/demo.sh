@@ -9,7 +9,7 @@
 # The last step checks that image->text and text->image R@5 on the held-out split are both at
 # least 3x the random baseline for the same pool, prints the verdict with the figures and exits 1
 # on a miss (DEMO_REQUIRE_LEARNING=0: report only, for runs too small to learn). Measured figures:
-# README, "make demo".
+# docs/demo.md and docs/experiments.md.
 set -euo pipefail
 OUT=${1:-demo}
 VPY=.venv/bin
@@ -42,7 +42,7 @@ stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
 # negatives per sample (batch 2 gives 1); the auxiliary 18-label head (weight 1) teaches the
 # encoder the findings directly, which the contrastive term then aligns with the report text.
 # 2000 cases x 800 steps (each training scan seen ~8 times; 600 steps had left the held-out check
-# at 2.7x-4.2x random depending on seed and float rounding, 800 steps give 4.9x / 5.2x, README):
+# at 2.7x-4.2x random depending on seed and float rounding, 800 steps give 4.9x / 5.2x, docs/experiments.md):
 # with 520 cases the encoder learned
 # the few hundred training scans by their outline instead of their findings (held-out clip loss
 # rose above chance) and held-out R@5 stayed at 1.6-2.8x random; data are cheap next to steps.

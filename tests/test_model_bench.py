@@ -1,4 +1,4 @@
-"""bench/attention.py's measurement and table code at tiny sizes (the real run is in the README)."""
+"""bench/attention.py's measurement and table code at tiny sizes (the real run is in docs/benchmarks.md)."""
 
 import argparse
 

@@ -1,4 +1,4 @@
-"""bench/loader.py at tiny sizes: every method runs and the ratio table is computed (figures: README)."""
+"""bench/loader.py at tiny sizes: every method runs and the ratio table is computed (figures: docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """trainer.model: the 3D anatomy-aware CT vision encoder, the text tower and CTCLIP.
 
 Public API: ``create_model``, ``list_models``, ``save_pretrained``, ``load_pretrained``, ``CTCLIP``
-and the parts named in DESIGN.md.
+and the parts named in docs/architecture.md.
 """
 
 from .anatomical_encoder import AnatomicalStructureEncoder, patch_region_fraction

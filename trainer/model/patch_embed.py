@@ -125,7 +125,7 @@ class ConvStem(nn.Sequential):
     conv maps a uniform region to one vector whatever its HU (only the sign survives),
     which hides emphysema, effusion density and calcium from everything after it. In a
     label-only probe of a plain 3D CNN on the demo volumes it learned far more slowly than
-    BatchNorm; in the tiny transformer BatchNorm did not improve the demo (README, "make demo").
+    BatchNorm; in the tiny transformer BatchNorm did not improve the demo (docs/experiments.md).
     With "none" each conv has a bias. The default "layer" is what encoders saved before this
     option were built with.
     """

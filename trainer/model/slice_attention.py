@@ -23,7 +23,7 @@ Kernels (exact, all compute the same function):
   one-hot of its layer, so ``q'.k' = scale * q.k + bias``. Exact (the one-hot picks one entry),
   O(N) memory, and the table gets its gradient through ordinary autograd. It costs L + 1 extra
   channels per head (L = patch layers): 3.7x faster than ``blocked`` at the demo's 513 tokens on
-  CPU (README, bench/attention.py). What ``auto`` picks off CUDA.
+  CPU (docs/benchmarks.md, bench/attention.py). What ``auto`` picks off CUDA.
 - ``reference``: the bias materialized as (H, N, N) + ``scaled_dot_product_attention``;
   the test oracle only (16,385 tokens x 12 heads would be 12.9 GB per layer).
 - ``sdpa``: plain SDPA, no bias; what ``auto`` picks when the slice bias is switched off.
