@@ -590,6 +590,8 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
     head = "nothing to do: everything up to date" if ran == 0 else f"processed {ran} case-stage(s)"
     summary = (f"ctprep build-shards: {head}; " + "; ".join(parts)
                + f"; {len(quarantined)} quarantined in total -> {out / QUARANTINE_FILE}")
+    if quarantined:
+        summary += f" (why, per case: ctprep status --out {out})"
     failed = sum(sum(t.failed.values()) for t in tallies.values())
     if done_final == 0:
         code = 1
