@@ -212,6 +212,17 @@ def check_scheduler(address: str, files: TlsFiles | None = None, timeout: float 
         raise UserError(describe_connect_error(address, e, timeout)) from e
 
 
+def dashboard_line(client) -> str:
+    """One line with the Dask dashboard link (tasks, workers, memory while a build runs), and what it
+    needs if that is missing (the dashboard's pages are drawn with bokeh)."""
+    link = getattr(client, "dashboard_link", None) or "(no dashboard)"
+    import importlib.util
+
+    hint = "" if importlib.util.find_spec("bokeh") else (
+        " (install bokeh>=3.1 in the scheduler's environment to see it: pip install 'bokeh>=3.1')")
+    return f"Dask dashboard: {link}{hint}"
+
+
 class Cluster:
     """Lazily started Dask client: nothing starts when there is no work.
 
@@ -226,6 +237,7 @@ class Cluster:
     def __init__(self, scheduler: str | None = None, workers: int | None = None,
                  retries: int = 0, memory_limit: str | None = None, security: Any = None):
         self.scheduler = scheduler
+        self.log: Callable[[str], None] | None = None  # where the dashboard link is reported once started
         self.security = security.security() if isinstance(security, TlsFiles) else security
         self.workers = default_workers() if workers is None else workers
         # Dask re-runs a task that *raised* up to ``retries`` times; a task whose worker *died* is
@@ -256,6 +268,8 @@ class Cluster:
                                              dashboard_address=":0", env=dict(THREAD_ENV))
                 self.client = Client(self._cluster)
             self.client.run(pin_threads)
+            if self.log is not None:
+                self.log(dashboard_line(self.client))
         return self.client
 
     def _connect(self, client_cls):

@@ -285,10 +285,11 @@ def _build_locked(srcs, out: Path, work_dir: Path, config: PipelineConfig, wante
     except OSError as e:
         raise UserError(f"cannot create the work folder {work_dir}: {e.strerror or e}") from e
     cluster = Cluster(scheduler, workers, retries=retries, memory_limit=memory_limit)
+    cluster.log = log
     manifest = Manifest(work_dir / MANIFEST_FILE)
     try:
         manifest.set_setting("config", to_jsonable(config))
-        cases, file_hashes, scan_q = _run_scan(srcs, source, config, manifest, cluster, log)
+        cases, file_hashes, scan_q = _run_scan(srcs, source, config, manifest, cluster, log, progress)
         manifest.set_setting("sources", [{"root": str(Path(s).resolve()), "source": n} for s, n in _source_names(srcs, source)])
         keys = {c.case_id: current_keys(c, file_hashes[c.case_id], config, specs) for c in cases}
         tallies: dict[str, StageTally] = {}
@@ -313,7 +314,7 @@ def _source_names(srcs: list[str | Path], source: str | None) -> list[tuple[Path
     return [(Path(s), source or detect_source(s)) for s in srcs]
 
 
-def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log):
+def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log, progress: bool = False):
     scan_spec = get_stage("scan")
     cases: list[CaseInput] = []
     file_hashes: dict[str, dict[str, str]] = {}
@@ -324,9 +325,18 @@ def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log):
         from ctprep.stages.scan import hash_files
 
         total = sum(len(b) for b in batches)
+        bar = _progress_bar(total, "hash", progress and total >= 64)
         if total < 64 and cluster.client is None:  # not worth starting a cluster
             return [hash_files(b) for b in batches]
-        return [r for _, r in cluster.map(hash_files, batches) if not isinstance(r, BaseException)]
+        out = []
+        for batch, r in cluster.map(hash_files, batches):
+            if not isinstance(r, BaseException):
+                out.append(r)
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return out
 
     from ctprep.stages.scan import scan_root
 
@@ -512,7 +522,13 @@ def _run_aggregate_stage(spec: StageSpec, cases, keys, config, manifest: Manifes
                      if st == spec.name and row.status == "done" and cid not in eligible_ids)
     if not any(c.changed for c in agg) and not dropped:
         return tally
-    task = AggregateTask(spec.name, agg, work, out, config, dropped, cluster.get())
+    gone: frozenset[str] = frozenset()
+    if dropped:  # which dropped cases are gone, and which only were not part of this run
+        present = {row.case.case_id for row in manifest.cases(present_only=True)}
+        earlier = STAGE_ORDER[: STAGE_ORDER.index(spec.name)]
+        failed = {cid for (cid, st), row in rows.items() if st in earlier and row.status == "quarantined"}
+        gone = frozenset(cid for cid in dropped if cid not in present or cid in failed)
+    task = AggregateTask(spec.name, agg, work, out, config, dropped, cluster.get(), gone)
     try:
         results = spec.run(task) or []
     except OSError as e:  # nothing was committed (index.json is written last): a rerun redoes it
