@@ -169,16 +169,29 @@ def resample_case(
         label_lut: source label id -> output id (uint8 array); None keeps ids (must fit uint8).
         slab_z: output slices per interpolation call (bounds memory).
     """
-    import torch
-    import torch.nn.functional as F
-
     vol, aff_zyx = canonical_zyx(image, affine)
     in_spacing = np.sqrt((aff_zyx[:3, :3] ** 2).sum(axis=0))
     grids = tuple(AxisGrid.make(vol.shape[a], float(in_spacing[a]), float(spacing_zyx[a]), int(shape_zyx[a]))
                   for a in range(3))
     gz, gy, gx = grids
     out = np.full(tuple(shape_zyx), np.int16(np.clip(pad_hu, hu_clip[0], hu_clip[1])), dtype=np.int16)
+    zs = _resample_image_into(out, vol, grids, hu_clip, slab_z)
+    mask = _resample_labels(labels, affine, grids, zs, shape_zyx, label_lut)
+    py, px = gy.placed(), gx.placed()
+    fov = (len(zs) * (py.stop - py.start) * (px.stop - px.start)) / float(np.prod(shape_zyx))
+    return ResampledCase(out, mask, output_affine(aff_zyx, grids), tuple(float(s) for s in spacing_zyx), fov,
+                         {"input_spacing_zyx": [float(s) for s in in_spacing],
+                          "input_shape_zyx": [int(s) for s in vol.shape]})
 
+
+def _resample_image_into(out: np.ndarray, vol: np.ndarray, grids: tuple[AxisGrid, AxisGrid, AxisGrid],
+                         hu_clip: tuple[int, int], slab_z: int) -> np.ndarray:
+    """Interpolate the canonical (z, y, x) volume ``vol`` into ``out`` (int16, pre-filled with the
+    padding HU), ``slab_z`` output slices at a time; returns the output z indices that have data."""
+    import torch
+    import torch.nn.functional as F
+
+    gz, gy, gx = grids
     src_z, valid_z = gz.src()
     src_z = np.clip(src_z, 0, gz.n_in - 1)
     z0 = np.floor(src_z).astype(np.intp)
@@ -226,7 +239,15 @@ def resample_case(
         a = a[:, ky, kx].clamp_(lo, hi).round_()
         out[tz[0] : tz[-1] + 1, py, px] = a.to(torch.int16).numpy()
         a = slab = None  # before the next slab is allocated: two slabs are never alive at once
+    return zs
 
+
+def _resample_labels(labels: np.ndarray | None, affine: np.ndarray, grids: tuple[AxisGrid, AxisGrid, AxisGrid],
+                     zs: np.ndarray, shape_zyx: tuple[int, int, int], label_lut: np.ndarray | None) -> np.ndarray:
+    """Nearest-neighbour label map on the same output grid as the image, remapped by ``label_lut``
+    (uint8 (Z, Y, X); all zero without ``labels``); only the output slices ``zs`` have data."""
+    gz, gy, gx = grids
+    py, px = gy.placed(), gx.placed()
     mask = np.zeros(tuple(shape_zyx), dtype=np.uint8)
     if labels is not None:
         lab, _ = canonical_zyx(labels, affine)
@@ -246,11 +267,7 @@ def resample_case(
         for t in zs:
             sl = np.take(np.take(lab[iz[t]], iy, axis=0), ix, axis=1)
             mask[t, py, px] = lut16[sl] if sl.dtype == np.uint8 else lut16[sl.view(np.uint16)]
-
-    fov = (len(zs) * (py.stop - py.start) * (px.stop - px.start)) / float(np.prod(shape_zyx))
-    return ResampledCase(out, mask, output_affine(aff_zyx, grids), tuple(float(s) for s in spacing_zyx), fov,
-                         {"input_spacing_zyx": [float(s) for s in in_spacing],
-                          "input_shape_zyx": [int(s) for s in vol.shape]})
+    return mask
 
 
 # --------------------------------------------------------------------- checks
@@ -366,29 +383,16 @@ def resample_loaded(case, loaded, source, cfg: PipelineConfig, check: bool = Tru
     return res, affine
 
 
-def _pin_threads() -> None:
-    """One native thread per Dask worker process: parallelism comes from processes."""
-    import torch
-
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-    try:
-        import numcodecs.blosc
-
-        numcodecs.blosc.set_nthreads(1)
-    except Exception:  # pragma: no cover
-        pass
-
-
 # Version 3: v1 volumes placed by ImagePositionPatient (a v1 file and its _fixed twin share an
 # affine); coronal/sagittal OmniAbnorm slabs' affine maps to the patient; oblique series quarantined.
 @case_stage("resample", upstream=(), version="3", config_slice=_config_slice,
             case_fields=("files", "meta"), output=lambda case_id: f"{ZARR_DIR}/{case_id}.zarr")
 def run_resample(task: CaseTask) -> dict[str, Any]:
     """Read (via the case's source), resample, check, write zarr. Returns the manifest info."""
+    from ctprep.cluster import pin_threads
     from ctprep.sources import get_source
 
-    _pin_threads()
+    pin_threads()  # one native thread per worker process (execute_case has pinned already; direct callers too)
     t0 = time.perf_counter()
     cfg = task.config
     source = get_source(task.case.source, cfg)
