@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctprep.atomic import atomic_write_text
+
 # Machine codes for quarantine reasons. Keep them stable: tests and
 # faults.json refer to them.
 UNSAFE_NAME = "unsafe_name"  # case id would escape the output dir / is not a valid key
@@ -130,11 +132,5 @@ class Quarantine:
 def write_quarantine_jsonl(path: Path, records: list[Quarantine]) -> None:
     """Rewrite ``path`` with ``records`` (sorted, atomically): the file always
     mirrors the manifest's current quarantines, so a fixed case disappears."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     rows = sorted(records, key=lambda q: (q.stage, q.case))
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q in rows:
-            f.write(json.dumps(q.to_json(), sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(Path(path), "".join(json.dumps(q.to_json(), sort_keys=True) + "\n" for q in rows))

@@ -18,8 +18,6 @@ written (``deepspeed.utils.zero_to_fp32``), so it equals what a resumed run trai
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -28,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ctprep.atomic import atomic_path, atomic_write_json
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_DIR = "checkpoints"
@@ -73,15 +73,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_encoder(
     ckpt_dir: Path,
     build_fresh_model: Callable[[], torch.nn.Module],
@@ -106,27 +97,19 @@ def export_encoder(
     state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     target = ckpt_dir / "encoder"
-    tmp = ckpt_dir / "encoder.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, str(tmp))
-    complete_export(tmp, dict(tokenizer), metadata=metadata, step=step, run=Path(ckpt_dir).parent.parent.name)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_pretrained(model, str(tmp))
+        complete_export(tmp, dict(tokenizer), metadata=metadata, step=step, run=Path(ckpt_dir).parent.parent.name)
     return target
 
 
 def publish_encoder(output: Path, ckpt_dir: Path) -> Path:
     """Rank 0: make ``output/encoder`` a copy of ``ckpt_dir/encoder`` (swap via a temporary name)."""
     target = Path(output) / "encoder"
-    tmp = Path(output) / "encoder.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt_dir / "encoder", tmp)
-    old = Path(output) / "encoder.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    for debris in Path(output).glob("encoder.tmp-*"):  # a run killed while publishing
+        shutil.rmtree(debris, ignore_errors=True)
+    with atomic_path(target) as tmp:
+        shutil.copytree(ckpt_dir / "encoder", tmp)
     return target
 
 
@@ -156,7 +139,7 @@ def save_checkpoint(
     _barrier()  # all ZeRO shards on disk before rank 0 reads them back
     if rank == 0:
         export_encoder(ckpt_dir, build_fresh_model, save_pretrained, tokenizer, export_metadata, step)
-        _write_json_atomic(ckpt_dir / COMPLETE_MARKER, {"step": step, **client_state})
+        atomic_write_json(ckpt_dir / COMPLETE_MARKER, {"step": step, **client_state}, indent=1)
         publish_encoder(output, ckpt_dir)
         prune_checkpoints(output, keep)
     _barrier()

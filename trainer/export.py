@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctprep.atomic import atomic_path, atomic_write_json, atomic_write_text
+
 PREPROCESSING_FILE = "preprocessing.json"
 TRAINING_FILE = "training.json"
 TOKENIZER_IDENTITY_FILE = "tokenizer_identity.json"
@@ -252,9 +254,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=1)
 
 
 def _model_summary(config: dict[str, Any]) -> str:
@@ -421,7 +421,7 @@ def complete_export(directory: str | Path, tokenizer_identity: dict[str, str] | 
         "warnings": warn,
     }
     _write_json(directory / TRAINING_FILE, training)
-    (directory / CARD_FILE).write_text(model_card(directory, training, preprocessing, identity))
+    atomic_write_text(directory / CARD_FILE, model_card(directory, training, preprocessing, identity))
     make_readable(directory)
     return warn
 
@@ -500,19 +500,15 @@ def export(checkpoint: str | Path, out: str | Path, *, shards: str | Path | None
                                 "data.shards) are not found; pass --shards DIR or --pipeline-config PRESET_OR_YAML")
     eval_path = Path(eval_json) if eval_json else (run / "eval" / "eval.json" if run else None)
     eval_result = json.loads(eval_path.read_text()) if eval_path is not None and eval_path.is_file() else None
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copyfile(src / name, tmp / name)
-    if has_tokenizer_files(src):  # a checkpoint of this version: its verified tokenizer files
-        copy_tokenizer_files(src, tmp)
-    for w in complete_export(tmp, identity, metadata=metadata, step=int(marker.get("step", -1)),
-                             eval_result=eval_result, run=run.name if run else None):
-        warnings.warn(w, stacklevel=2)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name in ("model.safetensors", "config.json"):
+            shutil.copyfile(src / name, tmp / name)
+        if has_tokenizer_files(src):  # a checkpoint of this version: its verified tokenizer files
+            copy_tokenizer_files(src, tmp)
+        for w in complete_export(tmp, identity, metadata=metadata, step=int(marker.get("step", -1)),
+                                 eval_result=eval_result, run=run.name if run else None):
+            warnings.warn(w, stacklevel=2)
     return out
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ctprep.atomic import atomic_write_bytes
+
 try:
     from isal import igzip as _gz
 except ImportError:  # pragma: no cover - isal is a dependency, but keep a fallback
@@ -27,10 +29,8 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    """Write one generated file atomically (a killed generator never leaves half a volume)."""
+    atomic_write_bytes(path, data)
 
 
 def canonical_to_nifti(arr_zyx: np.ndarray, origin_zyx, spacing_zyx, style: str):

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import yaml
 
+from ctprep.atomic import atomic_path, atomic_write_json
+
 from .clip import CTCLIP
 from .config import CTCLIPConfig, apply_overrides, from_dict, to_dict, validate
 
@@ -82,13 +84,11 @@ def save_pretrained(model: CTCLIP, directory: str | Path) -> Path:
     cfg = copy.deepcopy(model.cfg)
     cfg.text.hf_config = model.text.hf_config_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-    tmp_c.write_text(json.dumps(to_dict(cfg), indent=2))
-    for tmp in (tmp_w, tmp_c):
+    # Weights first, config last: a folder with config.json has the weights that config describes.
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors writes 0600; an export is meant to be shared
-    tmp_w.replace(directory / WEIGHTS_FILE)  # rename last: a crash never leaves a half-written file in place
-    tmp_c.replace(directory / CONFIG_FILE)
+    atomic_write_json(directory / CONFIG_FILE, to_dict(cfg), indent=2)
     return directory
 
 
