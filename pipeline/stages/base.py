@@ -60,16 +60,13 @@ Registering a stage (in ``ctprep/stages/<name>.py``)::
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ctprep.atomic import atomic_path, remove_temp_debris  # re-exported: stages write through them
 from ctprep.config import PipelineConfig, stable_hash
 from ctprep.quarantine import Quarantine, QuarantineError
 from ctprep.sources.base import CaseInput
@@ -94,6 +91,7 @@ __all__ = [
     "input_fingerprint",
     "stage_key",
     "atomic_path",
+    "remove_temp_debris",
     "QuarantineError",
 ]
 
@@ -354,48 +352,3 @@ def stage_key(spec: StageSpec, input_fp: str, upstream_keys: dict[str, str], con
         "config": config_hash,
         "version": spec.version,
     })
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` to write (a file or a directory);
-    on success move it into place, replacing any previous output.
-
-    The temporary name keeps the final suffix (``x.tmp-ab12.npy``), so writers
-    that append suffixes (``np.save``) or detect formats by suffix (zarr) keep
-    working. A crash leaves only ``*.tmp-*`` debris, never a half-written
-    ``final``; the runner removes the debris of a stage's output folder on
-    start. Replacing a directory is two renames (old aside, new in), so a
-    crash in between leaves ``final`` missing, which the runner sees as stale.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = final.with_name(f"{final.stem}.tmp-{tag}{final.suffix}")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"atomic_path: nothing was written to {tmp}")
-        if tmp.is_dir() and final.exists():
-            old = final.with_name(f"{final.stem}.tmp-{tag}-old{final.suffix}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)  # atomic for files, replaces an existing one
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-
-
-def remove_temp_debris(folder: str | os.PathLike[str]) -> int:
-    """Delete ``*.tmp-*`` leftovers of killed writers in ``folder``; returns how many."""
-    folder = Path(folder)
-    n = 0
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if ".tmp-" in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                n += 1
-    return n
-
