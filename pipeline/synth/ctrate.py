@@ -462,79 +462,97 @@ def _write_faults(out, seed, preset, scans, rows, cot, written, layout: str = "f
             vol = dataclasses.replace(vol, style="v2")
         rec = {"case": vol.name.removesuffix(".nii.gz"), "kind": kind, "split": "train", "volume_name": vol.name,
                "path": image_relpath(vol, layout), "mask": mask_relpath(vol, layout), "has_file": True}  # fmt: skip
-        meta, report = dict(vol.meta), _report_row(vol.name, scan.text)
-        label_row = {"VolumeName": vol.name, **dict(zip(ABNORMALITY_LABELS, scan.labels))}
+        fr = _FaultRows(dict(vol.meta), _report_row(vol.name, scan.text),
+                        {"VolumeName": vol.name, **dict(zip(ABNORMALITY_LABELS, scan.labels))})
         hu, lab = _render(scan.anatomy, vol.grid)
         _add_noise(hu, vol.sigma, vol.seed)
-        cot_rec = _cot_record(vol.name, scan.text, as_objects=False)
-        if kind == "truncated_gzip":
-            _write_volume(out, vol, hu, lab, layout)
-            p = out / image_relpath(vol, layout)
-            blob = p.read_bytes()
-            write_bytes(p, blob[: len(blob) * 3 // 5])
-            rec["detail"] = "volume .nii.gz truncated to 60% of its bytes"
-        elif kind == "all_zero":
-            _write_volume(out, vol, np.zeros_like(hu), lab, layout)
-            rec["detail"] = "every voxel is 0"
-        elif kind == "nan_inf":
-            hu[hu.shape[0] // 2] = np.nan
-            hu[::7, ::11, ::13] = np.inf
-            hu[1::9, ::7, ::5] = -np.inf
-            data, aff = canonical_to_nifti(hu.astype(np.float32), vol.grid.origin, vol.grid.spacing, vol.orient)
-            mdata, _ = canonical_to_nifti(lab, vol.grid.origin, vol.grid.spacing, vol.orient)
-            write_bytes(out / image_relpath(vol, layout), nifti_gz(data, aff))
-            write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, aff))
-            rec["detail"] = "float32 volume with a NaN slice and +/-inf voxels"
-        elif kind == "mask_grid_mismatch":
-            _write_volume(out, vol, hu, lab, layout)
-            nz, ny, nx = vol.grid.shape
-            g2 = Grid((nz - 3, ny // 2, nx // 2), (vol.grid.spacing[0], 2 * vol.grid.spacing[1], 2 * vol.grid.spacing[2]),
-                      vol.grid.origin)  # fmt: skip
-            _, lab2 = _render(scan.anatomy, g2)
-            mdata, maff = canonical_to_nifti(lab2, g2.origin, g2.spacing, vol.orient)
-            write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, maff))
-            rec["detail"] = f"mask shape {list(mdata.shape)} vs volume {[nx, ny, nz]} (i, j, k)"
-        elif kind == "missing_report":
-            _write_volume(out, vol, hu, lab, layout)
-            report, cot_rec = None, None
-            rec["detail"] = "no reports CSV row and no CoT record"
-        elif kind == "missing_metadata":
-            _write_volume(out, vol, hu, lab, layout)
-            meta = None
-            rec["detail"] = "v1 (raw, blank header) volume with no metadata row"
-        elif kind == "implausible_spacing":
-            _write_volume(out, vol, hu, lab, layout)
-            meta["ZSpacing"] = "0"
-            rec["detail"] = "v1 volume whose metadata ZSpacing is 0"
-        elif kind == "non_chest":
-            hhu, hlab = render_head(vol.grid, center_z=vol.grid.origin[0] + vol.grid.shape[0] * vol.grid.spacing[0] / 2)
-            _add_noise(hhu, vol.sigma, vol.seed)
-            _write_volume(out, vol, hhu, hlab, layout)
-            rec["detail"] = "head-like phantom (skull + brain), no lung voxels"
-        elif kind == "unsafe_name":
-            name = f"train_{pid}_a_1 copy(1)#.nii.gz"
-            rel = f"train/train_{pid}/train_{pid}_a/{name}"
-            vol = dataclasses.replace(vol, name=name, relpath=rel)
-            _write_volume(out, vol, hu, lab, layout)
-            meta["VolumeName"] = report["VolumeName"] = label_row["VolumeName"] = name
-            cot_rec["VolumeName"] = name
-            rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=image_relpath(vol, layout),
-                       mask=mask_relpath(vol, layout))
-            rec["detail"] = "file name with a space, parentheses and '#': not a safe case id"
-        elif kind == "path_in_name":
-            name = f"../../outside_{pid}_a_1.nii.gz"
-            meta["VolumeName"] = report["VolumeName"] = label_row["VolumeName"] = name
-            cot_rec["VolumeName"] = name
-            rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=None, mask=None, has_file=False)
-            rec["detail"] = "CSV rows name a path outside the dataset; no file is written"
+        fr.cot = _cot_record(vol.name, scan.text, as_objects=False)
+        vol = _write_fault_case(out, kind, pid, scan, vol, hu, lab, rec, fr, layout)
         if rec["has_file"]:
             written.append(rec["path"])
-        if meta is not None:
-            rows["train"]["meta"].append(meta if layout == "flat" else release_metadata(dataclasses.replace(vol, meta=meta)))
-        if report is not None:
-            rows["train"]["report"].append(report)
-        rows["train"]["labels"].append(label_row)
-        if cot_rec is not None:
-            cot.append(cot_rec)
+        if fr.meta is not None:
+            rows["train"]["meta"].append(fr.meta if layout == "flat"
+                                         else release_metadata(dataclasses.replace(vol, meta=fr.meta)))
+        if fr.report is not None:
+            rows["train"]["report"].append(fr.report)
+        rows["train"]["labels"].append(fr.label_row)
+        if fr.cot is not None:
+            cot.append(fr.cot)
         records.append(rec)
     return records
+
+
+@dataclass
+class _FaultRows:
+    """Side-table rows of one fault case; a fault may drop (None) or rename them."""
+
+    meta: dict | None
+    report: dict | None
+    label_row: dict
+    cot: dict | None = None
+
+
+def _write_fault_case(out, kind: str, pid: int, scan, vol, hu: np.ndarray, lab: np.ndarray, rec: dict,
+                      fr: _FaultRows, layout: str):
+    """Write the files of one fault case (``rec`` gets its detail; ``fr`` its row edits); returns the volume."""
+    if kind == "truncated_gzip":
+        _write_volume(out, vol, hu, lab, layout)
+        p = out / image_relpath(vol, layout)
+        blob = p.read_bytes()
+        write_bytes(p, blob[: len(blob) * 3 // 5])
+        rec["detail"] = "volume .nii.gz truncated to 60% of its bytes"
+    elif kind == "all_zero":
+        _write_volume(out, vol, np.zeros_like(hu), lab, layout)
+        rec["detail"] = "every voxel is 0"
+    elif kind == "nan_inf":
+        hu[hu.shape[0] // 2] = np.nan
+        hu[::7, ::11, ::13] = np.inf
+        hu[1::9, ::7, ::5] = -np.inf
+        data, aff = canonical_to_nifti(hu.astype(np.float32), vol.grid.origin, vol.grid.spacing, vol.orient)
+        mdata, _ = canonical_to_nifti(lab, vol.grid.origin, vol.grid.spacing, vol.orient)
+        write_bytes(out / image_relpath(vol, layout), nifti_gz(data, aff))
+        write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, aff))
+        rec["detail"] = "float32 volume with a NaN slice and +/-inf voxels"
+    elif kind == "mask_grid_mismatch":
+        _write_volume(out, vol, hu, lab, layout)
+        nz, ny, nx = vol.grid.shape
+        g2 = Grid((nz - 3, ny // 2, nx // 2), (vol.grid.spacing[0], 2 * vol.grid.spacing[1], 2 * vol.grid.spacing[2]),
+                  vol.grid.origin)  # fmt: skip
+        _, lab2 = _render(scan.anatomy, g2)
+        mdata, maff = canonical_to_nifti(lab2, g2.origin, g2.spacing, vol.orient)
+        write_bytes(out / mask_relpath(vol, layout), nifti_gz(mdata, maff))
+        rec["detail"] = f"mask shape {list(mdata.shape)} vs volume {[nx, ny, nz]} (i, j, k)"
+    elif kind == "missing_report":
+        _write_volume(out, vol, hu, lab, layout)
+        fr.report, fr.cot = None, None
+        rec["detail"] = "no reports CSV row and no CoT record"
+    elif kind == "missing_metadata":
+        _write_volume(out, vol, hu, lab, layout)
+        fr.meta = None
+        rec["detail"] = "v1 (raw, blank header) volume with no metadata row"
+    elif kind == "implausible_spacing":
+        _write_volume(out, vol, hu, lab, layout)
+        fr.meta["ZSpacing"] = "0"
+        rec["detail"] = "v1 volume whose metadata ZSpacing is 0"
+    elif kind == "non_chest":
+        hhu, hlab = render_head(vol.grid, center_z=vol.grid.origin[0] + vol.grid.shape[0] * vol.grid.spacing[0] / 2)
+        _add_noise(hhu, vol.sigma, vol.seed)
+        _write_volume(out, vol, hhu, hlab, layout)
+        rec["detail"] = "head-like phantom (skull + brain), no lung voxels"
+    elif kind == "unsafe_name":
+        name = f"train_{pid}_a_1 copy(1)#.nii.gz"
+        rel = f"train/train_{pid}/train_{pid}_a/{name}"
+        vol = dataclasses.replace(vol, name=name, relpath=rel)
+        _write_volume(out, vol, hu, lab, layout)
+        fr.meta["VolumeName"] = fr.report["VolumeName"] = fr.label_row["VolumeName"] = name
+        fr.cot["VolumeName"] = name
+        rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=image_relpath(vol, layout),
+                   mask=mask_relpath(vol, layout))
+        rec["detail"] = "file name with a space, parentheses and '#': not a safe case id"
+    elif kind == "path_in_name":
+        name = f"../../outside_{pid}_a_1.nii.gz"
+        fr.meta["VolumeName"] = fr.report["VolumeName"] = fr.label_row["VolumeName"] = name
+        fr.cot["VolumeName"] = name
+        rec.update(case=name.removesuffix(".nii.gz"), volume_name=name, path=None, mask=None, has_file=False)
+        rec["detail"] = "CSV rows name a path outside the dataset; no file is written"
+    return vol

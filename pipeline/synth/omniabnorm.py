@@ -283,57 +283,71 @@ def _write_release(out: Path, cases: int, grid: str, seed: int, faults: bool) ->
     fault_records = []
     if faults:
         fault_names = [_datum_name(seed, i) for i in range(cases, n_total)]
-        for name, kind in zip(fault_names, OMNI_FAULT_KINDS):
-            datum = datums[name]
-            fr = {"case": name, "kind": kind}
-            key = out / datum["image"] / "0.jpg"
-            if kind == "missing_image":
-                key.unlink()
-                fr["detail"] = "key slice 0.jpg absent from the image folder"
-            elif kind == "truncated_jpeg":
-                write_bytes(key, key.read_bytes()[:200])
-                fr["detail"] = "key slice cut to 200 bytes"
-            elif kind == "mask_size_mismatch":
-                aid = datum["abnormality"][0]["id"]
-                write_bytes(out / datum["mask"] / f"{aid}.jpeg", _jpeg(np.zeros((size // 2, size // 2), np.uint8)))
-                fr["detail"] = "mask is half the key slice's size"
-            elif kind == "path_in_name":
-                datum["image"] = "../../" + datum["image"]
-                fr["detail"] = "image path leaves the source folder"
-            fault_records.append(fr)
-
-    def absolute(datum: dict) -> dict:
-        # Plane JSONs hold absolute paths of the machine that made them (as released).
-        out_d = dict(datum)
-        for k in ("image", "mask"):
-            if not out_d[k].startswith(".."):
-                out_d[k] = f"{FOREIGN_ROOT}/{out_d[k]}"
-        return out_d
-
-    def grouped(datum: dict) -> dict:
-        out_d = {k: v for k, v in datum.items() if k != "abnormality"}
-        if "abnormality" in datum:
-            groups: dict[str, list] = {}
-            for a in datum["abnormality"]:
-                groups.setdefault(str(a["group_id"]), []).append(a)
-            out_d["abnormality_group"] = groups
-        return out_d
-
-    for plane in ("axial", "coronal"):
-        for split in ("train", "valid"):
-            sel = {n: absolute(d) for n, d in datums.items() if plane_of[n] == plane and split_of[n] == split}
-            write_bytes(out / plane / f"{plane}_{split}.json", _dump(sel))
-    axial_train = {n: grouped(absolute(d)) for n, d in datums.items()
-                   if plane_of[n] == "axial" and split_of[n] == "train"}
-    write_bytes(out / "axial" / "axial_train_grouped.json", _dump(axial_train))
-    # merged_train.json sits at OUT: its paths are relative to OUT (the reader resolves against the JSON's folder)
-    write_bytes(out / "merged_train.json", _dump({n: d for n, d in datums.items() if split_of[n] == "train"}))
+        fault_records = _release_faults(out, datums, fault_names, size)
+    _write_release_json(out, datums, plane_of, split_of)
     write_bytes(out / COT_JSONL, "".join(json.dumps(c, sort_keys=True) + "\n" for c in cots).encode())
     manifest = {"seed": seed, "grid": grid, "cases": cases, "layout": "release", "faults": fault_records,
                 "notes": notes}
     write_bytes(out / FAULTS_JSON, _dump(manifest))
     records = [{"id": n, "plane": plane_of[n], "split": split_of[n], **d} for n, d in datums.items()]
     return {"records": records, "faults": fault_records}
+
+
+def _release_faults(out: Path, datums: dict[str, dict], fault_names: list[str], size: int) -> list[dict]:
+    """Break the fault datums (one per ``OMNI_FAULT_KINDS``) on disk or in their dict; their records."""
+    fault_records = []
+    for name, kind in zip(fault_names, OMNI_FAULT_KINDS):
+        datum = datums[name]
+        fr = {"case": name, "kind": kind}
+        key = out / datum["image"] / "0.jpg"
+        if kind == "missing_image":
+            key.unlink()
+            fr["detail"] = "key slice 0.jpg absent from the image folder"
+        elif kind == "truncated_jpeg":
+            write_bytes(key, key.read_bytes()[:200])
+            fr["detail"] = "key slice cut to 200 bytes"
+        elif kind == "mask_size_mismatch":
+            aid = datum["abnormality"][0]["id"]
+            write_bytes(out / datum["mask"] / f"{aid}.jpeg", _jpeg(np.zeros((size // 2, size // 2), np.uint8)))
+            fr["detail"] = "mask is half the key slice's size"
+        elif kind == "path_in_name":
+            datum["image"] = "../../" + datum["image"]
+            fr["detail"] = "image path leaves the source folder"
+        fault_records.append(fr)
+    return fault_records
+
+
+def _absolute(datum: dict) -> dict:
+    # Plane JSONs hold absolute paths of the machine that made them (as released).
+    out_d = dict(datum)
+    for k in ("image", "mask"):
+        if not out_d[k].startswith(".."):
+            out_d[k] = f"{FOREIGN_ROOT}/{out_d[k]}"
+    return out_d
+
+
+def _grouped(datum: dict) -> dict:
+    """The datum as a ``_grouped`` file holds it: ``abnormality_group`` {group id: [abnormality]}."""
+    out_d = {k: v for k, v in datum.items() if k != "abnormality"}
+    if "abnormality" in datum:
+        groups: dict[str, list] = {}
+        for a in datum["abnormality"]:
+            groups.setdefault(str(a["group_id"]), []).append(a)
+        out_d["abnormality_group"] = groups
+    return out_d
+
+
+def _write_release_json(out: Path, datums: dict[str, dict], plane_of: dict[str, str], split_of: dict[str, str]) -> None:
+    """The release's datum JSON files: per plane and split, the grouped axial variant, merged_train."""
+    for plane in ("axial", "coronal"):
+        for split in ("train", "valid"):
+            sel = {n: _absolute(d) for n, d in datums.items() if plane_of[n] == plane and split_of[n] == split}
+            write_bytes(out / plane / f"{plane}_{split}.json", _dump(sel))
+    axial_train = {n: _grouped(_absolute(d)) for n, d in datums.items()
+                   if plane_of[n] == "axial" and split_of[n] == "train"}
+    write_bytes(out / "axial" / "axial_train_grouped.json", _dump(axial_train))
+    # merged_train.json sits at OUT: its paths are relative to OUT (the reader resolves against the JSON's folder)
+    write_bytes(out / "merged_train.json", _dump({n: d for n, d in datums.items() if split_of[n] == "train"}))
 
 
 LAYOUTS = ("release", "batches")
