@@ -14,6 +14,8 @@ is registered with the runner at the bottom of this module.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ctprep.stages.base import CaseTask, atomic_path, case_stage
@@ -79,6 +81,11 @@ def patch_region_fraction(
 
 
 # --------------------------------------------------------------------------- stage wrapper
+
+
+def read_regions(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reader of :func:`run_regions`'s output: float16 (P, R + 1) patch-to-region fractions."""
+    return np.load(path, allow_pickle=False)
 
 
 def regions_config_slice(config) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -155,12 +157,28 @@ def run_text(task: CaseTask) -> dict:
         tmp.mkdir(parents=True)
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-        (tmp / "text.json").write_text(json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        (tmp / TEXT_META_FILE).write_text(json.dumps(meta, ensure_ascii=False, sort_keys=True))
     cut = meta["truncated"]
     return {"steps": len(meta["steps_text"]), "report_tokens": int(arrays["report_len"]),
             "regions_with_text": int(arrays["region_has_text"].sum()),
             # counted by the build summary ("notes"): raise text.max_len_* when these are common
             NOTES_KEY: {TRUNCATION_NOTES[k]: v for k, v in cut.items() if v}}
+
+
+TEXT_ARRAYS = ("report_ids", "report_len", "steps_ids", "steps_len", "region_text_ids", "region_text_len",
+               "region_has_text")  # the arrays run_text writes (= tokenize_case_text's), one .npy each
+TEXT_META_FILE = "text.json"
+
+
+def read_case_text(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reader of :func:`run_text`'s output folder: (``TEXT_ARRAYS`` name -> array, ``text.json``).
+
+    Raises FileNotFoundError when an array or ``text.json`` is missing (an incomplete folder is
+    never renamed into place, so that means a folder of another stage version).
+    """
+    folder = Path(path)
+    arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in TEXT_ARRAYS}
+    return arrays, json.loads((folder / TEXT_META_FILE).read_text())
 
 
 # Build-summary wording of the truncation counts (what to raise is in the text).
