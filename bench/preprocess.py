@@ -404,7 +404,7 @@ def big_table(args, tmp: Path) -> None:
           f"int16 volume {raw_bytes / 1e9:.2f} GB")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), help="input Z Y X voxels")
     ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7), help="input z y x mm")
@@ -416,7 +416,71 @@ def main() -> None:
     ap.add_argument("--big-shape", type=int, nargs=3, default=BIG_SHAPE, help="--big input Z Y X voxels")
     ap.add_argument("--big-spacing", type=float, nargs=3, default=BIG_SPACING, help="--big input z y x mm")
     ap.add_argument("--big-child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> tuple[Path, Path, Path]:
+    """The floor / CT-CLIP / ours table on one phantom; returns (image, mask, our zarr)."""
+    print(f"input {tuple(args.shape)} int16 at {tuple(args.spacing)} mm (z, y, x) -> {cfg.name}: "
+          f"{cfg.resample.shape_zyx} at {cfg.resample.spacing_zyx} mm; 1 thread; median of {args.repeats}",
+          flush=True)
+    hu, lab = chest_phantom(tuple(args.shape), tuple(args.spacing))
+    image, mask = write_case(tmp / "ctrate", hu, lab, tuple(args.spacing))
+    del hu, lab
+    in_bytes = image.stat().st_size
+    floor_w, floor_t, _ = timed(lambda: floor_read(image), args.repeats)
+    ctclip_w, ctclip_t, ctclip_bytes = timed(lambda: ctclip_way(image, tmp / "ctclip.npz", cfg.resample.spacing_zyx,
+                                                                cfg.resample.shape_zyx), args.repeats)
+    out = tmp / "ours" / "train_1_a_1.zarr"
+    ours_w, ours_t, info = timed(lambda: run_ours(ours_task(image, mask, out, cfg)), args.repeats)
+    ours_bytes = info["bytes"]
+
+    # Ratios use CPU seconds: everything here is single-threaded, and on a shared machine wall
+    # time also counts other people's work; wall medians are printed beside them.
+    print()
+    print("| method | CPU s / volume | wall s | x floor (CPU) | output bytes | output vs CT-CLIP |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| floor: nibabel int16 read | {floor_t:.2f} | {floor_w:.2f} | 1.00 | - | - |")
+    print(f"| CT-CLIP way (float64, interpolate, np.savez) | {ctclip_t:.2f} | {ctclip_w:.2f} | "
+          f"{ctclip_t / floor_t:.2f} | {ctclip_bytes / 1e6:.1f} MB (image) | 1.00 |")
+    print(f"| ours (resample stage: image + mask -> zarr) | {ours_t:.2f} | {ours_w:.2f} | {ours_t / floor_t:.2f} | "
+          f"{ours_bytes / 1e6:.1f} MB (image + mask) | {ours_bytes / ctclip_bytes:.3f} |")
+    print()
+    print(f"ours vs CT-CLIP way: {ctclip_t / ours_t:.2f}x less CPU ({ctclip_w / ours_w:.2f}x wall); input .nii.gz "
+          f"{in_bytes / 1e6:.1f} MB; last run split (wall): read {info['seconds_read']}s, resample "
+          f"{info['seconds_resample']}s, write {info['seconds_write']}s")
+    targets = [("ours <= 2.5x floor", ours_t <= 2.5 * floor_t),
+               ("ours >= 2x faster than CT-CLIP", ctclip_t >= 2 * ours_t),
+               ("output <= 1/4 of CT-CLIP bytes", ours_bytes <= ctclip_bytes / 4)]
+    print("targets: " + "; ".join(f"{n}: {'met' if ok else 'MISSED'}" for n, ok in targets), flush=True)
+    return image, mask, out
+
+
+def print_codec_table(out: Path) -> None:
+    """Bytes and encode time of our zarr's arrays under each Blosc codec."""
+    from ctprep.stages.resample import read_case_zarr
+
+    img_out, mask_out, _ = read_case_zarr(out)
+    print()
+    print("| array | Blosc codec | MB | encode CPU s |")
+    print("|---|---|---:|---:|")
+    for name, codec, n, dt in codec_table(img_out, mask_out):
+        print(f"| {name} | {codec} | {n / 1e6:.2f} | {dt:.2f} |")
+
+
+def print_scaling_table(image: Path, mask: Path, tmp: Path, cfg, cases: int) -> None:
+    """Seconds per case with 1 and 2 Dask workers."""
+    print()
+    print("| Dask workers | s / case (wall) | speed-up |")
+    print("|---:|---:|---:|")
+    one = scaling(image, mask, tmp, cfg, cases, 1)
+    print(f"| 1 | {one:.2f} | 1.00 |", flush=True)
+    two = scaling(image, mask, tmp, cfg, cases, 2)
+    print(f"| 2 | {two:.2f} | {one / two:.2f} |")
+
+
+def main() -> None:
+    args = parse_args()
     if args.big_child:
         print(json.dumps(big_child(json.loads(args.big_child))))
         return
@@ -424,64 +488,14 @@ def main() -> None:
     cfg = load_config(args.config)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="ctprep_bench_"))
     tmp.mkdir(parents=True, exist_ok=True)
-    if args.big:
-        try:
-            big_table(args, tmp)
-        finally:
-            if not args.workdir:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return
     try:
-        print(f"input {tuple(args.shape)} int16 at {tuple(args.spacing)} mm (z, y, x) -> {cfg.name}: "
-              f"{cfg.resample.shape_zyx} at {cfg.resample.spacing_zyx} mm; 1 thread; median of {args.repeats}",
-              flush=True)
-        hu, lab = chest_phantom(tuple(args.shape), tuple(args.spacing))
-        image, mask = write_case(tmp / "ctrate", hu, lab, tuple(args.spacing))
-        del hu, lab
-        in_bytes = image.stat().st_size
-        floor_w, floor_t, _ = timed(lambda: floor_read(image), args.repeats)
-        ctclip_w, ctclip_t, ctclip_bytes = timed(lambda: ctclip_way(image, tmp / "ctclip.npz", cfg.resample.spacing_zyx,
-                                                                    cfg.resample.shape_zyx), args.repeats)
-        out = tmp / "ours" / "train_1_a_1.zarr"
-        ours_w, ours_t, info = timed(lambda: run_ours(ours_task(image, mask, out, cfg)), args.repeats)
-        ours_bytes = info["bytes"]
-
-        # Ratios use CPU seconds: everything here is single-threaded, and on a shared machine wall
-        # time also counts other people's work; wall medians are printed beside them.
-        print()
-        print("| method | CPU s / volume | wall s | x floor (CPU) | output bytes | output vs CT-CLIP |")
-        print("|---|---:|---:|---:|---:|---:|")
-        print(f"| floor: nibabel int16 read | {floor_t:.2f} | {floor_w:.2f} | 1.00 | - | - |")
-        print(f"| CT-CLIP way (float64, interpolate, np.savez) | {ctclip_t:.2f} | {ctclip_w:.2f} | "
-              f"{ctclip_t / floor_t:.2f} | {ctclip_bytes / 1e6:.1f} MB (image) | 1.00 |")
-        print(f"| ours (resample stage: image + mask -> zarr) | {ours_t:.2f} | {ours_w:.2f} | {ours_t / floor_t:.2f} | "
-              f"{ours_bytes / 1e6:.1f} MB (image + mask) | {ours_bytes / ctclip_bytes:.3f} |")
-        print()
-        print(f"ours vs CT-CLIP way: {ctclip_t / ours_t:.2f}x less CPU ({ctclip_w / ours_w:.2f}x wall); input .nii.gz "
-              f"{in_bytes / 1e6:.1f} MB; last run split (wall): read {info['seconds_read']}s, resample "
-              f"{info['seconds_resample']}s, write {info['seconds_write']}s")
-        targets = [("ours <= 2.5x floor", ours_t <= 2.5 * floor_t),
-                   ("ours >= 2x faster than CT-CLIP", ctclip_t >= 2 * ours_t),
-                   ("output <= 1/4 of CT-CLIP bytes", ours_bytes <= ctclip_bytes / 4)]
-        print("targets: " + "; ".join(f"{n}: {'met' if ok else 'MISSED'}" for n, ok in targets), flush=True)
-
-        from ctprep.stages.resample import read_case_zarr
-
-        img_out, mask_out, _ = read_case_zarr(out)
-        print()
-        print("| array | Blosc codec | MB | encode CPU s |")
-        print("|---|---|---:|---:|")
-        for name, codec, n, dt in codec_table(img_out, mask_out):
-            print(f"| {name} | {codec} | {n / 1e6:.2f} | {dt:.2f} |")
-
+        if args.big:
+            big_table(args, tmp)
+            return
+        image, mask, out = print_method_table(args, cfg, tmp)
+        print_codec_table(out)
         if args.scaling_cases:
-            print()
-            print("| Dask workers | s / case (wall) | speed-up |")
-            print("|---:|---:|---:|")
-            one = scaling(image, mask, tmp, cfg, args.scaling_cases, 1)
-            print(f"| 1 | {one:.2f} | 1.00 |", flush=True)
-            two = scaling(image, mask, tmp, cfg, args.scaling_cases, 2)
-            print(f"| 2 | {two:.2f} | {one / two:.2f} |")
+            print_scaling_table(image, mask, tmp, cfg, args.scaling_cases)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
