@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ctprep import shards
 from trainer import data as D
 from trainer.config import DataConfig
 from trainer.testing import TEST_TOKENIZER, make_sample, shard_entry
@@ -102,10 +103,10 @@ def prepare(root: Path, cases: int, src: tuple[int, int, int], grid: tuple[int, 
     entries = []
     for n, chunk in enumerate((samples[:half], samples[half:])):
         entries.append(shard_entry(shard_dir, f"train/bench-{n:06d}.tar", chunk, compress=members))
-    index = {"schema_version": D.schema.SCHEMA_VERSION, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
+    index = {"schema_version": shards.SCHEMA_VERSION, "pipeline_version": "bench", "tokenizer": TEST_TOKENIZER,
              "patch_size": [4, 16, 16], "region_names": ["lung", "heart", "aorta"],
              "generations": [], "splits": {"train": entries}}
-    (shard_dir / "index.json").write_text(json.dumps(index))
+    shards.write_index(shard_dir, index)
     return {"nii": paths, "shards": shard_dir, "tars": [str(shard_dir / e["path"]) for e in entries],
             "tar_bytes": sum(e["bytes"] for e in entries)}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ctprep import schema
+from ctprep import schema, shards
 from ctprep.stages import pack
 from ctprep.stages.pack import check_index, read_index, run_pack
 from tests.pack_helpers import aggregate_task, make_case, run_case_stages, small_config
@@ -177,10 +177,12 @@ def test_checksums_are_written_and_identical_across_packs(packed, tmp_path):
     assert frame[:4] == b"\x28\xb5\x2f\xfd" and frame[4] & 0x04
 
 
-def test_reader_and_writer_agree_on_the_checksum_keys():
-    assert (D.CHECKSUM_KEY, D.INDEX_CHECKSUM_KEY) == (pack.CHECKSUM_KEY, pack.INDEX_CHECKSUM_KEY)
+def test_reader_and_writer_share_one_checksum_home():
+    # pack encodes and the trainer verifies through ctprep.shards: one set of names, one CRC32.
+    assert pack.encode_sample is shards.encode_sample and D.crc32 is shards.crc32
+    assert (D.CHECKSUM_KEY, D.INDEX_CHECKSUM_KEY) == (schema.CHECKSUM_KEY, schema.INDEX_CHECKSUM_KEY)
     assert D.CHECKSUM_KEY in schema.META_KEYS
-    assert D.crc32(b"123456789") == pack.crc32(b"123456789") == 0xCBF43926  # the CRC-32 check value
+    assert shards.crc32(b"123456789") == 0xCBF43926  # the CRC-32 check value
 
 
 def test_evaluation_refuses_another_schema_version(packed, tmp_path):

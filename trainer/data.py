@@ -2,7 +2,8 @@
 
 Design, in the order data flows:
 
-1. ``load_shard_index`` reads ``index.json`` (ctprep.schema) and refuses shards whose schema
+1. ``load_shard_index`` reads ``index.json`` through ``ctprep.shards`` (the one home of the
+   shard format, shared with the writer) and refuses shards whose schema
    version, tokenizer identity or patch grid differ from what the trainer expects, naming the
    mismatch and the file. Every sample's ``meta.json`` is checked against the index again.
 2. ``scan_tar`` walks a tar file's 512-byte headers (seek + small read per member, the data is
@@ -26,7 +27,8 @@ Design, in the order data flows:
    ``.npy`` headers are parsed with ``numpy.lib.format`` and object dtypes are refused.
 7. Verified reads (docs/verified-reads.md): a sample's ``meta.json`` is checked against the
    CRC32 its shard's index entry holds (``meta_crc32``), every other member against the CRC32
-   ``meta.json`` holds (``crc32``), each where its bytes are read: small members in
+   ``meta.json`` holds (``crc32``) - ``ctprep.shards.check_meta`` / ``check_member``, the checks
+   ``ctprep.stages.pack.check_index`` runs too - each where its bytes are read: small members in
    ``decode_sample``, compressed volumes before they are decompressed into the batch,
    uncompressed volumes after ``preadv`` put them there. A mismatch is a corrupt member (6.).
    A shard whose index entry has no ``meta_crc32`` was packed before checksums: its samples
@@ -37,14 +39,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import logging
 import math
 import os
 import random
-import re
 import sys
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,33 +54,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ctprep import schema
+from ctprep import schema, shards
+from ctprep.shards import (
+    CHECKSUM_KEY,
+    INDEX_CHECKSUM_KEY,
+    CorruptMemberError,
+    MetaChecksumError,
+    ShardMismatchError,
+    crc32,
+    decode_member,
+    decode_npy,
+    member_field,
+)
+from ctprep.shards import npy_header as _npy_header
 
 log = logging.getLogger(__name__)
 
 BATCH_STATS_KEY = "_stream"  # per-batch loader statistics; popped by the trainer
 TAR_BLOCK = 512
-# Written by ctprep.stages.pack (same names there; ctprep.schema.META_KEYS documents them).
-CHECKSUM_KEY = schema.CHECKSUM_KEY  # meta.json: {member name: CRC32 of the member's bytes as stored}
-INDEX_CHECKSUM_KEY = schema.INDEX_CHECKSUM_KEY  # index.json shard entry: {sample key: CRC32 of its meta.json}
-
-try:  # ISA-L computes the same CRC32 as zlib ~5x faster and releases the GIL
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a dependency
-    _crc32 = zlib.crc32
-
-
-def crc32(data: bytes | memoryview | np.ndarray, value: int = 0) -> int:
-    """CRC32 of ``data`` (any C-contiguous buffer), continuing from ``value``."""
-    return _crc32(data, value)
-
-
-class ShardMismatchError(RuntimeError):
-    """Shards made with another schema, tokenizer or patch grid than the trainer expects."""
-
-
-class CorruptMemberError(ValueError):
-    """A tar member or decoded array that cannot be used; the sample is skipped and counted."""
 
 
 # --------------------------------------------------------------------------- index
@@ -134,7 +124,7 @@ class ShardIndex:
                 samples=int(entry["samples"]),
                 source=str(entry.get("source", "ctrate")),
                 bytes=int(entry.get("bytes", 0)),
-                meta_crc32=_meta_crcs(entry),
+                meta_crc32=shards.index_meta_crcs(entry),
             )
             grouped.setdefault(info.source, []).append(info)
         if sources is None:
@@ -148,16 +138,6 @@ class ShardIndex:
         return {s: grouped[s] for s in sources}
 
 
-def _meta_crcs(entry: Mapping[str, Any]) -> dict[str, int] | None:
-    """The ``meta_crc32`` map of an index shard entry (None when the entry predates checksums)."""
-    crcs = entry.get(INDEX_CHECKSUM_KEY)
-    if crcs is None:
-        return None
-    if not isinstance(crcs, dict):
-        raise ShardMismatchError(f"{entry.get('path')}: index {INDEX_CHECKSUM_KEY} is not a mapping")
-    return {str(k): int(v) for k, v in crcs.items()}
-
-
 def warn_unverified(shard: ShardInfo) -> None:
     """One warning for a shard whose samples cannot be verified (packed before checksums)."""
     log.warning("%s: its index entry has no %s (packed before per-sample checksums): its samples are read "
@@ -166,12 +146,7 @@ def warn_unverified(shard: ShardInfo) -> None:
 
 
 def _check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, tokenizer: dict | None) -> None:
-    version = found.get("schema_version")
-    if version != exp.schema_version:
-        raise ShardMismatchError(
-            f"{where}: schema_version {version} != {exp.schema_version} expected by the trainer; "
-            "rebuild the shards with this ctprep version (ctprep build-shards)"
-        )
+    shards.check_schema_version(where, found.get("schema_version"), exp.schema_version)
     tok = found.get("tokenizer")
     want = tokenizer if tokenizer is not None else exp.tokenizer
     if want is not None and (
@@ -192,11 +167,8 @@ def _check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, to
 def load_shard_index(root: str | Path, expect: ShardExpectation) -> ShardIndex:
     """Read ``root/index.json`` and refuse it if it does not match ``expect``."""
     root = Path(root)
-    path = root / schema.INDEX_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard index; build shards first (ctprep build-shards)")
-    raw = json.loads(path.read_text())
-    _check_identity(str(path), raw, expect, None)
+    raw = shards.read_index(root, expect.schema_version)
+    _check_identity(str(root / schema.INDEX_FILE), raw, expect, None)
     return ShardIndex(root=root, raw=raw)
 
 
@@ -319,93 +291,7 @@ def read_member(path: str, offset: int, size: int) -> bytes:
 
 # --------------------------------------------------------------------------- decoding
 
-_ZSTD = None
-
-
-def _zstd_decompress(data: bytes) -> bytes:
-    global _ZSTD
-    import zstandard
-
-    if _ZSTD is None:
-        _ZSTD = zstandard.ZstdDecompressor()
-    try:
-        return _ZSTD.decompress(data)
-    except zstandard.ZstdError:
-        # Frames written in streaming mode carry no content size: decompress incrementally.
-        return _ZSTD.stream_reader(io.BytesIO(data)).read()
-
-
-def _gzip_decompress(data: bytes) -> bytes:
-    try:
-        from isal import igzip
-
-        return igzip.decompress(data)
-    except ImportError:
-        return gzip.decompress(data)
-
-
-_NPY_HEADER_RE = re.compile(
-    rb"^\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), *\} *\n?$"
-)
-
-
-def _npy_header(buf: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran, dtype, data offset) of an .npy buffer.
-
-    The common header (simple dtype, as np.save writes it) is parsed with a regex; numpy's own
-    parser (ast.literal_eval, ~1 ms per header) is the fallback for anything else.
-    """
-    head = bytes(buf[:10])
-    if head[:6] == b"\x93NUMPY" and head[6] in (1, 2, 3):
-        if head[6] == 1:
-            size, start = int.from_bytes(head[8:10], "little"), 10
-        else:
-            size, start = int.from_bytes(bytes(buf[8:12]), "little"), 12
-        match = _NPY_HEADER_RE.match(bytes(buf[start : start + size]))
-        if match:
-            shape = tuple(int(d) for d in match.group(3).replace(b" ", b"").split(b",") if d)
-            return shape, match.group(2) == b"True", np.dtype(match.group(1).decode()), start + size
-    stream = io.BytesIO(bytes(buf[: 65536 + 128]))
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    return shape, fortran, dtype, stream.tell()
-
-
-def decode_npy(buf: bytes | memoryview) -> np.ndarray:
-    """Parse an ``.npy`` buffer without copying the data and without pickle."""
-    shape, fortran, dtype, offset = _npy_header(buf)
-    if dtype.hasobject:
-        raise CorruptMemberError("object arrays are refused (would need pickle)")
-    count = int(np.prod(shape)) if shape else 1
-    if len(buf) - offset < count * dtype.itemsize:
-        raise CorruptMemberError(f"npy data truncated: {len(buf) - offset} < {count * dtype.itemsize} bytes")
-    array = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-    return array.reshape(shape, order="F" if fortran else "C")
-
-
-def decode_member(name: str, data: bytes | memoryview) -> Any:
-    """Decode one member by its extension: ``.npy[.zst|.gz]`` -> ndarray, ``.json`` -> object."""
-    base, suffix = schema.strip_compression(name)
-    try:
-        if suffix == ".zst":
-            data = _zstd_decompress(data)
-        elif suffix == ".gz":
-            data = _gzip_decompress(data)
-        if base.endswith(".npy"):
-            return decode_npy(data)
-        if base.endswith(".json"):
-            return json.loads(bytes(data))
-    except CorruptMemberError:
-        raise
-    except Exception as exc:  # zstd/zlib/npy-header/json errors all mean "unusable member"
-        raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
-    return bytes(data)  # unknown extension: raw bytes (kept, not interpreted)
-
-
-REQUIRED_MEMBERS = (*schema.NPY_MEMBERS, "meta")
+REQUIRED_MEMBERS = (*schema.NPY_MEMBERS, member_field(shards.META_MEMBER))
 
 
 LAZY_MIN_BYTES = 1 << 20  # uncompressed volume members above this are read straight into the batch
@@ -571,7 +457,7 @@ def decode_sample(
     lazy: dict[str, LazyNpy] = {}  # member name -> volume read later
     small = []
     for name, offset, size in ref.members:
-        field_name = schema.strip_compression(name)[0].rsplit(".", 1)[0]
+        field_name = member_field(name)
         try:
             member = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
         except CorruptMemberError:
@@ -588,7 +474,7 @@ def decode_sample(
         end = max(offset + size for _, _, offset, size in small)
         blob = memoryview(read_member(ref.shard, start, end - start))
         blobs = {name: blob[offset - start : offset - start + size] for _, name, offset, size in small}
-    sums = _member_checksums(where, blobs.get("meta.json"), ref, expect, tokenizer, meta_crcs)
+    sums = _member_checksums(where, blobs.get(shards.META_MEMBER), ref, expect, tokenizer, meta_crcs)
     for name, member in lazy.items():
         member.crc, member.where = sums.get(name), f"{where} {name}"
     for field_name, name, offset, size in small:
@@ -602,8 +488,7 @@ def decode_sample(
             except Exception as exc:
                 raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
             continue
-        if name in sums and name != "meta.json" and crc32(data) != sums[name]:
-            raise CorruptMemberError(f"{name}: crc32 {crc32(data)} != {sums[name]} in meta.json")
+        shards.check_member(name, data, sums)
         sample[field_name] = decode_member(name, data)
     missing = [m for m in REQUIRED_MEMBERS if m not in sample]
     if missing:
@@ -630,35 +515,18 @@ def _member_checksums(
     """
     if not expect.verify_checksums or raw_meta is None:
         return {}  # no meta.json: decode_sample reports the missing member
+    names = [name for name, _, _ in ref.members]
+    want = None if meta_crcs is None else meta_crcs.get(ref.key)
     try:
-        meta = json.loads(bytes(raw_meta))
-    except ValueError:
-        meta = None
-    if meta_crcs is not None:
-        want = meta_crcs.get(ref.key)
-        found = crc32(raw_meta)
-        if want is None:
-            raise CorruptMemberError("meta.json: the index lists no checksum for this sample")
-        if found != want:
-            if isinstance(meta, dict):
-                try:
-                    _check_identity(where, meta, expect, tokenizer)
-                except ShardMismatchError as exc:
-                    raise ShardMismatchError(f"{exc} (its meta.json does not match the index's checksum either: "
-                                             "was the shard replaced after index.json was written?)") from None
-            raise CorruptMemberError(f"meta.json: crc32 {found} != {want} in the index")
-    if not isinstance(meta, dict):
-        raise CorruptMemberError("meta.json: not a JSON object")
-    sums = meta.get(CHECKSUM_KEY)
-    if sums is None and meta_crcs is None:
-        return {}  # packed before checksums (warned once per shard by the stream)
-    names = {name for name, _, _ in ref.members} - {"meta.json"}
-    required = {name for name in names if schema.strip_compression(name)[0].rsplit(".", 1)[0] in schema.NPY_MEMBERS}
-    if not isinstance(sums, dict) or not required <= set(sums) or not all(type(v) is int for v in sums.values()):
-        raise CorruptMemberError(f"meta.json: {CHECKSUM_KEY} does not cover the sample's members with integers")
-    absent = set(sums) - names
-    if absent:
-        raise CorruptMemberError(f"member(s) {sorted(absent)} listed in meta.json are not in the tar")
+        _, sums = shards.check_meta(raw_meta, names, want, recorded=meta_crcs is not None)
+    except MetaChecksumError as exc:
+        if exc.meta is not None:
+            try:
+                _check_identity(where, exc.meta, expect, tokenizer)
+            except ShardMismatchError as mismatch:
+                raise ShardMismatchError(f"{mismatch} (its meta.json does not match the index's checksum either: "
+                                         "was the shard replaced after index.json was written?)") from None
+        raise
     return sums
 
 

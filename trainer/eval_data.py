@@ -11,7 +11,6 @@ reported with its shard and key, never evaluated.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ctprep import shards
 from ctprep.schema import INDEX_FILE, SCHEMA_VERSION
 from trainer.data import (
-    INDEX_CHECKSUM_KEY,
     LAZY_FIELDS,
     CorruptMemberError,
     ShardExpectation,
     ShardInfo,
-    ShardMismatchError,
     collate_samples,
     decode_sample,
     scan_tar,
@@ -38,17 +36,7 @@ log = logging.getLogger(__name__)
 
 def read_index(shards_root: str | Path) -> dict[str, Any]:
     """``index.json`` of a shard folder; refused unless it is of this trainer's schema version."""
-    path = Path(shards_root) / INDEX_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {shards_root} a `ctprep build-shards` output folder?")
-    index = json.loads(path.read_text())
-    version = index.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ShardMismatchError(
-            f"{path}: schema_version {version}, but this evaluation reads schema_version {SCHEMA_VERSION}; "
-            "rebuild the shards with this ctprep version (ctprep build-shards)"
-        )
-    return index
+    return shards.read_index(shards_root, SCHEMA_VERSION)
 
 
 def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
@@ -57,15 +45,10 @@ def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
     splits = index.get("splits", {})
     if split not in splits:
         raise KeyError(f"split {split!r} not in {Path(shards_root) / INDEX_FILE}; available: {sorted(splits)}")
-    shards = []
-    for entry in splits[split]:
-        crcs = entry.get(INDEX_CHECKSUM_KEY)
-        shards.append(ShardInfo(
-            path=str(Path(shards_root) / entry["path"]), samples=int(entry["samples"]),
-            source=str(entry.get("source", "ctrate")), bytes=int(entry.get("bytes", 0)),
-            meta_crc32=None if crcs is None else {str(k): int(v) for k, v in crcs.items()},
-        ))
-    return shards
+    return [ShardInfo(path=str(Path(shards_root) / entry["path"]), samples=int(entry["samples"]),
+                      source=str(entry.get("source", "ctrate")), bytes=int(entry.get("bytes", 0)),
+                      meta_crc32=shards.index_meta_crcs(entry))
+            for entry in splits[split]]
 
 
 def _expectation(index: dict[str, Any]) -> ShardExpectation:

@@ -2,10 +2,11 @@
 
 The real writer is ``ctprep.stages.pack``; this one exists so the trainer can be tested on
 tiny, hand-controlled shards (uneven sizes, a wrong tokenizer, a corrupt member) without
-running the pipeline. Member bytes come from pack's own encoder (``sample_members``: npy,
-zstd frames with checksums, canonical ``meta.json`` with its ``crc32`` map) and the index
-records each sample's ``meta_crc32``, so the trainer verifies test shards as it does real
-ones. Samples carry a learnable signal: each case has a class ``c`` that sets both a bright
+running the pipeline. Member bytes come from the writer's own encoder
+(``ctprep.shards.encode_sample``: npy, zstd frames with checksums, canonical ``meta.json`` with
+its ``crc32`` map) and the index, written by ``ctprep.shards.write_index``, records each
+sample's ``meta_crc32``, so the trainer verifies test shards as it does real ones. Samples
+carry a learnable signal: each case has a class ``c`` that sets both a bright
 blob in the image and the first report tokens.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ctprep import schema
+from ctprep import schema, shards
 
 TEST_TOKENIZER = {"name": "trainer-test-tokenizer", "hash": "0" * 16}
 TEST_REGIONS = ("lung", "heart", "aorta")
@@ -114,17 +114,14 @@ def write_shard(path: Path, samples: Sequence[dict[str, Any]], compress: Sequenc
     Returns:
         the tar's size in bytes.
     """
-    from ctprep.stages.pack import meta_crc32 as member_meta_crc32
-    from ctprep.stages.pack import sample_members
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["meta"]["id"]
             arrays = {m: np.asarray(sample[m]) for m in schema.NPY_MEMBERS}
-            members = sample_members(arrays, sample["meta"], "zst", compressed=compress)
+            members = shards.encode_sample(arrays, sample["meta"], "zst", compressed=compress)
             if meta_crc32 is not None:
-                meta_crc32[key] = member_meta_crc32(members)
+                meta_crc32[key] = shards.meta_crc32(members)
             for name in sorted(members):
                 info = tarfile.TarInfo(f"{key}.{name}")
                 info.size, info.mtime = len(members[name]), 0
@@ -138,8 +135,7 @@ def shard_entry(root: Path, rel: str, samples: Sequence[dict[str, Any]], compres
     crcs: dict[str, int] = {}
     size = write_shard(root / rel, samples, compress, crcs)
     digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-    return {"path": rel, "samples": len(samples), "bytes": size, "sha256": digest, "source": source,
-            "generation": generation, "meta_crc32": crcs}
+    return shards.shard_entry(rel, len(samples), size, digest, source, generation, crcs)
 
 
 def write_test_shards(
@@ -195,5 +191,5 @@ def write_test_shards(
             rel = f"{split}/{source}-{seed}-{shard_no:06d}.tar"
             entries.append(shard_entry(root, rel, samples, compress, source))
             index["generations"][0]["shards"].append(rel)
-    (root / schema.INDEX_FILE).write_text(json.dumps(index, indent=1))
+    shards.write_index(root, index)
     return index

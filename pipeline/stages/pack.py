@@ -1,5 +1,10 @@
 """Stage ``pack``: WebDataset ``.tar`` shards + ``index.json`` (see ``ctprep.schema``).
 
+Samples are encoded and the index is written by ``ctprep.shards``, the one home of the shard
+format (the trainer decodes through it too); the case's arrays come from each upstream stage's
+own reader (``read_case_zarr``, ``read_regions``, ``read_case_text``). This module decides what
+goes into which shard, writes the tars and commits them in the index.
+
 Shards are byte-identical when rebuilt from the same inputs and config:
 fixed tar metadata (mtime 0, uid/gid 0, empty user/group names, mode 0644),
 members sorted by name within a sample, cases in (split, source, case id)
@@ -51,7 +56,6 @@ import os
 import tarfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -60,137 +64,27 @@ import numpy as np
 
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
-from ctprep.schema import CHECKSUM_KEY, INDEX_CHECKSUM_KEY, INDEX_FILE, SCHEMA_VERSION, is_safe_case_id, strip_compression
+from ctprep.schema import SCHEMA_VERSION, is_safe_case_id, strip_compression
+from ctprep.shards import (
+    INDEX_FILE,
+    compress,
+    decompress,
+    encode_sample,
+    index_meta_crcs,
+    meta_crc32,
+    npy_bytes,
+    read_index_if_present,
+    shard_entry,
+    verify_sample,
+    write_index,
+)
 from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage, remove_temp_debris
+from ctprep.stages.regions import read_regions
+from ctprep.stages.resample import read_case_zarr
+from ctprep.stages.text import read_case_text
 from ctprep.tokenizer import tokenizer_identity
 
-# Members whose compression follows PackConfig.compression. Everything else is
-# small (token ids, regions: a few hundred kB at most) and stays plain .npy so
-# plain webdataset decodes it. Measured (README "pack"): zstd-3 shrinks a
-# 240x480x480 image ~2.3x (noise-dominated phantom) and a mask ~230x.
-COMPRESSED_MEMBERS = ("image", "mask")
 TAR_BLOCK = 512
-
-
-def crc32(data: bytes | memoryview) -> int:
-    """CRC32 (zlib/gzip polynomial) of ``data``; ISA-L's is the same function, ~5x faster."""
-    try:
-        from isal import isal_zlib
-
-        return isal_zlib.crc32(data)
-    except ImportError:  # pragma: no cover - isal is a dependency
-        return zlib.crc32(data)
-
-
-# --------------------------------------------------------------------------- members
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` bytes of ``array`` (C order, no pickle)."""
-    buf = io.BytesIO()
-    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d arrays (report_len) into 1-d.
-    np.lib.format.write_array(buf, np.asarray(array, order="C"), allow_pickle=False)
-    return buf.getvalue()
-
-
-def compress(data: bytes, method: str, zstd_level: int = 3) -> tuple[bytes, str]:
-    """(compressed bytes, member suffix). Deterministic for a given library version."""
-    if method == "none":
-        return data, ""
-    if method == "zst":
-        import zstandard
-
-        # Single-threaded, content size in the frame header so readers allocate once; the
-        # content checksum (XXH64, 4 bytes) makes a damaged frame fail on decompression.
-        cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=True, threads=0)
-        return cctx.compress(data), ".zst"
-    if method == "gz":
-        try:
-            from isal import igzip as gz  # 2-3x faster deflate, same format
-        except ImportError:  # pragma: no cover
-            import gzip as gz
-        return gz.compress(data, compresslevel=1, mtime=0), ".gz"
-    raise ValueError(f"unknown compression {method!r}; valid: zst, gz, none")
-
-
-def decompress(data: bytes, suffix: str) -> bytes:
-    """Inverse of :func:`compress` given the member suffix."""
-    if suffix == ".zst":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(data)
-    if suffix == ".gz":
-        import gzip
-
-        return gzip.decompress(data)
-    if suffix == "":
-        return data
-    raise ValueError(f"unknown compression suffix {suffix!r}")
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Canonical JSON (sorted keys, no whitespace variation)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def sample_members(
-    arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], compression: str, zstd_level: int = 3,
-    compressed: Iterable[str] = COMPRESSED_MEMBERS,
-) -> dict[str, bytes]:
-    """Member name (``image.npy.zst``, ``meta.json``, ...) -> bytes for one sample.
-
-    ``meta.json`` gets ``crc32``: the CRC32 of every other member's bytes as returned here
-    (= as stored in the tar). Its own checksum is :func:`meta_crc32` of the result, which the
-    shard writer records in the index.
-
-    Args:
-        compressed: members compressed with ``compression``; the rest stay plain ``.npy``.
-    """
-    compressed = set(compressed)
-    out: dict[str, bytes] = {}
-    for name, arr in arrays.items():
-        data = npy_bytes(arr)
-        suffix = ""
-        if name in compressed:
-            data, suffix = compress(data, compression, zstd_level)
-        out[f"{name}.npy{suffix}"] = data
-    meta = dict(meta)
-    meta[CHECKSUM_KEY] = {name: crc32(data) for name, data in sorted(out.items())}
-    out["meta.json"] = json_bytes(meta)
-    return out
-
-
-def meta_crc32(members: Mapping[str, bytes]) -> int | None:
-    """The index's checksum of a sample's ``meta.json`` (None for a sample without one)."""
-    data = members.get("meta.json")
-    return None if data is None else crc32(data)
-
-
-def verify_sample(members: Mapping[str, bytes], expected_meta_crc: int | None) -> list[str]:
-    """Problems of one sample's stored bytes against its checksums ([] = intact).
-
-    Args:
-        members: member name (without the key) -> bytes as stored in the tar.
-        expected_meta_crc: the index's ``meta_crc32`` of this sample (None: not recorded).
-    """
-    raw = members.get("meta.json")
-    if raw is None:
-        return ["no meta.json"]
-    if expected_meta_crc is not None and crc32(raw) != expected_meta_crc:
-        return [f"meta.json crc32 {crc32(raw)} != {expected_meta_crc} in the index"]
-    try:
-        sums = json.loads(raw).get(CHECKSUM_KEY)
-    except (ValueError, AttributeError) as e:
-        return [f"meta.json unreadable: {e}"]
-    if not isinstance(sums, dict):
-        return [] if expected_meta_crc is None else [f"meta.json has no {CHECKSUM_KEY}"]
-    problems = [f"{name}: not in the tar" for name in sorted(set(sums) - set(members))]
-    for name in sorted(set(members) - {"meta.json"}):
-        if name not in sums:
-            problems.append(f"{name}: no checksum in meta.json")
-        elif crc32(members[name]) != sums[name]:
-            problems.append(f"{name}: crc32 {crc32(members[name])} != {sums[name]} in meta.json")
-    return problems
 
 
 # --------------------------------------------------------------------------- tar writing
@@ -241,9 +135,8 @@ class ShardInfo:
     meta_crc32: dict[str, int] = field(default_factory=dict)  # case id -> CRC32 of its meta.json
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
-                "source": self.source, "generation": self.generation, "cases": dict(sorted(self.cases.items())),
-                INDEX_CHECKSUM_KEY: dict(sorted(self.meta_crc32.items()))}
+        return shard_entry(self.path, self.samples, self.bytes, self.sha256, self.source, self.generation,
+                           self.meta_crc32, self.cases)
 
 
 class ShardWriter:
@@ -343,24 +236,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def read_index(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(out_dir) / INDEX_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def write_index(out_dir: str | os.PathLike, index: Mapping[str, Any]) -> Path:
-    """Write ``index.json`` atomically (temporary name, fsync, rename)."""
-    path = Path(out_dir) / INDEX_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """The current ``index.json`` of any schema version (None before the first run): pack replaces
+    an index of another version rather than refusing it (``ctprep.shards.read_index_if_present``)."""
+    return read_index_if_present(out_dir)
 
 
 def check_index(out_dir: str | os.PathLike, index: Mapping[str, Any] | None = None, hashes: bool = True) -> list[str]:
@@ -386,7 +264,7 @@ def check_index(out_dir: str | os.PathLike, index: Mapping[str, Any] | None = No
             if hashes and file_sha256(p) != e["sha256"]:
                 problems.append(f"{e['path']}: sha256 differs from the index")
                 # Name the damaged samples: the trainer skips exactly these.
-                damaged = shard_sample_problems(p, e.get(INDEX_CHECKSUM_KEY))
+                damaged = shard_sample_problems(p, index_meta_crcs(e))
                 problems += [f"{e['path']}: {problem}" for problem in damaged]
             keys = tar_sample_keys(p)
             if len(keys) != e["samples"]:
@@ -465,25 +343,15 @@ def prune_retired(out_dir: str | os.PathLike) -> list[str]:
 
 
 def read_sample_arrays(zarr_path: str, regions_path: str, text_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays + per-case metadata of one case from the work dir (resample, regions, text outputs)."""
-    import zarr
-
-    group = zarr.open_group(zarr_path, mode="r")
-    image = np.asarray(group["image"][...])
-    mask = np.asarray(group["mask"][...])
-    attrs = dict(group.attrs)
-    arrays: dict[str, np.ndarray] = {"image": image.astype(np.int16, copy=False),
-                                     "mask": mask.astype(np.uint8, copy=False)}
-    arrays["regions"] = np.load(regions_path, allow_pickle=False)
-    text_dir_p = Path(text_dir)
-    for name in TEXT_ARRAYS:
-        arrays[name] = np.load(text_dir_p / f"{name}.npy", allow_pickle=False)
-    text_meta = json.loads((text_dir_p / "text.json").read_text())
+    """Arrays + per-case metadata of one case from the work dir, through each stage's own reader
+    (resample's zarr, the regions array, the text folder)."""
+    image, mask, attrs = read_case_zarr(zarr_path)
+    arrays: dict[str, np.ndarray] = {"image": np.asarray(image).astype(np.int16, copy=False),
+                                     "mask": np.asarray(mask).astype(np.uint8, copy=False)}
+    arrays["regions"] = read_regions(regions_path)
+    text_arrays, text_meta = read_case_text(text_dir)
+    arrays.update(text_arrays)
     return arrays, {"attrs": attrs, "text": text_meta}
-
-
-TEXT_ARRAYS = ("report_ids", "report_len", "steps_ids", "steps_len", "region_text_ids", "region_text_len",
-               "region_has_text")
 
 
 def build_sample(job: dict[str, Any]) -> dict[str, bytes]:
@@ -523,7 +391,7 @@ def build_sample(job: dict[str, Any]) -> dict[str, bytes]:
         "has_mask": bool(attrs.get("has_mask", True)),
         "plane": str(attrs.get("plane", "axial")),
     }
-    return sample_members(arrays, meta, job["compression"], job["zstd_level"])
+    return encode_sample(arrays, meta, job["compression"], job["zstd_level"])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -645,37 +513,6 @@ def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], heade
     return PackPlan(keep, retire, todo, placed)
 
 
-def absent_cases(work_dir: Path, dropped: Iterable[str]) -> set[str]:
-    """Which of the runner's ``dropped`` cases are really gone.
-
-    The runner drops every case with a pack row that is not eligible in this run, which
-    includes cases of source roots not scanned this time (``--src omni/`` after a run with
-    ``--src ctrate/`` into the same ``--out``). Their samples must stay listed, so the
-    manifest (read-only) decides: a dropped case that is still present and has no
-    quarantined upstream row is not gone. Without a manifest every dropped case is gone.
-    """
-    import sqlite3
-
-    dropped = set(dropped)
-    from ctprep.runner import MANIFEST_FILE
-
-    path = Path(work_dir) / MANIFEST_FILE
-    if not dropped or not path.is_file():
-        return dropped
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            present = {r[0] for r in conn.execute("SELECT case_id FROM cases WHERE present = 1")}
-            bad = {r[0] for r in conn.execute(
-                "SELECT case_id FROM stages WHERE status = 'quarantined' AND stage IN "
-                "('scan', 'resample', 'regions', 'text')")}
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return dropped
-    return {cid for cid in dropped if cid not in present or cid in bad}
-
-
 # version 2: 0-d members (report_len) stay 0-d; shards packed by version 1 must be rebuilt.
 # version 3: per-member checksums (meta.json crc32, index meta_crc32, zstd frame checksums);
 #            samples packed before are repacked so that every listed sample can be verified.
@@ -690,7 +527,8 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
     remove_temp_debris(out_dir)
     for split in {c.case.split for c in task.cases} | set((index or {}).get("splits", {})):
         remove_temp_debris(out_dir / split)
-    plan = plan_pack(index, task.cases, header, out_dir, absent_cases(Path(task.work_dir), task.dropped))
+    absent = set(task.dropped) if task.gone is None else set(task.gone)
+    plan = plan_pack(index, task.cases, header, out_dir, absent)
     results: list[CaseResult] = []
     # Cases already in a kept shard with their current key: only the manifest may lag (crash after
     # the index was written); re-record them, nothing to write.
@@ -814,7 +652,7 @@ def measure_shard_read(shape_zyx: tuple[int, int, int], samples: int, work_dir: 
         out = Path(work_dir) / f"measure-{method}"
         writer = ShardWriter(out, "m", max_bytes=1 << 40, max_samples=samples)
         for i in range(samples):
-            writer.write(f"case{i:04d}", sample_members({"image": image, "mask": mask}, {"id": i}, method, zstd_level))
+            writer.write(f"case{i:04d}", encode_sample({"image": image, "mask": mask}, {"id": i}, method, zstd_level))
         shard = writer.close()[0]
         t0 = time.perf_counter()
         with tarfile.open(out / shard.path, "r|") as tar:
