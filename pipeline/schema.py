@@ -2,6 +2,8 @@
 
 Change it only on purpose, in both at once, and bump ``SCHEMA_VERSION``.
 This module is dependency-free so that the trainer can import it without Dask.
+The code that writes and reads this format (members, ``index.json``, checksums) is
+``ctprep.shards``; everything else goes through it.
 
 One WebDataset sample per case; the sample key is the case id (``CASE_ID_RE``).
 Members (``<key>.<member>``); any ``.npy`` member may carry a compression
@@ -93,10 +95,8 @@ ABNORMALITY_LABELS = (
     "Interlobular septal thickening",
 )
 
-NPY_MEMBERS = (
-    "image",
-    "mask",
-    "regions",
+# The token members, as the text stage writes them (ctprep.stages.text.read_case_text reads them).
+TEXT_MEMBERS = (
     "report_ids",
     "report_len",
     "steps_ids",
@@ -104,8 +104,8 @@ NPY_MEMBERS = (
     "region_text_ids",
     "region_text_len",
     "region_has_text",
-    "labels",
 )
+NPY_MEMBERS = ("image", "mask", "regions", *TEXT_MEMBERS, "labels")
 COMPRESSION_SUFFIXES = ("", ".zst", ".gz")
 
 META_KEYS = (

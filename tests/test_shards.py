@@ -101,3 +101,17 @@ def test_imports_without_dask_zarr_or_the_tokenizer():
             "{'dask', 'distributed', 'zarr', 'transformers', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_text_stage_writes_exactly_the_schema_text_members(tmp_path):
+    from ctprep.stages.base import CaseTask
+    from ctprep.stages.text import TEXT_META_FILE, read_case_text, run_text
+    from tests.pack_helpers import make_case, small_config
+
+    task = CaseTask("text", make_case("t_1", 1), "k", str(tmp_path / "text" / "t_1"), str(tmp_path), small_config(), {})
+    run_text(task)
+    arrays, meta = read_case_text(task.output_path)
+    assert tuple(arrays) == schema.TEXT_MEMBERS and set(schema.TEXT_MEMBERS) < set(schema.NPY_MEMBERS)
+    written = {p.name for p in (tmp_path / "text" / "t_1").iterdir()}
+    assert written == {f"{m}.npy" for m in schema.TEXT_MEMBERS} | {TEXT_META_FILE}
+    assert meta["steps_text"] == ["Look at the lungs.", "Measure it: 3 mm."]

@@ -23,6 +23,7 @@ import numpy as np
 from ctprep.config import to_jsonable
 from ctprep.quarantine import MISSING_REPORT, QuarantineError
 from ctprep.region_text import region_texts, step_regions
+from ctprep.schema import TEXT_MEMBERS
 from ctprep.stages.base import NOTES_KEY, CaseTask, atomic_path, case_stage
 from ctprep.tokenizer import LoadedTokenizer, encode_padded, load_tokenizer, tokenizer_identity
 
@@ -165,8 +166,7 @@ def run_text(task: CaseTask) -> dict:
             NOTES_KEY: {TRUNCATION_NOTES[k]: v for k, v in cut.items() if v}}
 
 
-TEXT_ARRAYS = ("report_ids", "report_len", "steps_ids", "steps_len", "region_text_ids", "region_text_len",
-               "region_has_text")  # the arrays run_text writes (= tokenize_case_text's), one .npy each
+TEXT_ARRAYS = TEXT_MEMBERS  # the arrays run_text writes (= tokenize_case_text's), one .npy each
 TEXT_META_FILE = "text.json"
 
 
