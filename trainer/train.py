@@ -410,34 +410,14 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     model = apply_sync_batchnorm(build_model(cfg), cfg, info)
-    tokenizer = expected_tokenizer(cfg, model)
-    expect = data_lib.expectation_from_config(cfg.data, tokenizer)
-    index = data_lib.load_shard_index(cfg.data.shards, expect)
-    # What the encoder export records about preprocessing and data (the shards' build manifest).
-    export_meta = export_metadata(cfg.data.shards, index.raw) if is_main else None
-    for warning in (export_meta or {}).get("warnings", []):
-        print(f"[train] encoder export: {warning}", file=sys.stderr)
+    data = build_shard_data(cfg, model, is_main)
     library = resolve_object(cfg.model.module)
     loss_fn = build_loss(cfg)
     promote_scalar_params(model)
     optimizer = build_optimizer(cfg, model)
     engine = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer))
-
-    start_step, micro_batches = 0, 0
-    resume_dir = ckpt.resolve_resume(output, resume)
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
-        start_step, micro_batches = int(state["step"]), int(state["micro_batches"])
-        if state.get("world_size") != info.world_size and is_main:
-            print(f"[train] resuming a {state.get('world_size')}-rank run on {info.world_size} ranks: "
-                  "the data order differs from an uninterrupted run", file=sys.stderr)
-
-    samples = data_lib.samples_per_epoch(index, cfg.data)
-    steps_per_epoch = max(1, samples // (cfg.data.batch_size * info.world_size))  # micro-batches per rank
-    train_loader = data_lib.build_train_loader(
-        cfg.data, index, expect, rank=info.rank, world_size=info.world_size, start_batch=micro_batches
-    )
-    valid_loader = data_lib.build_valid_loader(cfg.data, index, expect, rank=info.rank, world_size=info.world_size)
+    resume_dir, start_step, micro_batches = resume_checkpoint(engine, output, resume, info)
+    train_loader, valid_loader, steps_per_epoch = build_loaders(cfg, data, info, micro_batches)
     batches = batches_for_training(train_loader, cfg.train.overfit_batches)
 
     runlog = RunLog(output, enabled=is_main, total_steps=cfg.train.steps, start_step=start_step,
@@ -450,13 +430,70 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             engine, output, step, client_state(step, cfg, engine, info.world_size, steps_per_epoch),
             rank=info.rank, keep=cfg.train.keep_checkpoints,
             build_fresh_model=lambda: library.create_model(cfg.model.name, **cfg.model.overrides),
-            save_pretrained=library.save_pretrained, tokenizer=index.tokenizer, export_metadata=export_meta,
+            save_pretrained=library.save_pretrained, tokenizer=data.index.tokenizer, export_metadata=data.export_meta,
         )
 
+    step, last = train_loop(engine, loss_fn, batches, valid_loader, cfg, info, runlog, save,
+                            start_step=start_step, steps_per_epoch=steps_per_epoch, resumed=resume_dir is not None)
+    runlog.close()
+    dist.barrier()
+    return {"step": step, **last}
+
+
+@dataclass
+class ShardData:
+    """The shards a run trains on: what they must match, their index, what the export records."""
+
+    expect: Any  # trainer.data expectation (tokenizer identity, format versions)
+    index: Any  # trainer.data shard index (shards, counts, tokenizer)
+    export_meta: dict[str, Any] | None  # preprocessing / data record for the encoder export (rank 0 only)
+
+
+def build_shard_data(cfg: Config, model: torch.nn.Module, is_main: bool) -> ShardData:
+    """Load the shard index checked against the model's tokenizer; rank 0 also reads the build manifest."""
+    tokenizer = expected_tokenizer(cfg, model)
+    expect = data_lib.expectation_from_config(cfg.data, tokenizer)
+    index = data_lib.load_shard_index(cfg.data.shards, expect)
+    # What the encoder export records about preprocessing and data (the shards' build manifest).
+    export_meta = export_metadata(cfg.data.shards, index.raw) if is_main else None
+    for warning in (export_meta or {}).get("warnings", []):
+        print(f"[train] encoder export: {warning}", file=sys.stderr)
+    return ShardData(expect, index, export_meta)
+
+
+def resume_checkpoint(engine, output: Path, resume: str | None, info: DistInfo) -> tuple[Path | None, int, int]:
+    """(checkpoint folder or None, optimizer steps done, micro-batches done) after loading ``--resume``."""
+    start_step, micro_batches = 0, 0
+    resume_dir = ckpt.resolve_resume(output, resume)
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(engine, resume_dir)
+        start_step, micro_batches = int(state["step"]), int(state["micro_batches"])
+        if state.get("world_size") != info.world_size and info.rank == 0:
+            print(f"[train] resuming a {state.get('world_size')}-rank run on {info.world_size} ranks: "
+                  "the data order differs from an uninterrupted run", file=sys.stderr)
+    return resume_dir, start_step, micro_batches
+
+
+def build_loaders(cfg: Config, data: ShardData, info: DistInfo, micro_batches: int):
+    """(train loader resumed after ``micro_batches``, valid loader or None, micro-batches per rank per epoch)."""
+    samples = data_lib.samples_per_epoch(data.index, cfg.data)
+    steps_per_epoch = max(1, samples // (cfg.data.batch_size * info.world_size))  # micro-batches per rank
+    train_loader = data_lib.build_train_loader(
+        cfg.data, data.index, data.expect, rank=info.rank, world_size=info.world_size, start_batch=micro_batches
+    )
+    valid_loader = data_lib.build_valid_loader(cfg.data, data.index, data.expect, rank=info.rank,
+                                               world_size=info.world_size)
+    return train_loader, valid_loader, steps_per_epoch
+
+
+def train_loop(engine, loss_fn, batches, valid_loader, cfg: Config, info: DistInfo, runlog: RunLog,
+               save: Callable[[int], None], *, start_step: int, steps_per_epoch: int, resumed: bool
+               ) -> tuple[int, dict[str, Any]]:
+    """Optimizer steps up to ``cfg.train.steps`` with logging, validation and checkpoints; (step, last rows)."""
     last: dict[str, Any] = {}
     corrupt_total = 0
     step = start_step
-    saved_step = start_step if resume_dir is not None else -1
+    saved_step = start_step if resumed else -1
     engine.train()
     while step < cfg.train.steps:
         # Per-step seed: dropout/drop-path streams replay exactly after a resume.
@@ -465,16 +502,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         step += 1
         corrupt_total += result.corrupt
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            row = _mean_across_ranks({"loss": result.loss, **result.terms}, info.device)
-            row.update(
-                lr=engine.get_lr()[0],
-                logit_scale=result.logit_scale,
-                temperature=1.0 / result.logit_scale if result.logit_scale > 0 else float("nan"),
-                samples_per_s=result.samples * info.world_size / max(result.step_s, 1e-9),
-                data_wait_frac=result.data_wait_s / max(result.step_s, 1e-9),
-                epoch=(step * engine.gradient_accumulation_steps()) / steps_per_epoch,
-                corrupt_skipped=corrupt_total,
-            )
+            row = train_row(engine, result, info, step, steps_per_epoch, corrupt_total)
             runlog.write("train", step, row)
             runlog.progress(step, {"loss": row["loss"], "lr": row["lr"]})
             last["train"] = row
@@ -489,9 +517,23 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         runlog.write("valid", step, last["valid"])
     if saved_step != step:
         save(step)
-    runlog.close()
-    dist.barrier()
-    return {"step": step, **last}
+    return step, last
+
+
+def train_row(engine, result: StepResult, info: DistInfo, step: int, steps_per_epoch: int,
+              corrupt_total: int) -> dict[str, float]:
+    """The ``train`` row of metrics.jsonl: losses averaged over ranks (a collective), rates, schedule."""
+    row = _mean_across_ranks({"loss": result.loss, **result.terms}, info.device)
+    row.update(
+        lr=engine.get_lr()[0],
+        logit_scale=result.logit_scale,
+        temperature=1.0 / result.logit_scale if result.logit_scale > 0 else float("nan"),
+        samples_per_s=result.samples * info.world_size / max(result.step_s, 1e-9),
+        data_wait_frac=result.data_wait_s / max(result.step_s, 1e-9),
+        epoch=(step * engine.gradient_accumulation_steps()) / steps_per_epoch,
+        corrupt_skipped=corrupt_total,
+    )
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
