@@ -1,7 +1,7 @@
-"""Dataset layouts (one module per layout) and their registry.
+"""Dataset layouts (one module per layout) and their fixed list, ``SOURCES``.
 
-``get_source(name)``, ``detect_source(root)`` and ``available_sources()`` import
-the known source modules on first use (see ``ctprep.sources.base.SOURCE_MODULES``).
+``get_source(name)``, ``detect_source(root)`` and ``available_sources()`` (defined
+in ``ctprep.sources.base``) read ``SOURCES``.
 """
 
 from ctprep.sources.base import (
@@ -13,10 +13,21 @@ from ctprep.sources.base import (
     get_source,
     register_source,
 )
+from ctprep.sources.ctrate import CtRateSource
+from ctprep.sources.omniabnorm import OmniAbnormSource
+
+# name -> Source class; the names are what manifests, shards and ``--source`` carry.
+SOURCES: dict[str, type[Source]] = {
+    CtRateSource.name: CtRateSource,
+    OmniAbnormSource.name: OmniAbnormSource,
+}
 
 __all__ = [
+    "SOURCES",
     "CaseInput",
+    "CtRateSource",
     "LoadedCase",
+    "OmniAbnormSource",
     "Source",
     "available_sources",
     "detect_source",

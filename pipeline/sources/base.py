@@ -1,4 +1,4 @@
-"""What a dataset layout must provide to the pipeline, and the source registry.
+"""What a dataset layout must provide to the pipeline, and how a source is looked up.
 
 A *source* knows one on-disk layout (CT-RATE, OmniAbnorm-CT). It does two
 things and nothing else:
@@ -15,14 +15,14 @@ things and nothing else:
 Geometry (reorientation, resampling, cropping) is *not* the source's job: the
 resample stage does it the same way for every source.
 
-Register a source with ``@register_source`` on its class; modules listed in
-``SOURCE_MODULES`` are imported on first registry use, so
-``get_source("omniabnorm")`` works without the caller importing anything.
+The sources are a fixed list, ``ctprep.sources.SOURCES`` (name -> class; the package
+imports its source modules explicitly). :func:`get_source`, :func:`detect_source` and
+:func:`available_sources` read it, so ``get_source("omniabnorm")`` works without the
+caller importing anything. A new source is a module plus its line in ``SOURCES``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections.abc import Iterator
@@ -47,7 +47,6 @@ __all__ = [
     "get_source",
     "detect_source",
     "available_sources",
-    "SOURCE_MODULES",
     "OUTPUT_MARKER",
     "is_pipeline_output",
     "input_files",
@@ -208,44 +207,35 @@ class Source:
         return tuple(float(s) for s in r.spacing_zyx), tuple(int(n) for n in r.shape_zyx)
 
 
-# name -> Source subclass
-_REGISTRY: dict[str, type[Source]] = {}
-
-# Modules that define sources; imported lazily on first registry access (they
-# import this module). All are required: an import error is raised.
-SOURCE_MODULES = ("ctprep.sources.ctrate", "ctprep.sources.omniabnorm")
-_loaded = False
-
-
 def register_source(cls: type[Source]) -> type[Source]:
-    """Class decorator: make ``cls`` available as ``get_source(cls.name)``."""
+    """Class decorator checking that a source class has a name; returns ``cls``.
+
+    Nothing is recorded: the list of sources is ``ctprep.sources.SOURCES``.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_source_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in SOURCE_MODULES:
-        importlib.import_module(mod)
-    _loaded = True  # only after all imported: a failed import fails again next time, loudly
+def _sources() -> dict[str, type[Source]]:
+    # The list lives in the package, which imports the source modules, which import this
+    # module: reading it at call time (never at import) keeps that from being a cycle.
+    from ctprep.sources import SOURCES
+
+    return SOURCES
 
 
 def available_sources() -> list[str]:
-    """Names of the registered sources, sorted."""
-    _load_source_modules()
-    return sorted(_REGISTRY)
+    """Names of the known sources, sorted."""
+    return sorted(_sources())
 
 
 def get_source(name: str, config: PipelineConfig | None = None) -> Source:
-    """Instantiate the source registered as ``name``; unknown names fail with the valid choices."""
-    _load_source_modules()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown source {name!r}; available: {', '.join(sorted(_REGISTRY)) or 'none'}")
-    return _REGISTRY[name](config)
+    """Instantiate the source ``name``; unknown names fail with the valid choices."""
+    sources = _sources()
+    if name not in sources:
+        raise ValueError(f"unknown source {name!r}; available: {', '.join(sorted(sources))}")
+    return sources[name](config)
 
 
 def detect_source(root: str | Path) -> str:
@@ -253,10 +243,10 @@ def detect_source(root: str | Path) -> str:
 
     Raises ValueError when none or several match (then pass ``--source``).
     """
-    _load_source_modules()
+    sources = _sources()
     root = Path(root)
-    hits = [name for name, cls in sorted(_REGISTRY.items()) if cls.detect(root)]
+    hits = [name for name, cls in sorted(sources.items()) if cls.detect(root)]
     if len(hits) != 1:
         what = "no known layout" if not hits else f"several layouts ({', '.join(hits)})"
-        raise ValueError(f"{root}: {what} detected; pass --source with one of: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(f"{root}: {what} detected; pass --source with one of: {', '.join(sorted(sources))}")
     return hits[0]

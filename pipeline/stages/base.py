@@ -2,9 +2,10 @@
 
 The pipeline is a fixed sequence of named stages (``STAGE_ORDER``):
 ``scan -> resample -> regions -> text -> pack``. Each stage is a
-:class:`StageSpec` registered in this module's registry by the stage's own
-module (``ctprep.stages.<name>``); the runner (``ctprep.runner``) only looks
-stages up here.
+:class:`StageSpec` declared by the stage's own module (``ctprep.stages.<name>``);
+the fixed list of them is ``ctprep.stages.STAGES`` (the package imports its five
+modules explicitly), and the runner (``ctprep.runner``) looks stages up with
+:func:`get_stage` / :func:`list_stages`.
 
 Two kinds of stages
 -------------------
@@ -36,7 +37,8 @@ changes). A stage is up to date for a case when the manifest row has the
 same key (and, for done rows, the output still exists). The components are
 recorded too, so ``ctprep status`` can say *why* a case is stale.
 
-Registering a stage (in ``ctprep/stages/<name>.py``)::
+Declaring a stage (in ``ctprep/stages/<name>.py``; the decorator validates the spec and
+attaches it to the function as ``run_regions.spec``, which ``ctprep.stages.STAGES`` lists)::
 
     from ctprep.stages.base import CaseTask, case_stage
 
@@ -60,7 +62,6 @@ Registering a stage (in ``ctprep/stages/<name>.py``)::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STAGE_ORDER",
-    "STAGE_MODULES",
     "StageSpec",
     "StageOutput",
     "CaseTask",
@@ -96,10 +96,6 @@ __all__ = [
 ]
 
 STAGE_ORDER = ("scan", "resample", "regions", "text", "pack")
-# Modules that register the stages (one per stage), imported lazily on first
-# registry access (not at package import: stage modules import this module).
-# All are required: an import error is raised, never turned into a missing stage.
-STAGE_MODULES = tuple(f"ctprep.stages.{name}" for name in STAGE_ORDER)
 
 StageKind = Literal["scan", "case", "aggregate"]
 CASE_FIELDS = ("files", "meta", "text", "labels", "split", "source")
@@ -249,12 +245,12 @@ class AggregateTask:
     gone: frozenset[str] | None = None
 
 
-_REGISTRY: dict[str, StageSpec] = {}
-_loaded = False
-
-
 def register_stage(spec: StageSpec) -> StageSpec:
-    """Add ``spec`` to the registry (re-registering the same name replaces it)."""
+    """Check ``spec`` against the pipeline's fixed shape and return it.
+
+    Nothing is recorded here: the list of stages is ``ctprep.stages.STAGES``. The name is
+    kept for the stage modules that declare their spec with it (``scan.SCAN``).
+    """
     if spec.name not in STAGE_ORDER:
         raise ValueError(f"unknown stage name {spec.name!r}; stages are {STAGE_ORDER}")
     bad = [u for u in spec.upstream if u not in STAGE_ORDER or STAGE_ORDER.index(u) >= STAGE_ORDER.index(spec.name)]
@@ -265,7 +261,6 @@ def register_stage(spec: StageSpec) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: unknown case_fields {bad}; valid: {CASE_FIELDS}")
     if spec.kind == "case" and spec.output is None:
         raise ValueError(f"per-case stage {spec.name!r} needs output=")
-    _REGISTRY[spec.name] = spec
     return spec
 
 
@@ -278,11 +273,12 @@ def case_stage(
     output: Callable[[str], str],
     case_fields: tuple[str, ...] = (),
 ) -> Callable[[Callable[[CaseTask], dict[str, Any]]], Callable[[CaseTask], dict[str, Any]]]:
-    """Decorator registering a per-case stage; the decorated function is ``run``."""
+    """Decorator declaring a per-case stage: the decorated function is ``run``, the
+    :class:`StageSpec` is attached to it as ``fn.spec`` (the function stays callable as is)."""
 
     def deco(fn: Callable[[CaseTask], dict[str, Any]]) -> Callable[[CaseTask], dict[str, Any]]:
-        register_stage(StageSpec(name, "case", tuple(upstream), str(version), config_slice,
-                                 tuple(case_fields), fn, output))
+        fn.spec = register_stage(StageSpec(name, "case", tuple(upstream), str(version), config_slice,  # type: ignore[attr-defined]
+                                           tuple(case_fields), fn, output))
         return fn
 
     return deco
@@ -296,37 +292,35 @@ def aggregate_stage(
     config_slice: Callable[[PipelineConfig], Any],
     case_fields: tuple[str, ...] = (),
 ) -> Callable[[Callable[[AggregateTask], list[CaseResult]]], Callable[[AggregateTask], list[CaseResult]]]:
-    """Decorator registering an aggregate (driver-side) stage; the decorated function is ``run``."""
+    """Decorator declaring an aggregate (driver-side) stage; as :func:`case_stage`, the spec is ``fn.spec``."""
 
     def deco(fn: Callable[[AggregateTask], list[CaseResult]]) -> Callable[[AggregateTask], list[CaseResult]]:
-        register_stage(StageSpec(name, "aggregate", tuple(upstream), str(version), config_slice,
-                                 tuple(case_fields), fn, None))
+        fn.spec = register_stage(StageSpec(name, "aggregate", tuple(upstream), str(version), config_slice,  # type: ignore[attr-defined]
+                                           tuple(case_fields), fn, None))
         return fn
 
     return deco
 
 
-def _load_stage_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in STAGE_MODULES:
-        importlib.import_module(mod)
-    _loaded = True  # only after all imported: a failed import fails again next time, loudly
+def _stages() -> dict[str, StageSpec]:
+    # The list lives in the package, which imports the stage modules, which import this module:
+    # reading it at call time (never at import) is what keeps that from being a cycle.
+    from ctprep.stages import STAGES
+
+    return STAGES
 
 
 def get_stage(name: str) -> StageSpec:
-    """The registered stage ``name``; unknown names fail with the valid choices."""
-    _load_stage_modules()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown stage {name!r}; available: {', '.join(s.name for s in list_stages())}")
-    return _REGISTRY[name]
+    """The stage ``name``; unknown names fail with the valid choices."""
+    stages = _stages()
+    if name not in stages:
+        raise ValueError(f"unknown stage {name!r}; available: {', '.join(stages)}")
+    return stages[name]
 
 
 def list_stages() -> list[StageSpec]:
-    """Registered stages in pipeline order."""
-    _load_stage_modules()
-    return [_REGISTRY[n] for n in STAGE_ORDER if n in _REGISTRY]
+    """All stages in pipeline order (``STAGE_ORDER``)."""
+    return list(_stages().values())
 
 
 def input_fingerprint(case: CaseInput, fields: tuple[str, ...], file_hashes: dict[str, str]) -> str:
