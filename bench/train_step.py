@@ -5,8 +5,8 @@ timed in turn, rep by rep, in this one process, so machine noise hits them alike
 median seconds per step, the ratio to ``--baseline`` and the first step's loss (the kernels compute
 the same function, so the losses must agree; a mismatch is reported and fails the run).
 
-    OMP_NUM_THREADS=1 python bench/train_step.py          # tiny, batch 16 x 32 x 128 x 128, bf16
-    python bench/train_step.py --amp fp32 --reps 3 --kernels augmented blocked
+    OMP_NUM_THREADS=1 python -m bench.train_step          # tiny, batch 16 x 32 x 128 x 128, bf16
+    python bench/train_step.py --amp fp32 --reps 3 --kernels augmented blocked   # as a script works too
 
 The text tower is not built: `make demo` freezes it and caches its features, so the vision encoder
 is what a demo step spends its time on.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file (python bench/train_step.py): Python put bench/, not the repository, on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_check import EncoderSetup, build_visual, encoder_loss, synthetic_batch  # noqa: E402
+from bench.gpu_check import EncoderSetup, build_visual, encoder_loss, synthetic_batch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
