@@ -4,7 +4,8 @@ A preset is a YAML file in ``configs/pipeline/`` (``demo``, ``ctclip``,
 ``seed``); ``load_config("ctclip")`` or ``load_config("path/to/my.yaml")``
 returns a :class:`PipelineConfig`. A YAML file may start from a preset with
 ``extends: <preset>`` and override any field. Unknown keys raise with the
-valid choices (a typo must not silently fall back to a default).
+valid choices (a typo must not silently fall back to a default); reading and
+typing is ``ctprep.typed_config``'s, shared with the trainer's configs.
 
 Each stage is keyed by the *slice* of this config it reads (see
 ``ctprep.stages.base.StageSpec.config_slice``), so changing, say, the
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ctprep.typed_config import ConfigError, from_dict, read_yaml_chain
 
 # configs/ at the repository root (pipeline/ is installed editable from the repo).
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -208,25 +211,6 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:n]
 
 
-def _coerce(cls: type, section: str, values: dict[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section {section!r}; valid: {sorted(fields)}")
-    defaults = cls()
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(defaults, name)
-        if isinstance(default, tuple) and value is not None:
-            if not isinstance(value, (list, tuple)) or len(value) != len(default):
-                raise ValueError(f"{section}.{name} must be a list of {len(default)} values, got {value!r}")
-            value = tuple(type(d)(v) for d, v in zip(default, value))
-        elif isinstance(default, float) and isinstance(value, int):
-            value = float(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def load_region_map(name_or_path: str | Path) -> dict[str, list[int]]:
     """Read ``configs/regions/<name>.yaml`` (or a path): ``regions: {name: [ids]}``."""
     path = Path(name_or_path)
@@ -241,28 +225,6 @@ def load_region_map(name_or_path: str | Path) -> dict[str, list[int]]:
     if not out:
         raise ValueError(f"{path}: no regions")
     return out
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "regions":
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if path in seen:
-        raise ValueError(f"config 'extends' cycle: {' -> '.join(map(str, seen + (path,)))}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
-    parent = data.pop("extends", None)
-    if parent:
-        data = _deep_merge(_read_yaml_chain(resolve_config_path(parent), seen + (path,)), data)
-    return data
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -283,26 +245,30 @@ def list_presets() -> list[str]:
 
 
 def config_from_dict(data: dict[str, Any], name: str = "custom") -> PipelineConfig:
-    """Build a :class:`PipelineConfig` from a plain dict (as in YAML)."""
+    """Build a :class:`PipelineConfig` from a plain dict (as in YAML, or a manifest's recorded config)."""
     data = dict(data)
     unknown = sorted(set(data) - set(_SECTIONS) - {"name"})
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)} + 'name', 'extends'")
-    sections = {s: _coerce(cls, s, dict(data.get(s) or {})) for s, cls in _SECTIONS.items()}
-    regions: RegionsConfig = sections["regions"]
-    if not regions.regions:
-        regions.regions = load_region_map(regions.map)
-    else:
-        regions.regions = {str(k): [int(i) for i in v] for k, v in regions.regions.items()}
-    cfg = PipelineConfig(name=str(data.get("name", name)), **sections)
+    if unknown:  # the sections' own messages say "unknown key"; a misspelt section is worth its own
+        raise ConfigError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)} + 'name', 'extends'")
+    cfg = from_dict(PipelineConfig, {**data, "name": str(data.get("name", name))})
+    if not cfg.regions.regions:
+        cfg.regions.regions = load_region_map(cfg.regions.map)
     validate_config(cfg)
     return cfg
 
 
+def _resolve_extends(parent: str, _child: Path) -> Path:
+    return resolve_config_path(parent)
+
+
 def load_config(name_or_path: str | Path | None = None) -> PipelineConfig:
-    """Load a preset by name or a YAML file by path (None -> ``demo``)."""
+    """Load a preset by name or a YAML file by path (None -> ``demo``).
+
+    ``extends:`` names a preset or a YAML path; ``regions.regions`` of a child replaces the
+    parent's whole (region order is the mask's id order), every other key merges one by one.
+    """
     path = resolve_config_path(name_or_path or DEFAULT_PRESET)
-    data = _read_yaml_chain(path)
+    data = read_yaml_chain(path, _resolve_extends, replace=("regions.regions",))
     return config_from_dict(data, name=path.stem)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 from typer.testing import CliRunner
 
@@ -10,6 +12,7 @@ from ctprep.runner import current_keys
 from ctprep.sources import available_sources, get_source
 from ctprep.sources.base import CaseInput
 from ctprep.stages import STAGE_ORDER, get_stage, list_stages
+from ctprep.typed_config import ConfigError, from_dict
 
 
 @pytest.mark.parametrize("name,shape", [("demo", (32, 128, 128)), ("ctclip", (240, 480, 480)), ("seed", (64, 512, 512))])
@@ -88,3 +91,87 @@ def test_cli_status_without_manifest(tmp_path):
     res = CliRunner().invoke(app, ["status", "--out", str(tmp_path)])
     assert res.exit_code == 1
     assert "no manifest" in res.output
+
+
+# --------------------------------------------------------------------------- the shared loader
+
+
+@dataclass
+class Inner:
+    size_zyx: tuple[int, int, int] = (1, 1, 1)  # voxels
+    scale: float = 1.0
+    tag: str | None = None
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    weights: dict[str, float] = field(default_factory=dict)
+    on: bool = False
+
+
+def test_typed_loader_converts_and_names_the_bad_key():
+    cfg = from_dict(Outer, {"inner": {"size_zyx": [2, 3, 4], "scale": 2, "tag": None}, "weights": {"a": 1}, "on": True})
+    assert cfg.inner == Inner((2, 3, 4), 2.0, None) and cfg.weights == {"a": 1.0} and isinstance(cfg.inner.scale, float)
+    assert from_dict(Outer, {"inner": None}).inner == Inner()  # an empty YAML section = the defaults
+    assert from_dict(Inner, {"scale": "1e-4"}).scale == 1e-4  # PyYAML reads 1e-4 as a string
+    for bad, match in [({"inner": {"sise_zyx": [1, 1, 1]}}, r"unknown key.*'inner'.*valid choices: size_zyx, scale, tag"),
+                       ({"inner": {"size_zyx": [1, 2]}}, r"inner.size_zyx: expected a list of 3"),
+                       ({"inner": {"size_zyx": [1, 2.5, 3]}}, r"inner.size_zyx\[1\]: expected an integer"),
+                       ({"on": "yes"}, "on: expected true/false"),
+                       ({"inner": {"scale": "big"}}, "inner.scale: expected a number")]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(Outer, bad)
+
+
+def test_pipeline_extends_merges_key_by_key_but_regions_whole(tmp_path):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("extends: demo\nregions:\n  patch_size_zyx: [8, 16, 16]\n  regions: {lung: [10], heart: [51]}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {parent}\nregions:\n  regions: {{aorta: [52]}}\n")
+    cfg = load_config(child)
+    assert cfg.regions.patch_size_zyx == (8, 16, 16) and cfg.regions.names == ["aorta"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(loop)
+    with pytest.raises(ValueError, match="resample.shape_zyx: expected a list of 3"):
+        config_from_dict({"resample": {"shape_zyx": [32, 128]}})
+
+
+def test_trainer_config_extends_and_overrides(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.config import load_config as load_train_config
+
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.001, warmup_steps: 5}\ndata: {sources: {ctrate: 1.0}}\n")
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\noptim: {warmup_steps: 7}\n")
+    cfg = load_train_config(tmp_path / "run.yaml", ["optim.lr=1e-4", "data.sources.omniabnorm=0.5"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 7
+    assert cfg.data.sources == {"ctrate": 1.0, "omniabnorm": 0.5}
+    with pytest.raises(ConfigError, match=r"unknown key.*'optim'.*valid choices: lr"):
+        load_train_config(tmp_path / "run.yaml", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_train_config(tmp_path / "run.yaml", ["optim.lr"])
+
+
+def test_model_config_unknown_key_and_type():
+    from trainer.model.factory import get_model_config
+
+    with pytest.raises(ValueError, match=r"unknown key.*'vision.attention'.*valid choices: slice_bias"):
+        get_model_config("tiny", **{"vision.attention.slise_bias": False})
+    with pytest.raises(ValueError, match="vision.depth: expected an integer"):
+        get_model_config("tiny", **{"vision.depth": 2.5})
+    assert get_model_config("tiny", **{"vision.depth": 2, "vision.out_indices": [0, 1]}).vision.out_indices == (0, 1)
+
+
+def test_registries_are_fixed_lists():
+    from ctprep.sources import SOURCES, CtRateSource, OmniAbnormSource
+    from ctprep.stages import STAGES
+
+    assert SOURCES == {"ctrate": CtRateSource, "omniabnorm": OmniAbnormSource}
+    assert tuple(STAGES) == STAGE_ORDER and get_stage("pack") is STAGES["pack"]
+    assert isinstance(get_source("ctrate"), CtRateSource)
+    with pytest.raises(ValueError, match="available: ctrate, omniabnorm"):
+        get_source("dicom")
+    with pytest.raises(ValueError, match="available: scan, resample, regions, text, pack"):
+        get_stage("segment")

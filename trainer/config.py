@@ -4,7 +4,9 @@ A config file has five sections (``model``, ``data``, ``loss``, ``optim``, ``tra
 loaded into its own dataclass so that every part of the trainer receives only the slice it
 needs. Unknown keys fail loudly with the valid choices (MONAI ``look_up_option`` style), and
 command-line overrides use dotted keys (``optim.lr=1e-4``, ``data.sources.ctrate=2``) whose
-values are parsed as YAML scalars.
+values are parsed as YAML scalars. A file may start from another with ``extends: <path>``
+(relative to the file). Reading and typing is ``ctprep.typed_config``'s, shared with the
+pipeline's and the model's configs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ctprep.typed_config import ConfigError, apply_override, from_dict, read_yaml_chain
+
+__all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deepspeed_config"]
 
 
 @dataclass
@@ -124,57 +128,24 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A config key or value that the trainer does not know."""
-
-
-def _build(cls: type, values: dict[str, Any], where: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in '{where}'; valid keys: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        sub = known[name].type
-        if isinstance(sub, str) and sub in _SECTIONS:
-            kwargs[name] = _build(_SECTIONS[sub], value or {}, f"{where}.{name}".lstrip("."))
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-_SECTIONS = {
-    "ModelConfig": ModelConfig,
-    "DataConfig": DataConfig,
-    "AugmentConfig": AugmentConfig,
-    "LossConfig": LossConfig,
-    "OptimConfig": OptimConfig,
-    "TrainConfig": TrainConfig,
-}
-
-
-def apply_override(tree: dict[str, Any], dotted: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
-    if "=" not in dotted:
-        raise ConfigError(f"override '{dotted}' must look like key.sub=value")
-    key, raw = dotted.split("=", 1)
-    parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+def _resolve_extends(parent: str, child: Path) -> Path:
+    """``extends:`` of a training YAML: a path as given, else relative to the file naming it."""
+    path = Path(parent)
+    if not path.is_absolute() and not path.is_file():
+        path = child.parent / parent
+    if not path.is_file():
+        raise ConfigError(f"{child}: extends {parent!r}: no such file (as given or beside {child.name})")
+    return path
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a training YAML, apply dotted ``key=value`` overrides, and type-check the sections."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = read_yaml_chain(path, _resolve_extends)
     for item in overrides:
         apply_override(tree, item)
-    cfg = _build(Config, tree, "")
+    cfg = from_dict(Config, tree)
     if path is not None:
         cfg.train.deepspeed = str(_find_beside(cfg.train.deepspeed, Path(path)))
     _check(cfg)

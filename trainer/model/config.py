@@ -1,24 +1,24 @@
 """Typed model configs: one dataclass per concern, loaded from ``configs/model/<name>.yaml``.
 
 Every field carries its unit. Unknown keys and unknown option values raise with
-the valid choices (MONAI ``look_up_option`` style) instead of silently falling back.
+the valid choices (MONAI ``look_up_option`` style) instead of silently falling back;
+reading and typing is ``ctprep.typed_config``'s (``from_dict``), shared with the pipeline's
+and the trainer's configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
+from ctprep.typed_config import from_dict, look_up_option, set_dotted
 
-def look_up_option(value: Any, choices: Sequence[Any], what: str) -> Any:
-    """Return ``value`` if it is one of ``choices``; raise ``ValueError`` naming the valid ones."""
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(repr, choices))}")
-    return value
+__all__ = [
+    "CTCLIPConfig", "VisionConfig", "TextConfig", "InputConfig", "PatchEmbedConfig", "AttentionConfig",
+    "AnatomyConfig", "from_dict", "look_up_option", "apply_overrides", "validate", "to_dict", "json_ready",
+]
 
 
 @dataclass
@@ -138,61 +138,10 @@ class CTCLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Convert YAML/JSON data to the annotated field type, strictly."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _convert(non_none[0], value, where)
-    if origin is tuple:
-        return tuple(_convert(typing.get_args(tp)[0], v, where) for v in value)
-    if tp is float:
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or int(value) != value:
-            raise TypeError(f"{where}: expected int, got {value!r}")
-        return int(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts; unknown keys raise with the valid ones."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        look_up_option(key, names, f"key in {where or cls.__name__}")
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys (``"vision.depth": 2``) in a nested config dict; unknown paths fail at ``from_dict``."""
     for dotted, value in overrides.items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {dotted!r}: {part!r} is not a config section")
-        node[parts[-1]] = value
+        set_dotted(data, dotted, value)
     return data
 
 

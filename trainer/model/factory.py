@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ctprep.atomic import atomic_path, atomic_write_json
+from ctprep.typed_config import read_yaml
 
 from .clip import CTCLIP
 from .config import CTCLIPConfig, apply_overrides, from_dict, to_dict, validate
@@ -45,12 +45,12 @@ def _read_config_dict(name_or_path: str) -> dict:
             text["path"] = str((path / text["path"]).resolve())
         return data
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return yaml.safe_load(path.read_text())
+        return read_yaml(path)
     candidate = model_config_dir() / f"{name_or_path}.yaml"
     if not candidate.is_file():
         raise ValueError(f"unknown model {name_or_path!r}; valid choices: {', '.join(list_models())} "
                          "(or a .yaml file, or a save_pretrained directory)")
-    data = yaml.safe_load(candidate.read_text())
+    data = read_yaml(candidate)
     data.setdefault("name", name_or_path)
     return data
 
