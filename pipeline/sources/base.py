@@ -102,7 +102,7 @@ class CaseInput:
     Attributes:
         case_id: file-name stem, validated with ``ctprep.schema.is_safe_case_id``
             before it is ever used as a path.
-        source: registered source name ("ctrate" | "omniabnorm").
+        source: source name, a key of ``ctprep.sources.SOURCES`` ("ctrate" | "omniabnorm").
         split: "train" | "valid" | ... (CT-RATE "validation" is normalised to "valid").
         files: role -> absolute path. Roles used so far: "image" (volume),
             "mask" (label map); OmniAbnorm may add "context_<k>", "mask_<id>".

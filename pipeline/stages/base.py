@@ -1,4 +1,4 @@
-"""Stage framework: specs, keys, the registry, and atomic output helpers.
+"""Stage framework: specs, keys, stage lookup, and the atomic output helpers (from ``ctprep.atomic``).
 
 The pipeline is a fixed sequence of named stages (``STAGE_ORDER``):
 ``scan -> resample -> regions -> text -> pack``. Each stage is a
@@ -103,7 +103,7 @@ CASE_FIELDS = ("files", "meta", "text", "labels", "split", "source")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A registered stage.
+    """A stage of the pipeline (listed in ``ctprep.stages.STAGES``).
 
     Attributes:
         name: stage name (one of ``STAGE_ORDER``).
