@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -112,6 +114,35 @@ def execute_case(task: CaseTask) -> CaseResult:
                               seconds=time.perf_counter() - t0)
         return CaseResult(**base, status="quarantined", kind=STAGE_ERROR,
                           reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
+
+
+# Longest a (case, stage) task may run before the run stops waiting for it (seconds; --task-timeout).
+# A read stuck in the kernel (a hung network mount) cannot be interrupted from Python, so the task's
+# thread is abandoned instead: the run finishes, the case is a retryable failure ("timeout").
+TASK_TIMEOUT_S = 3600.0
+TIMEOUT = "timeout"
+
+
+def call_with_timeout(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None) -> tuple[bool, Any]:
+    """``(True, fn(arg))``, or ``(False, None)`` when ``fn`` has not returned after ``timeout_s``
+    (its daemon thread is left behind; it cannot block the process from exiting)."""
+    if not timeout_s:
+        return True, fn(arg)
+    box: list[Any] = []
+    worker = threading.Thread(target=lambda: box.append(fn(arg)), daemon=True, name="ctprep-task")
+    worker.start()
+    worker.join(timeout_s)
+    return (True, box[0]) if box else (False, None)
+
+
+def execute_case_within(task: CaseTask, timeout_s: float | None = TASK_TIMEOUT_S) -> CaseResult:
+    """:func:`execute_case`, given up after ``timeout_s`` as a retryable ``timeout`` failure."""
+    done, result = call_with_timeout(execute_case, task, timeout_s)
+    if done:
+        return result
+    return CaseResult(task.case.case_id, task.stage, task.key, "quarantined", kind=TIMEOUT,
+                      reason=f"no result after {timeout_s:g} s (a stuck read?); left behind, retried on the next run",
+                      info={ENVIRONMENT_FAILURE: True}, seconds=float(timeout_s or 0))
 
 
 def is_retryable(row_or_result) -> bool:
@@ -254,6 +285,7 @@ def build(
     strict: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    task_timeout: float | None = TASK_TIMEOUT_S,
 ) -> BuildReport:
     """Run the pipeline (see module docstring). Returns a :class:`BuildReport`; never raises for bad cases."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -266,7 +298,7 @@ def build(
         if not _is_inside(work_dir, out):
             locks.enter_context(folder_lock(work_dir))
         return _build_locked(srcs, out, work_dir, config, wanted, source, scheduler, workers, retries,
-                             memory_limit, strict, progress, log)
+                             memory_limit, strict, progress, log, task_timeout)
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -278,7 +310,7 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 
 def _build_locked(srcs, out: Path, work_dir: Path, config: PipelineConfig, wanted: list[str], source, scheduler,
-                  workers, retries, memory_limit, strict, progress, log) -> BuildReport:
+                  workers, retries, memory_limit, strict, progress, log, task_timeout=TASK_TIMEOUT_S) -> BuildReport:
     specs = list_stages()
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +329,8 @@ def _build_locked(srcs, out: Path, work_dir: Path, config: PipelineConfig, wante
             spec = get_stage(name)
             t0 = time.perf_counter()
             if spec.kind == "case":
-                tallies[name] = _run_case_stage(spec, cases, keys, config, manifest, cluster, work_dir, out, progress)
+                tallies[name] = _run_case_stage(spec, cases, keys, config, manifest, cluster, work_dir, out, progress,
+                                                task_timeout)
             else:
                 tallies[name] = _run_aggregate_stage(spec, cases, keys, config, manifest, cluster, work_dir, out)
             tallies[name].seconds = time.perf_counter() - t0
@@ -410,7 +443,7 @@ def _eligibility(spec: StageSpec, case: CaseInput, keys: dict[str, KeyParts], ro
 
 
 def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cluster: Cluster,
-                    work: Path, out: Path, progress: bool) -> StageTally:
+                    work: Path, out: Path, progress: bool, task_timeout: float | None = TASK_TIMEOUT_S) -> StageTally:
     tally = StageTally()
     rows = manifest.stage_rows()
     todo: list[CaseTask] = []
@@ -440,7 +473,7 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
     for folder in folders:
         remove_temp_debris(folder)
     bar = _progress_bar(len(todo), spec.name, progress)
-    for task, result in _map_with_retry(cluster, todo):
+    for task, result in _map_with_retry(cluster, todo, task_timeout):
         if isinstance(result, BaseException):  # e.g. the worker died on this case again and again (memory?)
             result = CaseResult(task.case.case_id, spec.name, task.key, "quarantined", kind=type(result).__name__,
                                 reason=one_line(f"task failed on the cluster: {type(result).__name__}: {result}"),
@@ -477,18 +510,22 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
 RETRY_PAUSE_S = 2.0  # before the in-run retry of environment failures (a transient I/O error may pass)
 
 
-def _map_with_retry(cluster: Cluster, todo: list[CaseTask]) -> Iterable[tuple[CaseTask, Any]]:
-    """``cluster.map(execute_case, todo)``, then once more for the tasks that failed for an
-    environment reason; yields each task's final result once."""
+def _map_with_retry(cluster: Cluster, todo: list[CaseTask], timeout_s: float | None = TASK_TIMEOUT_S
+                    ) -> Iterable[tuple[CaseTask, Any]]:
+    """``cluster.map(execute_case_within, todo)``, then once more for the tasks that failed for an
+    environment reason (not for a timeout: that would double the wait); yields each task's final
+    result once."""
+    run = functools.partial(execute_case_within, timeout_s=timeout_s)
     again = []
-    for task, result in cluster.map(execute_case, todo):
-        if isinstance(result, CaseResult) and (result.info or {}).get(ENVIRONMENT_FAILURE):
+    for task, result in cluster.map(run, todo):
+        if (isinstance(result, CaseResult) and (result.info or {}).get(ENVIRONMENT_FAILURE)
+                and result.kind != TIMEOUT):
             again.append(task)
             continue
         yield task, result
     if again:
         time.sleep(RETRY_PAUSE_S)
-        yield from cluster.map(execute_case, again)
+        yield from cluster.map(run, again)
 
 
 def _abs(path: str | None, spec: StageSpec, work: Path, out: Path) -> str:

@@ -94,6 +94,7 @@ def build_shards(
     workers: Optional[int] = typer.Option(None, "--workers", help="Local Dask worker processes (1 thread each). Default: min(2, CPUs); 0 = in process."),
     retries: int = typer.Option(2, "--retries", help="Re-run a task that raised on a Dask worker up to N times (a dead worker's tasks are re-run anyway)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Per local worker process, e.g. 6GiB (default: Dask's share of RAM). With --scheduler, set it on the workers."),
+    task_timeout: float = typer.Option(3600.0, "--task-timeout", min=0, help="Seconds one case may spend in one stage before the run stops waiting (a stuck read); the case is retried on the next run. 0 = no limit."),
     masks: Optional[list[str]] = typer.Option(None, "--masks", help="CT-RATE mask tree NAME=DIR (repeatable), e.g. a MedSAM2 output folder; the first one is the anatomy map unless --anatomy-masks names another."),
     anatomy_masks: Optional[str] = typer.Option(None, "--anatomy-masks", help="Name of the mask tree that drives regions (default: ts_total if present, else masks/, else the only tree)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (2) if any case is quarantined."),
@@ -114,7 +115,7 @@ def build_shards(
         with tls_config(tls):
             report = build(src, out, cfg, work=work, stages=stages, source=source, scheduler=scheduler,
                            workers=workers, retries=retries, memory_limit=memory_limit, strict=strict,
-                           progress=progress)
+                           progress=progress, task_timeout=task_timeout or None)
     raise typer.Exit(report.exit_code)
 
 

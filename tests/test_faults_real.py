@@ -230,3 +230,32 @@ def test_declared_size_over_the_limit_is_quarantined_unread(src, tmp_path):
     assert report.exit_code == 1 and q  # every case too big for a 1 MiB limit: none packed
     assert all(r["kind"] == "unreadable" and "over the 1 MiB limit (ctrate.max_volume_mb)" in r["reason"]
                for r in q.values())
+
+
+def test_a_stuck_read_does_not_hang_the_run(src, tmp_path, monkeypatch):
+    import threading
+
+    from ctprep.stages import resample
+
+    victim = _ids(src)[0]
+    real_load = resample.resample_loaded
+    release = threading.Event()
+
+    def stuck(case, *args, **kwargs):
+        if case.case_id == victim:
+            release.wait(60)  # a read that never returns (a hung network mount), bounded for the test
+        return real_load(case, *args, **kwargs)
+
+    monkeypatch.setattr(resample, "resample_loaded", stuck)
+    from ctprep.tokenizer import load_tokenizer
+
+    load_tokenizer(None)  # cached per process: the text stage's first case must not count its import
+    out = tmp_path / "out"
+    try:
+        report = _build(src, out, task_timeout=5.0)
+    finally:
+        release.set()
+    assert report.exit_code == 4 and "resample: 3 done now, 1 FAILED, will retry on the next run (timeout 1)" in report.summary
+    assert victim not in _packed(out) and victim not in _quarantined(out)
+    monkeypatch.setattr(resample, "resample_loaded", real_load)
+    assert _build(src, out).exit_code == 0 and _packed(out) == _ids(src)
