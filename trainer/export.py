@@ -176,10 +176,13 @@ def export_metadata(shards: str | Path, index: dict[str, Any] | None = None,
     (and says so), because training must not stop over it.
     """
     from ctprep.schema import INDEX_FILE
+    from ctprep.shards import read_index_if_present
 
     shards = Path(shards)
     if index is None:
-        index = json.loads((shards / INDEX_FILE).read_text())
+        index = read_index_if_present(shards)
+        if index is None:
+            raise FileNotFoundError(f"{shards / INDEX_FILE} not found: not a shards folder")
     out: dict[str, Any] = {"preprocessing": None, "data": None, "warnings": []}
     sources: list[dict[str, Any]] = []
     try:
@@ -460,8 +463,10 @@ def _run_shards(run: Path | None) -> Path | None:
     shards = json.loads((run / "config.json").read_text()).get("data", {}).get("shards")
     if not shards:
         return None
+    from ctprep.schema import INDEX_FILE
+
     for cand in (Path(shards), run.parent / shards, run.parent.parent / shards):
-        if (cand / "index.json").is_file():
+        if (cand / INDEX_FILE).is_file():
             return cand
     return None
 
