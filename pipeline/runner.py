@@ -41,7 +41,7 @@ from ctprep.errors import UserError
 from ctprep.lock import folder_lock
 from ctprep.manifest import Manifest, StageRow
 from ctprep.quarantine import STAGE_ERROR, Quarantine, QuarantineError, one_line, write_quarantine_jsonl
-from ctprep.sources.base import CaseInput, detect_source, get_source
+from ctprep.sources.base import CaseInput, detect_source, get_source, is_inside
 from ctprep.stages.base import (
     NOTES_KEY,
     STAGE_ORDER,
@@ -295,18 +295,10 @@ def build(
     with contextlib.ExitStack() as locks:
         # One writer per output: a second build on the same --out (or --work) stops here at once.
         locks.enter_context(folder_lock(out))
-        if not _is_inside(work_dir, out):
+        if not is_inside(work_dir, out):
             locks.enter_context(folder_lock(work_dir))
         return _build_locked(srcs, out, work_dir, config, wanted, source, scheduler, workers, retries,
                              memory_limit, strict, progress, log, task_timeout)
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
 
 
 def _build_locked(srcs, out: Path, work_dir: Path, config: PipelineConfig, wanted: list[str], source, scheduler,

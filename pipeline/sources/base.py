@@ -58,6 +58,17 @@ __all__ = [
 OUTPUT_MARKER = ".ctprep.lock"
 
 
+def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is ``folder`` or lies below it (lexically; resolve both first if links matter)."""
+    from pathlib import PurePath
+
+    try:
+        PurePath(path).relative_to(PurePath(folder))
+        return True
+    except ValueError:
+        return False
+
+
 def is_pipeline_output(folder: str | os.PathLike[str]) -> bool:
     """True if ``folder`` is a ctprep output or work folder (it holds ``OUTPUT_MARKER``)."""
     return os.path.exists(os.path.join(folder, OUTPUT_MARKER))

@@ -41,7 +41,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctprep.sources.base import input_files
+from ctprep.sources.base import input_files, is_inside
 
 NII_SUFFIXES = (".nii.gz", ".nii")
 MASK_DIR_NAMES = {"masks", "mask", "segmentations", "seg", "labels_masks"}
@@ -174,12 +174,12 @@ def walk_layout(root: str | Path, mask_dirs: dict[str, str] | None = None) -> La
             raise ValueError(f"mask tree {name!r}: {d} is not a folder")
         explicit.append((d, name))
         out.trees[name] = MaskTree(name, d)
-    walked = [(root, None)] + [(d, name) for d, name in explicit if not _is_inside(d, root)]
+    walked = [(root, None)] + [(d, name) for d, name in explicit if not is_inside(d, root)]
     for top, fixed_tree in walked:
         for name_str, problem in input_files(top, NII_SUFFIXES):
             path = Path(name_str)
             stem = strip_nii(path.name)
-            tree_here = fixed_tree or next((name for d, name in explicit if _is_inside(path.parent, d)), None)
+            tree_here = fixed_tree or next((name for d, name in explicit if is_inside(path.parent, d)), None)
             if problem is not None:
                 if tree_here is None and _mask_tree_name(path.relative_to(root).parts[:-1]) is None:
                     out.irregular[stem].append((path, problem))
@@ -198,14 +198,6 @@ def walk_layout(root: str | Path, mask_dirs: dict[str, str] | None = None) -> La
             out.folders.setdefault(folder, kind)
             out.images[stem].append(ImageCopy(path, path.relative_to(root).as_posix(), folder, kind))
     return out
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
 
 
 def choose_copy(copies: list[ImageCopy], prefer: str) -> tuple[ImageCopy | None, str]:
