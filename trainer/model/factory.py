@@ -27,7 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 def model_config_dir() -> Path:
     """``configs/model/`` of the repository (the package is installed editable from it)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "model"
+    from ctprep.config import CONFIG_ROOT  # the repository's configs/, or the installed package data
+
+    return CONFIG_ROOT / "model"
 
 
 def list_models() -> list[str]:
