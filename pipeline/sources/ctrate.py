@@ -130,6 +130,7 @@ class CtRateSource(Source):
         root = Path(root).resolve()
         lay = walk_layout(root, self._settings().mask_dirs)
         anatomy = lay.anatomy_tree(self._settings().anatomy_masks)
+        tables = CtRateTables.read(root, lay.side_files)
         counts: dict[str, int] = defaultdict(int)
         for copies in lay.images.values():
             for c in copies:
@@ -139,14 +140,14 @@ class CtRateSource(Source):
             "mask_trees": [{"name": n, "dir": lay.rel(t.dir), "masks": sum(len(v) for v in t.files.values()),
                             "anatomy": n == anatomy} for n, t in sorted(lay.trees.items())],
             "anatomy_tree": anatomy,
-            "tables": CtRateTables.read(root).tables,
+            "tables": tables.tables,
         }
 
     def scan(self, root: Path) -> tuple[list[CaseInput], list[Quarantine]]:
         root = Path(root).resolve()
         settings = self._settings()
-        tables = CtRateTables.read(root)
         lay = walk_layout(root, settings.mask_dirs)
+        tables = CtRateTables.read(root, lay.side_files)  # one walk of the tree for both
         anatomy = lay.anatomy_tree(settings.anatomy_masks)
         quarantined: list[Quarantine] = []
         for raw_name, csv_file in sorted(tables.unsafe_names.items()):

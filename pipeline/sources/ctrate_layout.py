@@ -44,6 +44,7 @@ from pathlib import Path
 from ctprep.sources.base import input_files, is_inside
 
 NII_SUFFIXES = (".nii.gz", ".nii")
+SIDE_SUFFIXES = (".csv", ".jsonl")  # metadata / report / label tables, CoT records
 MASK_DIR_NAMES = {"masks", "mask", "segmentations", "seg", "labels_masks"}
 TS_SEG_DIR = "ts_seg"
 ANATOMY_DEFAULTS = ("ts_total", "masks")  # "auto" anatomy tree, in order of preference
@@ -89,6 +90,9 @@ class Layout:
     # stem -> [(path, what it is)] for entries that are not regular files (FIFO, device, broken
     # link): never opened, since reading a FIFO or /dev/zero would hang or never end.
     irregular: dict[str, list[tuple[Path, str]]] = field(default_factory=lambda: defaultdict(list))
+    # (path, problem) of the CSV / JSONL side tables met on the same walk, in walk order: the
+    # tables are read from this list, so a 50k-volume tree is listed once, not once per suffix.
+    side_files: list[tuple[str, str | None]] = field(default_factory=list)
 
     def rel(self, path: Path) -> str:
         try:
@@ -176,7 +180,11 @@ def walk_layout(root: str | Path, mask_dirs: dict[str, str] | None = None) -> La
         out.trees[name] = MaskTree(name, d)
     walked = [(root, None)] + [(d, name) for d, name in explicit if not is_inside(d, root)]
     for top, fixed_tree in walked:
-        for name_str, problem in input_files(top, NII_SUFFIXES):
+        for name_str, problem in input_files(top, NII_SUFFIXES + SIDE_SUFFIXES):
+            if name_str.endswith(SIDE_SUFFIXES):
+                if fixed_tree is None:
+                    out.side_files.append((name_str, problem))
+                continue
             path = Path(name_str)
             stem = strip_nii(path.name)
             tree_here = fixed_tree or next((name for d, name in explicit if is_inside(path.parent, d)), None)

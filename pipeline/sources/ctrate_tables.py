@@ -99,9 +99,12 @@ class CtRateTables:
         self._where: dict[tuple[str, str], str] = {}  # (kind, case id) -> "FILE line N" of the row kept
 
     @classmethod
-    def read(cls, root: Path) -> CtRateTables:
+    def read(cls, root: Path, files: list[tuple[str, str | None]] | None = None) -> CtRateTables:
+        """Read the side tables under ``root``; ``files`` = ``(path, problem)`` already listed by the
+        caller's walk (``ctprep.sources.ctrate_layout.Layout.side_files``), else ``root`` is walked."""
         t = cls()
-        for name, problem in input_files(root, (".csv",)):
+        listed = list(input_files(root, (".csv", ".jsonl"))) if files is None else files
+        for name, problem in (f for f in listed if f[0].endswith(".csv")):
             path = Path(name)
             rel = path.relative_to(root).as_posix()
             if problem is not None:
@@ -130,7 +133,7 @@ class CtRateTables:
                     t.unsafe_names.setdefault(raw_name, rel)
                     continue
                 t._add(kind, key, dict(zip(columns, fields)), f"{rel} line {line}")
-        for name, problem in input_files(root, (".jsonl",)):
+        for name, problem in (f for f in listed if f[0].endswith(".jsonl")):
             path = Path(name)
             rel = path.relative_to(root).as_posix()
             if problem is not None:
