@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.model.patch_embed import token_z_index  # noqa: E402
-from trainer.model.slice_attention import (  # noqa: E402
+from ctprep_train.model.patch_embed import token_z_index  # noqa: E402
+from ctprep_train.model.slice_attention import (  # noqa: E402
     augmented_slice_attention, blocked_slice_attention, flex_available, flex_slice_attention,
     reference_slice_attention,
 )

@@ -13,7 +13,7 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
     """Forward FLOPs of one sample through the vision encoder, by term (multiply-add = 2 FLOPs).
 
     Args:
-        vision: ``trainer.model.config.VisionConfig`` (width, depth, heads, mlp_ratio, patch,
+        vision: ``ctprep_train.model.config.VisionConfig`` (width, depth, heads, mlp_ratio, patch,
             attention.region_attention).
         grid_zyx: input volume shape in voxels (Z, Y, X).
         num_regions: region embeddings that patches cross-attend to (R).
@@ -65,7 +65,7 @@ def encoder_flops(vision, grid_zyx: tuple[int, int, int], num_regions: int) -> d
 
 def _patch_embed_flops(patch, grid_zyx, width: int) -> float:
     """The optional conv stem's Conv3d stages (``stem_strides``) plus the patch projection."""
-    from trainer.model.patch_embed import stem_strides
+    from ctprep_train.model.patch_embed import stem_strides
 
     channels = list(getattr(patch, "stem_channels", ()))  # configs from before the stem have none
     *stages, proj = stem_strides(patch.patch_size, len(channels))

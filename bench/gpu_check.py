@@ -149,7 +149,7 @@ def build_visual(setup: EncoderSetup, kernel: str):
     """
     import torch
 
-    from trainer.model import VisionEncoder3D, get_model_config
+    from ctprep_train.model import VisionEncoder3D, get_model_config
 
     cfg = get_model_config(setup.model_name, **{"vision.attention.kernel": kernel, **setup.overrides})
     visual = VisionEncoder3D(cfg.vision, embed_dim=cfg.embed_dim).to(torch.device(setup.device))
@@ -488,7 +488,7 @@ def run(args, rows: list[Row]) -> list[Row]:
 
 def flops_report(model: str, grid_zyx: tuple[int, int, int], peak_tflops: float) -> str:
     """FLOP terms of one training sample and what they mean per GPU (capacity planning)."""
-    from trainer.model import get_model_config
+    from ctprep_train.model import get_model_config
 
     cfg = get_model_config(model)
     terms = encoder_flops(cfg.vision, grid_zyx, cfg.vision.anatomy.max_regions + 1)

@@ -5,7 +5,7 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
 
 * raw    : read every shard tar with 16 MB reads into one reused buffer (the floor: no
            parsing, no decoding; what ``cat`` does).
-* stream : trainer.data.build_train_loader on those shards (tar by offset, npy decode,
+* stream : ctprep_train.data.build_train_loader on those shards (tar by offset, npy decode,
            collate into the Batch contract; volumes copied by ``--read-threads`` threads).
 * ctclip : what CT-CLIP does per sample: nibabel load .nii.gz, get_fdata (float64), apply
            slope/intercept, torch trilinear resample to the same grid, clip, per case.
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ctprep import shards
-from trainer import data as D
-from trainer.config import DataConfig
-from trainer.testing import TEST_TOKENIZER, make_sample, shard_entry
+from ctprep_train import data as D
+from ctprep_train.config import DataConfig
+from ctprep_train.testing import TEST_TOKENIZER, make_sample, shard_entry
 
 
 # --------------------------------------------------------------------------- inputs

@@ -53,7 +53,7 @@ COPY trainer ./trainer
 RUN python -m pip install -q --upgrade pip \
  && (python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0) \
  && python -m pip install -q -e ".[dev]" \
- && python -c "import torch, deepspeed, ctprep, trainer; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
+ && python -c "import torch, deepspeed, ctprep, ctprep_train; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
 
 COPY configs ./configs
 COPY bench ./bench

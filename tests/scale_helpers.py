@@ -146,8 +146,8 @@ def epoch_ids_on_rank(rank: int, world_size: int, init_file: str, scenarios: lis
 
     import torch.distributed as dist
 
-    from trainer.config import DataConfig
-    from trainer.data import build_train_loader, expectation_from_config, load_shard_index
+    from ctprep_train.config import DataConfig
+    from ctprep_train.data import build_train_loader, expectation_from_config, load_shard_index
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

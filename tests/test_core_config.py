@@ -140,8 +140,8 @@ def test_pipeline_extends_merges_key_by_key_but_regions_whole(tmp_path):
 
 
 def test_trainer_config_extends_and_overrides(tmp_path):
-    from trainer.config import ConfigError
-    from trainer.config import load_config as load_train_config
+    from ctprep_train.config import ConfigError
+    from ctprep_train.config import load_config as load_train_config
 
     (tmp_path / "base.yaml").write_text("optim: {lr: 0.001, warmup_steps: 5}\ndata: {sources: {ctrate: 1.0}}\n")
     (tmp_path / "run.yaml").write_text("extends: base.yaml\noptim: {warmup_steps: 7}\n")
@@ -155,7 +155,7 @@ def test_trainer_config_extends_and_overrides(tmp_path):
 
 
 def test_model_config_unknown_key_and_type():
-    from trainer.model.factory import get_model_config
+    from ctprep_train.model.factory import get_model_config
 
     with pytest.raises(ValueError, match=r"unknown key.*'vision.attention'.*valid choices: slice_bias"):
         get_model_config("tiny", **{"vision.attention.slise_bias": False})

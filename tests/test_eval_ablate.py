@@ -27,8 +27,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_ablation_config_switches_one_thing(name):
-    from trainer.config import load_config
-    from trainer.model import get_model_config
+    from ctprep_train.config import load_config
+    from ctprep_train.model import get_model_config
 
     ablate = _ablate()
     cfg = load_config(REPO / "configs" / "train" / f"ablation_{name}.yaml")

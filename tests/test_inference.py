@@ -1,7 +1,7 @@
-"""Using a trained encoder: the self-contained export, trainer.inference, `ctprep embed / classify`.
+"""Using a trained encoder: the self-contained export, ctprep_train.inference, `ctprep embed / classify`.
 
 Synthetic CT-RATE (demo grid) is built into real shards by ctprep.runner.build; the encoder is an
-untrained tiny CTCLIP written the way a checkpoint holds it and exported by `trainer.export` (one
+untrained tiny CTCLIP written the way a checkpoint holds it and exported by `ctprep_train.export` (one
 test trains one real step instead). Its text tower points at a private copy of the MiniLM folder
 that is deleted, with the run, before anything loads the export: loading needs neither.
 """
@@ -25,13 +25,13 @@ from ctprep.quarantine import MISSING_METADATA, QuarantineError
 from ctprep.runner import build
 from ctprep.schema import ABNORMALITY_LABELS
 from ctprep.synth.ctrate import write_ctrate
-from trainer import metrics
-from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
-from trainer.data import collate_samples
-from trainer.eval_data import iter_split
-from trainer.export import PREPROCESSING_FILE, TOKENIZER_IDENTITY_FILE, complete_export, export_metadata
-from trainer.export import main as export_main
-from trainer.inference import load_encoder
+from ctprep_train import metrics
+from ctprep_train.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
+from ctprep_train.data import collate_samples
+from ctprep_train.eval_data import iter_split
+from ctprep_train.export import PREPROCESSING_FILE, TOKENIZER_IDENTITY_FILE, complete_export, export_metadata
+from ctprep_train.export import main as export_main
+from ctprep_train.inference import load_encoder
 
 CASES = 10  # 8 train + 2 valid volumes; train_4_a_1 and valid_1_a_2 are v1 files (blank header)
 EFFUSION = {"effusion": ["Pleural effusion is present.", "Pleural effusion is not present."]}
@@ -54,7 +54,7 @@ def shards(dataset, tmp_path_factory) -> Path:
 
 def _text_model_copy(dst: Path) -> Path:
     """A private copy of the MiniLM folder: plays a text model that exists only on the training machine."""
-    from trainer.model.text_encoder import default_text_model_dir
+    from ctprep_train.model.text_encoder import default_text_model_dir
 
     src = default_text_model_dir()
     dst.mkdir(parents=True)
@@ -67,7 +67,7 @@ def _text_model_copy(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def encoder_dir(shards, tmp_path_factory) -> Path:
     """An exported untrained tiny CTCLIP, moved away from its run (run and text model deleted)."""
-    from trainer.model import create_model, save_pretrained
+    from ctprep_train.model import create_model, save_pretrained
 
     base = tmp_path_factory.mktemp("inference_run")
     text_dir = _text_model_copy(base / "machine" / "biomed-text")
@@ -173,7 +173,7 @@ def test_encode_image_equals_the_training_path_embedding(dataset, shards, loaded
     samples = _shard_samples(shards)
     ids = ["train_2_a_2", "train_4_a_1"]
     raw = [preprocess(_raw_files(dataset, c)[0], mask=_raw_files(dataset, c)[1], meta=meta[f"{c}.nii.gz"]) for c in ids]
-    from trainer.inference import collate
+    from ctprep_train.inference import collate
 
     mine = model.encode_image(collate(raw))
     shard_batch = collate_samples([samples[c] for c in ids])  # what the trainer and evaluator feed
@@ -223,7 +223,7 @@ def test_export_is_self_contained_portable_and_readable(encoder_dir, loaded, dat
 
 
 def test_export_of_a_checkpoint_written_before_exports_were_self_contained(shards, tmp_path):
-    from trainer.model import create_model, save_pretrained
+    from ctprep_train.model import create_model, save_pretrained
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
     save_pretrained(create_model("tiny", **{"text.pretrained": False}), ckpt / "encoder")
@@ -288,9 +288,9 @@ def test_classify_gives_a_probability_per_finding_and_draws_a_similarity_map(dat
 
 
 def test_zero_shot_auc_through_the_api_equals_trainer_evaluate(dataset, shards, encoder_dir, loaded):
-    from trainer import evaluate
+    from ctprep_train import evaluate
 
-    # trainer.evaluate's own zero-shot code on the shards (same encoder folder, same prompts)
+    # ctprep_train.evaluate's own zero-shot code on the shards (same encoder folder, same prompts)
     cfg = evaluate.EvalConfig(encoder=encoder_dir, shards=shards, split="train", batch_size=4, picture_cases=0)
     model_e = evaluate.load_encoder(encoder_dir, torch.device("cpu"))
     from ctprep.tokenizer import load_tokenizer
@@ -359,7 +359,7 @@ def test_embed_and_classify_commands_with_a_broken_file(dataset, encoder_dir, lo
 
 
 def test_resume_latest_is_auto(tmp_path):
-    from trainer.train import parse_args
+    from ctprep_train.train import parse_args
 
     for step, complete in ((1, True), (2, True), (3, False)):
         folder = tmp_path / "checkpoints" / f"step_{step:08d}"

@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 
-from trainer.model.slice_attention import (
+from ctprep_train.model.slice_attention import (
     KERNELS, SliceAwareAttention, augmented_slice_attention, blocked_slice_attention, flex_available,
     flex_slice_attention,
     raster_layer_size, reference_slice_attention, select_kernel, slice_distance_index,
 )
-from trainer.model.patch_embed import token_z_index
+from ctprep_train.model.patch_embed import token_z_index
 
 
 def _inputs(b=2, h=3, grid=(4, 2, 3), dh=8, max_distance=3, dtype=torch.float64, seed=0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.model_helpers import make_batch
-from trainer.losses import MultiTaskLoss
-from trainer.model import create_model, get_model_config, list_models, load_pretrained, save_pretrained
+from ctprep_train.losses import MultiTaskLoss
+from ctprep_train.model import create_model, get_model_config, list_models, load_pretrained, save_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.model_helpers import make_batch
-from trainer.losses import (
+from ctprep_train.losses import (
     LossConfig, MultiTaskLoss, clip_loss, label_loss, region_text_loss, step_alignment_loss, text_keys,
 )
 
@@ -275,7 +275,7 @@ def test_label_loss_ignores_unknown():
 
 
 def test_multitask_weights_terms_and_padding_invariance():
-    from trainer.model import create_model
+    from ctprep_train.model import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny", **{"text.freeze_layers": -1}).eval()

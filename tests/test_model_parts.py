@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from trainer.model import (
+from ctprep_train.model import (
     AnatomicalStructureEncoder, HUWindow, HybridAttention, RegionAwareAttention,
     SinusoidalPositionalEmbedding3D, SliceAwareAttention, ThreeDPatchEmbedding, TokenContext,
     TransformerBlock, num_tokens, patch_region_fraction,
 )
-from trainer.model.patch_embed import patch_grid, token_z_index
+from ctprep_train.model.patch_embed import patch_grid, token_z_index
 
 
 def test_seed_volume_gives_16385_tokens_without_allocating():
@@ -48,7 +48,7 @@ def test_learned_pos_embed_interpolates_to_other_grids():
 
 @pytest.mark.parametrize("patch,stages", [((4, 16, 16), 2), ((4, 16, 16), 3), ((2, 8, 8), 4), ((5, 12, 12), 2), ((1, 1, 1), 2)])
 def test_conv_stem_strides_multiply_to_the_patch_and_tokens_stay_local(patch, stages):
-    from trainer.model.patch_embed import stem_strides
+    from ctprep_train.model.patch_embed import stem_strides
 
     strides = stem_strides(patch, stages)
     assert len(strides) == stages + 1
@@ -70,7 +70,7 @@ def test_conv_stem_strides_multiply_to_the_patch_and_tokens_stay_local(patch, st
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])
 def test_conv_stem_keeps_absolute_density_unless_layer_normed(norm):
     """Uniform lung at -850 / -950 HU, calcium / enhanced vessel: only per-voxel LayerNorm confuses them."""
-    from trainer.model.patch_embed import ConvStem
+    from ctprep_train.model.patch_embed import ConvStem
 
     torch.manual_seed(0)
     stem = ConvStem(1, (8,), [(1, 2, 2)], norm).train()
@@ -195,8 +195,8 @@ def test_block_grad_checkpointing_same_output_and_grads():
 @pytest.mark.parametrize("head_norm", ["batch", "none"])
 def test_head_norm_brings_out_the_per_scan_part_and_eval_is_batch_independent(head_norm):
     """Pooled features = one shared anatomy vector + a small per-scan part (a fresh encoder on CT)."""
-    from trainer.model import get_model_config
-    from trainer.model.vision_encoder import VisionEncoder3D
+    from ctprep_train.model import get_model_config
+    from ctprep_train.model.vision_encoder import VisionEncoder3D
 
     torch.manual_seed(0)
     cfg = get_model_config("tiny", **{"vision.head_norm": head_norm})
@@ -218,8 +218,8 @@ def test_head_norm_brings_out_the_per_scan_part_and_eval_is_batch_independent(he
 
 
 def test_label_head_starts_at_a_low_prior():
-    from trainer.model import get_model_config
-    from trainer.model.vision_encoder import VisionEncoder3D
+    from ctprep_train.model import get_model_config
+    from ctprep_train.model.vision_encoder import VisionEncoder3D
 
     cfg = get_model_config("tiny")
     enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
@@ -229,8 +229,8 @@ def test_label_head_starts_at_a_low_prior():
 
 def test_lse_label_pool_keeps_the_prior_and_sends_the_gradient_to_the_finding_patch():
     """Multiple-instance label head: one patch with a finding must raise its scan's logit."""
-    from trainer.model import get_model_config
-    from trainer.model.vision_encoder import VisionEncoder3D
+    from ctprep_train.model import get_model_config
+    from ctprep_train.model.vision_encoder import VisionEncoder3D
 
     torch.manual_seed(0)
     cfg = get_model_config("tiny", **{"vision.label_pool": "lse", "vision.label_lse_r": 5.0})
@@ -261,8 +261,8 @@ def test_lse_label_pool_keeps_the_prior_and_sends_the_gradient_to_the_finding_pa
 
 
 def test_max_global_pool_is_the_channel_max_over_patches():
-    from trainer.model import get_model_config
-    from trainer.model.vision_encoder import VisionEncoder3D
+    from ctprep_train.model import get_model_config
+    from ctprep_train.model.vision_encoder import VisionEncoder3D
 
     cfg = get_model_config("tiny", **{"vision.global_pool": "max"})
     enc = VisionEncoder3D(cfg.vision, cfg.embed_dim)
@@ -278,7 +278,7 @@ def test_max_global_pool_is_the_channel_max_over_patches():
     ("vision.global_pool", "gem", "global_pool"),
 ])
 def test_bad_pool_options_are_refused(key, value, match):
-    from trainer.model import get_model_config
+    from ctprep_train.model import get_model_config
 
     with pytest.raises(ValueError, match=match):
         get_model_config("tiny", **{key: value})

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from trainer.model import TextEncoder, create_model
-from trainer.model.config import TextConfig
-from trainer.model.text_encoder import default_text_model_dir
+from ctprep_train.model import TextEncoder, create_model
+from ctprep_train.model.config import TextConfig
+from ctprep_train.model.text_encoder import default_text_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_rebuild_is_byte_identical_and_readable(data, tmp_path):
 
 def test_trainer_reads_the_shards(data, tmp_path):
     """The contract with the trainer: its reader and collate accept what pack writes."""
-    tdata = pytest.importorskip("trainer.data")
+    tdata = pytest.importorskip("ctprep_train.data")
     out = tmp_path / "s"
     run([data / "omni" / "batch_01"], out)
     expect = tdata.ShardExpectation(tokenizer=read_index(out)["tokenizer"])

@@ -46,8 +46,8 @@ def wheel_venv(tmp_path_factory) -> Path:
 
 def test_wheel_install_finds_presets_and_builds_shards(wheel_venv, tmp_path):
     py = str(wheel_venv / "bin" / "python")
-    where = _run([py, "-c", "import ctprep, trainer, ctprep.config as c; print(ctprep.__file__); "
-                            "print(trainer.__file__); print(c.list_presets())"], cwd=tmp_path)
+    where = _run([py, "-c", "import ctprep, ctprep_train, ctprep.config as c; print(ctprep.__file__); "
+                            "print(ctprep_train.__file__); print(c.list_presets())"], cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     lines = where.stdout.splitlines()
     assert all(str(wheel_venv) in line for line in lines[:2]), lines  # the wheel, not the clone
@@ -66,9 +66,9 @@ def test_wheel_install_loads_an_encoder_export(wheel_venv, tmp_path):
     code = f"""
 import json, torch
 from ctprep.config import load_config
-from trainer.export import PREPROCESSING_FILE, preprocessing_spec
-from trainer.inference import load_encoder
-from trainer.model import create_model, list_models, save_pretrained
+from ctprep_train.export import PREPROCESSING_FILE, preprocessing_spec
+from ctprep_train.inference import load_encoder
+from ctprep_train.model import create_model, list_models, save_pretrained
 assert "tiny" in list_models(), list_models()
 d = {str(tmp_path / "export")!r}
 save_pretrained(create_model("tiny"), d)

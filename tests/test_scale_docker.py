@@ -366,7 +366,7 @@ def test_dockerignore_excludes_heavy_paths(path):
 
 @pytest.mark.parametrize(
     "path",
-    ["pyproject.toml", "README.md", "pipeline/cli.py", "trainer/__init__.py", "configs/regions/x.json", "docker/compose.yaml"],
+    ["pyproject.toml", "README.md", "pipeline/ctprep/cli.py", "trainer/ctprep_train/__init__.py", "configs/regions/x.json", "docker/compose.yaml"],
 )
 def test_dockerignore_keeps_sources(path):
     assert not dockerignore_excludes(path, dockerignore_rules()), path

@@ -53,7 +53,7 @@ def test_flop_count_matches_torch_flop_counter(model, grid):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.model import VisionEncoder3D, get_model_config
+    from ctprep_train.model import VisionEncoder3D, get_model_config
 
     torch.manual_seed(0)
     cfg = get_model_config(model, **{"vision.attention.kernel": "blocked"})

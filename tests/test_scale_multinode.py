@@ -1,7 +1,7 @@
 """Multi-node training: the hostfile, the ZeRO-3 `large` config, and the shard split across ranks.
 
 The rank tests run two real gloo ranks (``torch.multiprocessing.spawn``) with the trainer's own
-loader (``trainer.data.build_train_loader``) over one epoch and check that no sample is read twice
+loader (``ctprep_train.data.build_train_loader``) over one epoch and check that no sample is read twice
 and that every sample is read, under the loader's equal-steps rule. One spawn serves all
 scenarios (process start + imports dominate the cost on a 2-core machine).
 """
@@ -35,7 +35,7 @@ def epoch_ids(tmp_path_factory) -> dict[str, list[list[str]]]:
     import torch.multiprocessing as mp
 
     from tests.scale_helpers import epoch_ids_on_rank
-    from trainer.testing import write_test_shards
+    from ctprep_train.testing import write_test_shards
 
     root = tmp_path_factory.mktemp("ranks")
     scenarios = []
@@ -94,8 +94,8 @@ def test_uneven_shards_keep_equal_steps_and_repeat_only_after_a_rank_runs_out(ep
 def test_large_zero3_config_loads_with_the_trainers_loader():
     import torch
 
-    from trainer.config import load_config, load_deepspeed_config
-    from trainer.model import create_model
+    from ctprep_train.config import load_config, load_deepspeed_config
+    from ctprep_train.model import create_model
 
     cfg = load_config(REPO / "configs/train/large_zero3.yaml")
     ds = load_deepspeed_config(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctprep import schema, shards
-from trainer.testing import TEST_TOKENIZER, make_sample
+from ctprep_train.testing import TEST_TOKENIZER, make_sample
 
 
 def _sample(case_id: str = "case_1"):

@@ -1,13 +1,13 @@
-"""trainer.augment: shifts keep image, mask and regions consistent; jitter bounded; seeded; no flips."""
+"""ctprep_train.augment: shifts keep image, mask and regions consistent; jitter bounded; seeded; no flips."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.augment import augment_batch
-from trainer.config import AugmentConfig, ConfigError, load_config
-from trainer.model.anatomical_encoder import patch_region_fraction
+from ctprep_train.augment import augment_batch
+from ctprep_train.config import AugmentConfig, ConfigError, load_config
+from ctprep_train.model.anatomical_encoder import patch_region_fraction
 
 PATCH = (2, 4, 4)
 

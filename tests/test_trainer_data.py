@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import data as D
-from trainer.config import DataConfig
-from trainer.testing import TEST_TOKENIZER, make_sample, write_shard, write_test_shards
+from ctprep_train import data as D
+from ctprep_train.config import DataConfig
+from ctprep_train.testing import TEST_TOKENIZER, make_sample, write_shard, write_test_shards
 
 EXPECT = D.ShardExpectation(tokenizer=TEST_TOKENIZER, patch_size=(4, 16, 16))
 

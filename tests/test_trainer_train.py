@@ -1,7 +1,7 @@
 """trainer/train.py end to end on CPU: one process and 2 gloo ranks, ZeRO 2/3, resume.
 
 Each test launches the real script in a subprocess (plain python or torchrun) with a timeout,
-on tiny shards written by trainer.testing. Most use the TinyCLIP stand-in (tests/trainer_helpers)
+on tiny shards written by ctprep_train.testing. Most use the TinyCLIP stand-in (tests/trainer_helpers)
 to stay within seconds; one runs the real tiny CTCLIP + MultiTaskLoss.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.trainer_helpers import STAND_IN, launch, load_weights, read_metrics
-from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
-from trainer.testing import write_test_shards
+from ctprep_train.checkpoint import COMPLETE_MARKER, complete_checkpoints
+from ctprep_train.testing import write_test_shards
 
 CONFIG = "configs/train/demo.yaml"
 
@@ -113,7 +113,7 @@ def test_resume_auto_continues_at_the_right_step_with_the_checkpoint_weights(sha
 
 
 def test_real_tiny_ctclip_trains_two_steps(shards, tmp_path):
-    pytest.importorskip("trainer.losses")
+    pytest.importorskip("ctprep_train.losses")
     out = tmp_path / "run"
     launch(["--config", CONFIG, "--shards", str(shards), "--output", str(out), "data.tokenizer=index",
             "data.num_workers=0", "train.steps=2", "train.val_every=2", "train.ckpt_every=0",
@@ -121,15 +121,15 @@ def test_real_tiny_ctclip_trains_two_steps(shards, tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
     assert {"loss_clip", "loss_region"} <= set(rows[0])
-    from trainer.model import load_pretrained
+    from ctprep_train.model import load_pretrained
 
     model = load_pretrained(out / "encoder")
     assert model.logit_scale.shape == ()
 
 
 def test_a_batchnorm_head_with_one_sample_per_rank_is_refused_before_training():
-    from trainer.config import ConfigError, load_config
-    from trainer.train import build_model
+    from ctprep_train.config import ConfigError, load_config
+    from ctprep_train.train import build_model
 
     cfg = load_config(None, ["data.batch_size=1", 'model.overrides={"vision.head_norm": "batch"}'])
     with pytest.raises(ConfigError, match="head_norm"):
@@ -140,8 +140,8 @@ def test_a_batchnorm_head_with_one_sample_per_rank_is_refused_before_training():
 
 
 def test_sync_batchnorm_converts_on_gpu_ranks_refuses_cpu_ranks_and_keeps_the_weights():
-    from trainer.config import ConfigError, load_config
-    from trainer.train import DistInfo, apply_sync_batchnorm, build_model
+    from ctprep_train.config import ConfigError, load_config
+    from ctprep_train.train import DistInfo, apply_sync_batchnorm, build_model
 
     bn = 'model.overrides={"vision.head_norm": "batch", "vision.patch.stem_norm": "batch"}'
     cfg = load_config(None, ["data.batch_size=2", "train.sync_batchnorm=true", bn])

@@ -1,7 +1,7 @@
 """Verified reads: one flipped byte in a shard is skipped and reported, never trained or evaluated on.
 
 Shards are packed by the real ``pack`` stage (tests/pack_helpers: tiny cases, no runner), so the
-member encoding is the production one; the trainer run uses ``trainer.testing`` shards, which go
+member encoding is the production one; the trainer run uses ``ctprep_train.testing`` shards, which go
 through the same ``sample_members`` encoder.
 """
 
@@ -21,9 +21,9 @@ from ctprep.stages import pack
 from ctprep.stages.pack import check_index, read_index, run_pack
 from tests.pack_helpers import aggregate_task, make_case, run_case_stages, small_config
 from tests.trainer_helpers import STAND_IN, launch, read_metrics
-from trainer import data as D
-from trainer import eval_data
-from trainer.testing import write_test_shards
+from ctprep_train import data as D
+from ctprep_train import eval_data
+from ctprep_train.testing import write_test_shards
 
 CASES = [(f"v{i}", i + 1) for i in range(5)]
 DAMAGED = 1  # index in tar order: not the last sample, so one pass of the others meets it
@@ -112,7 +112,7 @@ def test_training_loader_skips_exactly_the_damaged_sample(packed, tmp_path, capl
     _flip(shard, refs[DAMAGED], member, at)
     good = [r.key for i, r in enumerate(refs) if i != DAMAGED]
     bad = refs[DAMAGED].key
-    caplog.set_level(logging.WARNING, logger="trainer.data")
+    caplog.set_level(logging.WARNING, logger="ctprep_train.data")
     if member == "image.npy":
         # Uncompressed volumes are read straight into the batch by the trainer process and checked
         # there; the damaged row is refilled from another row of its batch (no new draw possible).
@@ -201,7 +201,7 @@ def test_shards_packed_before_checksums_load_unverified_with_one_warning_per_sha
     for entry in index["splits"]["train"]:  # what an index written before checksums looks like
         del entry["meta_crc32"]
     (tmp_path / schema.INDEX_FILE).write_text(json.dumps(index))
-    caplog.set_level(logging.WARNING, logger="trainer.data")
+    caplog.set_level(logging.WARNING, logger="ctprep_train.data")
     ids, corrupt = _train_ids(tmp_path, batch_size=5, batches=1)
     assert len(set(ids)) == 5 and corrupt == 0
     warnings = [r.getMessage() for r in caplog.records if "unverified" in r.getMessage()]

@@ -71,7 +71,7 @@ def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 class ClipLoss:
-    """Symmetric InfoNCE on the local batch (the stand-in for trainer.losses.MultiTaskLoss)."""
+    """Symmetric InfoNCE on the local batch (the stand-in for ctprep_train.losses.MultiTaskLoss)."""
 
     def __init__(self, cfg: dict):
         self.weight = float(cfg.get("clip", 1.0))

@@ -1,6 +1,6 @@
 """Apply an exported encoder to a new scan and free text (open_clip / colipri style).
 
-    from trainer.inference import load_encoder
+    from ctprep_train.inference import load_encoder
     model, preprocess, tokenizer = load_encoder("runs/demo/encoder")
     batch = preprocess("scan.nii.gz")                      # + mask="seg.nii.gz", meta={metadata row}
     probs = model.classify(batch, {"effusion": ["Pleural effusion is present.", "Pleural effusion is not present."]})
@@ -17,7 +17,7 @@ a background-only patch assignment (``meta.has_mask`` false), which is what a tr
 packed without an anatomy mask looks like; the anatomical encoder then sees no regions (each region
 embedding is its learned table row) and region attention puts all weight on background.
 
-Prompts are tokenized as ``trainer.evaluate`` does (``ctprep.tokenizer.tokenize_padded`` with the
+Prompts are tokenized as ``ctprep_train.evaluate`` does (``ctprep.tokenizer.tokenize_padded`` with the
 export's tokenizer); ``classify`` is a softmax over a finding's prompts at the model's learned
 temperature, so with ("X is present.", "X is not present.") it orders cases exactly as the
 evaluator's zero-shot score cos(pos) - cos(neg) does (same AUC).
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.export import PREPROCESSING_FILE, has_tokenizer_files, installed_stage_versions, read_tokenizer_identity
+from ctprep_train.export import PREPROCESSING_FILE, has_tokenizer_files, installed_stage_versions, read_tokenizer_identity
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 INFERENCE_SPLIT = "inference"  # CaseInput.split of a scan given to preprocess (no stage reads it)
@@ -189,7 +189,7 @@ def collate(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PromptTokenizer:
-    """Text -> (ids (N, L) int64, attention (N, L) bool), as ``trainer.evaluate`` tokenizes prompts.
+    """Text -> (ids (N, L) int64, attention (N, L) bool), as ``ctprep_train.evaluate`` tokenizes prompts.
 
     Attributes:
         loaded: the ``ctprep.tokenizer.LoadedTokenizer`` (``.tokenizer`` is the Hugging Face one).
@@ -322,7 +322,7 @@ def plot_similarity_slices(image: np.ndarray, heat: np.ndarray, path: Path, prom
                            mask: np.ndarray | None = None, slices: int = 4, title: str = "") -> Path:
     """Axial slices (evenly spaced through the volume, the peak slice included) with one colour
     scale for all panels (unlike the per-panel scaled attention pictures: similarity is comparable)."""
-    from trainer import pictures
+    from ctprep_train import pictures
 
     plt = pictures.plt
     z_peak = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
@@ -353,14 +353,14 @@ def read_preprocessing(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: this encoder folder does not record its preprocessing. Export it with "
-            "`python -m trainer.export RUN --out DIR` (add --pipeline-config PRESET if the shards' manifest is gone), "
+            "`python -m ctprep_train.export RUN --out DIR` (add --pipeline-config PRESET if the shards' manifest is gone), "
             "or pass pipeline_config= to load_encoder")
     return json.loads(path.read_text())
 
 
 def load_encoder(directory: str | os.PathLike[str], device: str | torch.device = "cpu",
                  pipeline_config: str | os.PathLike[str] | None = None) -> tuple[CTEncoder, Preprocess, PromptTokenizer]:
-    """``model, preprocess, tokenizer`` from a ``trainer.export`` folder (or a run's ``encoder/``).
+    """``model, preprocess, tokenizer`` from a ``ctprep_train.export`` folder (or a run's ``encoder/``).
 
     Args:
         directory: the export folder.
@@ -371,8 +371,8 @@ def load_encoder(directory: str | os.PathLike[str], device: str | torch.device =
     from ctprep.config import config_from_dict
     from ctprep.tokenizer import load_tokenizer
 
-    from trainer.export import preprocessing_spec
-    from trainer.model import load_pretrained
+    from ctprep_train.export import preprocessing_spec
+    from ctprep_train.model import load_pretrained
 
     directory = Path(directory)
     if pipeline_config is not None:

@@ -4,7 +4,7 @@ Layout under the run folder::
 
     checkpoints/step_00000040/          DeepSpeed save_checkpoint(tag="step_00000040")
         mp_rank_00_model_states.pt ...  (engine, optimizer, scheduler, client state)
-        encoder/                        self-contained export (trainer.export): fp32 weights, config,
+        encoder/                        self-contained export (ctprep_train.export): fp32 weights, config,
                                         preprocessing.json, tokenizer files, model card
         COMPLETE                        JSON {"step", ...}; written LAST, atomically
     encoder/                            copy of the newest export (what evaluation loads)
@@ -83,10 +83,10 @@ def export_encoder(
 ) -> Path:
     """Rank 0: rebuild fp32 weights from the ZeRO checkpoint in ``ckpt_dir`` into ``ckpt_dir/encoder``.
 
-    ``metadata`` (``trainer.export.export_metadata``: preprocessing spec + data summary) and
-    ``step`` make the export self-contained (``trainer.export.complete_export``).
+    ``metadata`` (``ctprep_train.export.export_metadata``: preprocessing spec + data summary) and
+    ``step`` make the export self-contained (``ctprep_train.export.complete_export``).
     """
-    from trainer.export import complete_export
+    from ctprep_train.export import complete_export
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -353,7 +353,7 @@ def _config_slice(c: PipelineConfig) -> dict[str, Any]:
 
 def resample_loaded(case, loaded, source, cfg: PipelineConfig, check: bool = True) -> tuple[ResampledCase, np.ndarray]:
     """A loaded case on the configured grid: the one home of the resample stage's per-case work,
-    used by ``run_resample`` and by ``trainer.inference`` (so inference preprocesses exactly as
+    used by ``run_resample`` and by ``ctprep_train.inference`` (so inference preprocesses exactly as
     ``build-shards`` does).
 
     Args:

@@ -27,12 +27,11 @@ import yaml
 
 from ctprep.typed_config import ConfigError, from_dict, read_yaml_chain
 
-# configs/ at the repository root (pipeline/ is installed editable from the repo).
+# configs/ at the repository root (a clone, installed editable: pipeline/ctprep/config.py), else the
+# copy a wheel installs as package data (ctprep/configs).
 _HERE = Path(__file__).resolve().parent
-# configs/ at the repository root (a clone, installed editable), else the copy a wheel installs as
-# package data (ctprep/configs).
-CONFIG_ROOT = next((p for p in (_HERE.parent / "configs", _HERE / "configs") if (p / "pipeline").is_dir()),
-                   _HERE.parent / "configs")
+CONFIG_ROOT = next((p for p in (_HERE.parents[1] / "configs", _HERE / "configs") if (p / "pipeline").is_dir()),
+                   _HERE / "configs")
 PRESET_DIR = CONFIG_ROOT / "pipeline"
 REGION_MAP_DIR = CONFIG_ROOT / "regions"
 DEFAULT_PRESET = "demo"

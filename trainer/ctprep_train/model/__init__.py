@@ -1,4 +1,4 @@
-"""trainer.model: the 3D anatomy-aware CT vision encoder, the text tower and CTCLIP.
+"""ctprep_train.model: the 3D anatomy-aware CT vision encoder, the text tower and CTCLIP.
 
 Public API: ``create_model``, ``list_models``, ``save_pretrained``, ``load_pretrained``, ``CTCLIP``
 and the parts named in docs/architecture.md.

@@ -8,7 +8,7 @@ import typer
 from ctprep.inventory import inventory
 from ctprep.synth.cli import demo_data
 from ctprep.runner_cli import build_shards, status
-from trainer.inference_cli import classify, embed
+from ctprep_train.inference_cli import classify, embed
 
 app = typer.Typer(
     add_completion=False,

@@ -3,7 +3,7 @@
 ``ctprep.schema`` says *what* a shard holds (the contract, as documentation and constants);
 this module is the only code that turns arrays into tar members and back and the only code
 that reads or writes ``index.json``. The writer (``ctprep.stages.pack``), the trainer
-(``trainer.data``, ``trainer.eval_data``), the test shards (``trainer.testing``) and the
+(``ctprep_train.data``, ``ctprep_train.eval_data``), the test shards (``ctprep_train.testing``) and the
 benchmarks all go through it, so writer and readers cannot drift apart.
 
 Dependency-free apart from numpy and zstandard (isal is used when installed; ``ctprep.atomic``
@@ -351,7 +351,7 @@ def decode_sample(members: Mapping[str, bytes | memoryview], expected_meta_crc: 
                   recorded: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Verify and decode one sample held in memory: (field -> array, meta).
 
-    The trainer reads volumes by offset straight into its batches (``trainer.data``) and uses
+    The trainer reads volumes by offset straight into its batches (``ctprep_train.data``) and uses
     :func:`check_meta` / :func:`check_member` on the way; this is the whole-sample form for
     tools and tests. Raises ``CorruptMemberError`` (see :func:`check_meta`).
     """

@@ -1,4 +1,4 @@
-"""``ctprep embed`` and ``ctprep classify``: Typer command functions over ``trainer.inference``.
+"""``ctprep embed`` and ``ctprep classify``: Typer command functions over ``ctprep_train.inference``.
 
 Registered by ``ctprep.cli``. torch and the model load inside the commands, so ``ctprep --help``
 and the pipeline commands stay cheap. A scan that cannot be read or preprocessed is one line on
@@ -53,7 +53,7 @@ def _preprocess_one(preprocess, scan: Path, mask_dir: Path | None, rows: dict[st
 
 def embed(
     scans: list[Path] = typer.Argument(..., help="CT volumes (.nii / .nii.gz)"),
-    encoder: Path = typer.Option(..., "--encoder", help="export folder (python -m trainer.export) or RUN/encoder"),
+    encoder: Path = typer.Option(..., "--encoder", help="export folder (python -m ctprep_train.export) or RUN/encoder"),
     out: Path = typer.Option(..., "--out", help="embeddings .npy (N, E) float32; ids go to the same name .json"),
     mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="label maps named like the scans (optional)"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CT-RATE metadata CSV (v1 files need it)"),
@@ -65,7 +65,7 @@ def embed(
     import numpy as np
     from tqdm import tqdm
 
-    from trainer.inference import collate, load_encoder
+    from ctprep_train.inference import collate, load_encoder
 
     model, preprocess, _ = load_encoder(encoder, device=device)
     rows = _metadata_rows(metadata)
@@ -117,7 +117,7 @@ def read_prompts(path: Path) -> dict[str, list[str]]:
 
 def classify(
     scan: Path = typer.Argument(..., help="CT volume (.nii / .nii.gz)"),
-    encoder: Path = typer.Option(..., "--encoder", help="export folder (python -m trainer.export) or RUN/encoder"),
+    encoder: Path = typer.Option(..., "--encoder", help="export folder (python -m ctprep_train.export) or RUN/encoder"),
     prompts: Path = typer.Option(..., "--prompts", help='JSON {"finding": ["positive", "negative", ...]}'),
     mask: Optional[Path] = typer.Option(None, "--mask", help="label map on the scan's grid (optional)"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CT-RATE metadata CSV (v1 files need it)"),
@@ -126,7 +126,7 @@ def classify(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Zero-shot scores of one scan: per finding, P(positive prompt) among its prompts."""
-    from trainer.inference import load_encoder
+    from ctprep_train.inference import load_encoder
 
     try:
         table = read_prompts(prompts)

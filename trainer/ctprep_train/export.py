@@ -1,11 +1,11 @@
 """A self-contained encoder export: everything a new scan and a sentence need, nothing of the run.
 
-    python -m trainer.export runs/NAME --out exports/NAME            # newest complete checkpoint
-    python -m trainer.export runs/NAME/checkpoints/step_00000300 --out DIR [--shards DIR]
+    python -m ctprep_train.export runs/NAME --out exports/NAME            # newest complete checkpoint
+    python -m ctprep_train.export runs/NAME/checkpoints/step_00000300 --out DIR [--shards DIR]
 
 Folder layout (every file mode 0644)::
 
-    model.safetensors        fp32 weights (``trainer.model.save_pretrained``)
+    model.safetensors        fp32 weights (``ctprep_train.model.save_pretrained``)
     config.json              CTCLIPConfig incl. the text tower's HF config (``text.hf_config``);
                              ``text.path`` is "." (this folder) when it was a local folder
     preprocessing.json       the pipeline preset the shards were built with (full
@@ -17,7 +17,7 @@ Folder layout (every file mode 0644)::
     training.json            step, shard sources and counts, eval figures (machine-readable card)
     README.md                model card generated from the above
 
-``trainer.inference.load_encoder(DIR)`` reads it; no DeepSpeed, no run folder, no shards, no
+``ctprep_train.inference.load_encoder(DIR)`` reads it; no DeepSpeed, no run folder, no shards, no
 ``text.path`` of the training machine. The export command starts from the ``encoder/`` that every
 complete checkpoint already holds (no DeepSpeed needed). It keeps the preprocessing that export
 recorded at training time; ``--shards`` / ``--pipeline-config`` re-derive it (for checkpoints
@@ -104,7 +104,7 @@ def preprocessing_spec(config_json: dict[str, Any], index: dict[str, Any] | None
                        stage_versions: dict[str, str] | None = None, recorded_from: str = "") -> dict[str, Any]:
     """The ``preprocessing.json`` payload for a pipeline config (checked against ``index.json``).
 
-    ``pipeline_config`` is what ``trainer.inference`` rebuilds the config from; the other keys are
+    ``pipeline_config`` is what ``ctprep_train.inference`` rebuilds the config from; the other keys are
     the same facts spelled out for a reader.
     """
     import ctprep
@@ -272,7 +272,7 @@ def _model_summary(config: dict[str, Any]) -> str:
 
 def _eval_lines(result: dict[str, Any] | None) -> list[str]:
     if not result:
-        return ["No evaluation found (run `python -m trainer.evaluate --encoder ... --out RUN/eval`, then export "
+        return ["No evaluation found (run `python -m ctprep_train.evaluate --encoder ... --out RUN/eval`, then export "
                 "again to include its figures)."]
     lines = []
     r = result.get("retrieval", {})
@@ -288,7 +288,7 @@ def _eval_lines(result: dict[str, Any] | None) -> list[str]:
     if z.get("macro_auc") is not None:
         lines.append(f"- zero-shot macro AUC {z['macro_auc']:.3f} over {z.get('labels_evaluated')} labels "
                      f"(prompts {result.get('prompts')})")
-    head = f"Split `{result.get('split')}`, {result.get('n_cases')} cases (trainer.evaluate):"
+    head = f"Split `{result.get('split')}`, {result.get('n_cases')} cases (ctprep_train.evaluate):"
     return [head, ""] + (lines or ["- (no figures in eval.json)"])
 
 
@@ -301,13 +301,13 @@ def model_card(directory: Path, training: dict[str, Any], preprocessing: dict[st
         f"# CT vision encoder {_model_summary(config).split(':')[0]}",
         "",
         f"{_model_summary(config)}. Trained CLIP-style against radiology reports, region sentences and "
-        f"CoT steps (`trainer/train.py`); exported by `trainer.export` at step {training.get('step', '?')} "
+        f"CoT steps (`trainer/train.py`); exported by `ctprep_train.export` at step {training.get('step', '?')} "
         f"on {training.get('exported', '?')}.",
         "",
         "## Use",
         "",
         "```python",
-        "from trainer.inference import load_encoder",
+        "from ctprep_train.inference import load_encoder",
         "model, preprocess, tokenizer = load_encoder(\"THIS_FOLDER\")",
         "batch = preprocess(\"scan.nii.gz\")            # optional: mask=\"seg.nii.gz\", meta={CT-RATE metadata row}",
         "probs = model.classify(batch, {\"effusion\": [\"Pleural effusion is present.\", \"Pleural effusion is not present.\"]})",
@@ -342,7 +342,7 @@ def model_card(directory: Path, training: dict[str, Any], preprocessing: dict[st
             f"{p['stage_versions']}): canonical orientation {p['orientation']} (z, y, x), spacing "
             f"{p['spacing_zyx_mm']} mm, {p['grid']}, shape {p['shape_zyx']} ({p['crop_pad']}), HU clip "
             f"{p['hu_clip']}; regions {p['region_names']} (TotalSegmentator ids in `region_map`), patch "
-            f"{p['patch_size_zyx']} -> grid {p['patch_grid_zyx']}. `trainer.inference` runs the pipeline's own "
+            f"{p['patch_size_zyx']} -> grid {p['patch_grid_zyx']}. `ctprep_train.inference` runs the pipeline's own "
             "read / resample / regions code with it.",
         ]
     else:
@@ -405,7 +405,7 @@ def complete_export(directory: str | Path, tokenizer_identity: dict[str, str] | 
         if found is not None:
             copy_tokenizer_files(found, directory)
             if text is not None and text.get("path") is not None:
-                text["path"] = "."  # this folder (trainer.model.factory resolves it against the export)
+                text["path"] = "."  # this folder (ctprep_train.model.factory resolves it against the export)
                 _write_json(config_path, config)
         else:
             warn.append(f"no local tokenizer folder hashes to {identity['name']} ({identity['hash'][:12]}): "
@@ -441,7 +441,7 @@ def make_readable(directory: Path) -> None:
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
     """A complete checkpoint folder from a checkpoint folder or a run folder (newest, or ``step``)."""
-    from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
+    from ctprep_train.checkpoint import COMPLETE_MARKER, complete_checkpoints
 
     path = Path(path)
     if (path / COMPLETE_MARKER).is_file() and step is None:
@@ -475,7 +475,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shards: str | Path | None
            pipeline_config: str | Path | None = None, eval_json: str | Path | None = None,
            step: int | None = None, overwrite: bool = False) -> Path:
     """Write a self-contained export of a complete checkpoint to ``out`` (atomically). Returns ``out``."""
-    from trainer.checkpoint import CHECKPOINT_DIR, COMPLETE_MARKER
+    from ctprep_train.checkpoint import CHECKPOINT_DIR, COMPLETE_MARKER
 
     ckpt = resolve_checkpoint(checkpoint, step)
     src = ckpt / "encoder"

@@ -1,12 +1,12 @@
 """Evaluate an exported encoder on one split of the shards.
 
-    python -m trainer.evaluate --encoder runs/NAME/encoder --shards shards/ --split valid --out runs/NAME/eval
+    python -m ctprep_train.evaluate --encoder runs/NAME/encoder --shards shards/ --split valid --out runs/NAME/eval
 
 Writes ``eval.json`` (retrieval both ways with pool size, dedup rule and a
 random baseline for the same pool; zero-shot abnormality AUC/F1/accuracy;
 CoT alignment) and ``report.md`` with the pictures inline (PNG beside it).
-Protocols are in :mod:`trainer.metrics` and repeated in both outputs.
-Needs no DeepSpeed: the encoder folder is ``trainer.model.save_pretrained``
+Protocols are in :mod:`ctprep_train.metrics` and repeated in both outputs.
+Needs no DeepSpeed: the encoder folder is ``ctprep_train.model.save_pretrained``
 output.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ctprep.schema import ABNORMALITY_LABELS
-from trainer import metrics, pictures
-from trainer.attention_maps import AttentionRecorder, slice_bias_tables
-from trainer.eval_data import batches_by_shape, iter_split, read_index
+from ctprep_train import metrics, pictures
+from ctprep_train.attention_maps import AttentionRecorder, slice_bias_tables
+from ctprep_train.eval_data import batches_by_shape, iter_split, read_index
 
 DEFAULT_PROMPTS = ("{label} is present.", "{label} is not present.")
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    encoder: Path  # folder written by trainer.model.save_pretrained
+    encoder: Path  # folder written by ctprep_train.model.save_pretrained
     shards: Path  # `ctprep build-shards` output folder (with index.json)
     split: str = "valid"
     out: Path = Path("eval")
@@ -84,7 +84,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
-    from trainer.model import load_pretrained
+    from ctprep_train.model import load_pretrained
 
     model = load_pretrained(str(path))
     return model.to(device).eval()
@@ -92,7 +92,7 @@ def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
 
 def check_tokenizer(encoder: Path, index: dict[str, Any]) -> None:
     """Refuse shards made with another tokenizer than the encoder's text tower."""
-    from trainer.export import read_tokenizer_identity
+    from ctprep_train.export import read_tokenizer_identity
 
     mine = read_tokenizer_identity(encoder)  # tokenizer_identity.json (or an older export's tokenizer.json)
     if mine is None:

@@ -1,7 +1,7 @@
 """YAML -> typed dataclasses: the one loader behind the pipeline, trainer and model configs.
 
-``ctprep.config`` (pipeline presets), ``trainer.config`` (training YAML) and
-``trainer.model.config`` (model YAML / ``config.json``) each declare their dataclasses and
+``ctprep.config`` (pipeline presets), ``ctprep_train.config`` (training YAML) and
+``ctprep_train.model.config`` (model YAML / ``config.json``) each declare their dataclasses and
 their cross-field checks; reading and typing the data is done here, the same way for all three:
 
 * :func:`from_dict` builds a dataclass from nested dicts, converting each value to its
@@ -13,7 +13,7 @@ their cross-field checks; reading and typing the data is done here, the same way
   (values parsed as YAML scalars) to the nested dict before it is typed, so an override of
   an unknown key fails exactly like a typo in the file.
 
-Standard library + PyYAML only: ``trainer.model`` imports this and must not pull in Dask or
+Standard library + PyYAML only: ``ctprep_train.model`` imports this and must not pull in Dask or
 DeepSpeed. (pydantic is in the environment only as a DeepSpeed dependency, and OmegaConf not
 at all; the configs stay plain dataclasses.)
 """

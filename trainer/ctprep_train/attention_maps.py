@@ -12,7 +12,7 @@ materialises it, so the maps are *recomputed* here from what forward hooks captu
 * **CoT step attention**: the step head pools K evidence tokens, each a softmax over patches
   (``evidence_attn`` (B, K, P) from ``CTCLIP.forward``). A step attends over evidence tokens
   with ``softmax(step_pool_scale * step . evidence_k)`` (the step-alignment loss's pooling,
-  ``trainer.losses.LossConfig.step_pool_scale``); its patch map is the mixture
+  ``ctprep_train.losses.LossConfig.step_pool_scale``); its patch map is the mixture
   ``sum_k w_k * evidence_attn[k]`` (rows sum to 1).
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.model.region_attention import RegionAwareAttention
-from trainer.model.slice_attention import SliceAwareAttention, slice_distance_index
+from ctprep_train.model.region_attention import RegionAwareAttention
+from ctprep_train.model.slice_attention import SliceAwareAttention, slice_distance_index
 
 
 def _slice_modules(model: torch.nn.Module) -> list[SliceAwareAttention]:
@@ -42,7 +42,7 @@ def slice_bias_tables(model: torch.nn.Module) -> list[np.ndarray]:
 
 
 def _default_step_pool_scale() -> float:
-    from trainer.losses import LossConfig
+    from ctprep_train.losses import LossConfig
 
     return float(LossConfig().step_pool_scale)
 

@@ -1,10 +1,10 @@
 """Deterministic, sequential reading of one split of the shards for evaluation.
 
-Training streams shuffled samples (``trainer.data``); evaluation needs the
+Training streams shuffled samples (``ctprep_train.data``); evaluation needs the
 opposite: every case of a split exactly once, in index order, with its
 ``meta.json`` (report text for dedup, step regions for CoT alignment). Samples
-are read and verified by the training reader (``trainer.data.decode_sample``:
-the same checksums, no pickle) and collated by ``trainer.data``, so evaluation
+are read and verified by the training reader (``ctprep_train.data.decode_sample``:
+the same checksums, no pickle) and collated by ``ctprep_train.data``, so evaluation
 sees exactly the bytes training would. A damaged sample is skipped and
 reported with its shard and key, never evaluated.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from ctprep import shards
 from ctprep.schema import INDEX_FILE, SCHEMA_VERSION
-from trainer.data import (
+from ctprep_train.data import (
     LAZY_FIELDS,
     CorruptMemberError,
     ShardExpectation,
@@ -53,7 +53,7 @@ def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
 
 def _expectation(index: dict[str, Any]) -> ShardExpectation:
     # Evaluation takes the tokenizer and patch grid the index declares (the encoder's tokenizer is
-    # checked by trainer.evaluate.check_tokenizer); every sample must agree with them.
+    # checked by ctprep_train.evaluate.check_tokenizer); every sample must agree with them.
     return ShardExpectation(schema_version=SCHEMA_VERSION, tokenizer=dict(index["tokenizer"]),
                             patch_size=tuple(int(p) for p in index.get("patch_size", (4, 16, 16))))
 

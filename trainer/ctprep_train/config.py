@@ -24,11 +24,11 @@ __all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deeps
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # a file in configs/model/ (trainer.model.list_models()) or a path
+    name: str = "tiny"  # a file in configs/model/ (ctprep_train.model.list_models()) or a path
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys passed to create_model
     # Module providing create_model(name, **overrides) and save_pretrained(model, dir);
     # tests plug in a stand-in module here.
-    module: str = "trainer.model"
+    module: str = "ctprep_train.model"
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """trainer.augment: per-sample in-plane zoom, shifts and HU jitter on the device; no flips (reports name sides)."""
+    """ctprep_train.augment: per-sample in-plane zoom, shifts and HU jitter on the device; no flips (reports name sides)."""
 
     enabled: bool = False
     shift_voxels: list[int] = field(default_factory=lambda: [0, 0, 0])  # max |shift| (z, y, x), voxels
@@ -72,7 +72,7 @@ class AugmentConfig:
 @dataclass
 class LossConfig:
     # "module:callable" building the loss from the options below.
-    factory: str = "trainer.losses:MultiTaskLoss"
+    factory: str = "ctprep_train.losses:MultiTaskLoss"
     weights: dict[str, float] = field(default_factory=dict)  # term name -> weight
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword options of the loss
     # Upper bound of every exp'd logit scale (CLIP's 100 = temperature 0.01), applied to the
@@ -119,7 +119,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # trainer.augment (off by default)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # ctprep_train.augment (off by default)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import AugmentConfig
-from trainer.model.anatomical_encoder import patch_region_fraction
+from ctprep_train.config import AugmentConfig
+from ctprep_train.model.anatomical_encoder import patch_region_fraction
 
 __all__ = ["AugmentConfig", "augment_batch"]
 

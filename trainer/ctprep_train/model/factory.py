@@ -43,7 +43,7 @@ def _read_config_dict(name_or_path: str) -> dict:
         data = json.loads((path / CONFIG_FILE).read_text())
         text = data.get("text")
         if isinstance(text, dict) and text.get("path") and not Path(text["path"]).is_absolute():
-            # A self-contained export (trainer.export) names its own folder: "." = beside config.json.
+            # A self-contained export (ctprep_train.export) names its own folder: "." = beside config.json.
             text["path"] = str((path / text["path"]).resolve())
         return data
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -98,8 +98,8 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *
     """Rebuild a CTCLIP from ``save_pretrained`` output; needs no DeepSpeed, no text path, no network.
 
     The text tower is built from ``text.hf_config``; a relative ``text.path`` (``"."`` in a
-    ``trainer.export`` folder, which holds the tokenizer files) is resolved against ``directory``.
-    For preprocessing and prompts too, use ``trainer.inference.load_encoder``.
+    ``ctprep_train.export`` folder, which holds the tokenizer files) is resolved against ``directory``.
+    For preprocessing and prompts too, use ``ctprep_train.inference.load_encoder``.
     """
     from safetensors.torch import load_file
 
