@@ -317,10 +317,16 @@ def test_worker_image_uses_cpu_torch_at_the_makefile_pin():
     assert env["OMP_NUM_THREADS"] == "1"
 
 
-def test_train_image_prebuilds_deepspeed_ops_against_base_torch():
+def test_train_image_installs_the_tested_torch_then_prebuilds_deepspeed_ops_against_it():
     instrs = dockerfile_instructions(REPO / "docker/train.Dockerfile")
+    args = dict(arg.split("=", 1) for instr, arg in instrs if instr == "ARG" and "=" in arg)
+    makefile_pin = re.search(r"torch==([\w.+]+)", (REPO / "Makefile").read_text()).group(1)
+    assert args["TORCH_VERSION"] == makefile_pin  # the GPU image runs the torch line the tests run
     ds_run = next(arg for instr, arg in instrs if instr == "RUN" and "deepspeed==" in arg)
     assert "DS_BUILD_FUSED_ADAM=1" in ds_run and "--no-build-isolation" in ds_run
+    torch_at = ds_run.find('"torch==${TORCH_VERSION}"')
+    assert 0 <= torch_at < ds_run.find("deepspeed=="), "torch must be installed before DeepSpeed's op build"
+    assert "torch.version.cuda" in ds_run, "the image must check that it got a CUDA build of torch"
     base_arg = next(arg for instr, arg in instrs if instr == "ARG" and arg.startswith("BASE_IMAGE="))
     assert "devel" in base_arg, "DeepSpeed ops need nvcc: use a devel base"
     ds_pin = next(arg for instr, arg in instrs if instr == "ARG" and arg.startswith("DEEPSPEED_VERSION="))
