@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from ctprep_train import data as D
+from ctprep_train.data import collate as data_collate
+from ctprep_train.data import decode as data_decode
 from ctprep_train.config import DataConfig
 from ctprep_train.testing import TEST_TOKENIZER, make_sample, write_shard, write_test_shards
 
@@ -203,8 +205,8 @@ def test_loader_with_workers_yields_in_global_order(tmp_path):
 
 @pytest.mark.parametrize("workers,read_threads", [(0, 1), (1, 1), (0, 3), (1, 2)])
 def test_large_uncompressed_volumes_are_read_straight_into_the_batch(tmp_path, monkeypatch, workers, read_threads):
-    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)  # every uncompressed .npy member takes the lazy path
-    monkeypatch.setattr(D, "READ_CHUNK", 1000)  # parallel reads split volumes at odd, unaligned offsets
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)  # every uncompressed .npy member takes the lazy path
+    monkeypatch.setattr(data_collate, "READ_CHUNK", 1000)  # parallel reads split volumes at odd, unaligned offsets
     write_test_shards(tmp_path, {"train": [4]}, compress=())
     refs, _ = D.scan_tar(str(tmp_path / "train" / "ctrate-0-000000.tar"))
     lazy = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)
@@ -213,15 +215,15 @@ def test_large_uncompressed_volumes_are_read_straight_into_the_batch(tmp_path, m
     assert batch["image"].dtype == torch.int16 and batch["mask"].dtype == torch.uint8
     by_key = {r.key: r for r in refs}
     for i, key in enumerate(batch["ids"]):
-        monkeypatch.setattr(D, "LAZY_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 1 << 40)
         eager = D.decode_sample(by_key[key], EXPECT, TEST_TOKENIZER)
-        monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+        monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
         np.testing.assert_array_equal(batch["image"][i].numpy(), eager["image"])
         np.testing.assert_array_equal(batch["mask"][i].numpy(), eager["mask"])
 
 
 def test_lazy_member_with_truncated_data_is_corrupt(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
     buf = io.BytesIO()
     np.save(buf, np.zeros((4, 4), np.int16))
     data = buf.getvalue()[:-8]
@@ -236,7 +238,7 @@ def test_lazy_member_with_truncated_data_is_corrupt(tmp_path, monkeypatch):
 
 
 def test_parallel_read_of_a_truncated_file_is_a_corrupt_member_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "READ_CHUNK", 64)
+    monkeypatch.setattr(data_collate, "READ_CHUNK", 64)
     path = tmp_path / "short.bin"
     path.write_bytes(bytes(range(200)))
     part = D.LazyNpy(str(path), 8, (2, 100), np.dtype(np.uint8), False)  # wants 200 bytes from offset 8
@@ -253,21 +255,21 @@ def test_parallel_read_of_a_truncated_file_is_a_corrupt_member_error(tmp_path, m
 @pytest.mark.parametrize("read_threads", [1, 3])
 def test_volume_failing_while_read_into_the_batch_is_replaced_not_fatal(tmp_path, monkeypatch, read_threads):
     """A shard cut after it was scanned: the reader thread's short read skips that sample, counted."""
-    monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
-    monkeypatch.setattr(D, "READ_CHUNK", 1000)
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(data_collate, "READ_CHUNK", 1000)
     write_test_shards(tmp_path, {"train": [4]}, compress=())
     shard = str(tmp_path / "train" / "ctrate-0-000000.tar")
     refs, _ = D.scan_tar(shard)
     victim = refs[1]
     _, lo, size = next(m for m in victim.members if m[0] == "image.npy")
-    real = D._pread_into
+    real = data_decode.pread_into
 
     def flaky(path, offset, target):
         if path == shard and lo <= offset < lo + size:
             raise D.CorruptMemberError(f"{path}: short read at {offset}")
         real(path, offset, target)
 
-    monkeypatch.setattr(D, "_pread_into", flaky)
+    monkeypatch.setattr(data_decode, "pread_into", flaky)
     batch = next(_train_iter(tmp_path, batch_size=4, buffer_size=1, num_workers=0, read_threads=read_threads))
     ids = batch["ids"]
     assert victim.key not in ids and len(set(ids)) == 3 and len(ids) == 4

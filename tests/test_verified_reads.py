@@ -21,7 +21,10 @@ from ctprep.stages import pack
 from ctprep.stages.pack import check_index, read_index, run_pack
 from tests.pack_helpers import aggregate_task, make_case, run_case_stages, small_config
 from tests.trainer_helpers import STAND_IN, launch, read_metrics
+from torch.utils.data import DataLoader, IterableDataset
+
 from ctprep_train import data as D
+from ctprep_train.data import decode as data_decode
 from ctprep_train import eval_data
 from ctprep_train.testing import write_test_shards
 
@@ -71,7 +74,7 @@ def _expect(root: Path, **kw) -> D.ShardExpectation:
     return D.ShardExpectation(tokenizer=read_index(root)["tokenizer"], patch_size=(4, 16, 16), **kw)
 
 
-class _FirstBatches(D.IterableDataset):
+class _FirstBatches(IterableDataset):
     """The first ``n`` batches of a dataset: the loader's read-ahead cannot start another pass."""
 
     def __init__(self, dataset, n: int):
@@ -82,13 +85,17 @@ class _FirstBatches(D.IterableDataset):
         return itertools.islice(iter(self.dataset), self.n)
 
 
+def _as_is(batch):
+    return batch
+
+
 def _train_ids(root: Path, batch_size: int, batches: int, **expect_kw) -> tuple[list[str], int]:
     """Sample ids of the first ``batches`` training batches (one worker slot, tar order) and the corrupt count."""
     expect = _expect(root, **expect_kw)
     index = D.load_shard_index(root, expect)
     dataset = D.TrainBatches(index.shards("train"), {"ctrate": 1.0}, batch_size=batch_size, buffer_size=1, seed=0,
                              rank=0, world_size=1, expect=expect, tokenizer=index.tokenizer)
-    loader = D.BatchLoader(D.DataLoader(_FirstBatches(dataset, batches), batch_size=None, collate_fn=D._as_is),
+    loader = D.BatchLoader(DataLoader(_FirstBatches(dataset, batches), batch_size=None, collate_fn=_as_is),
                            pin_memory=False)
     ids, corrupt = [], 0
     for batch in loader:  # the trainer's path: worker-side decode, reader-thread volume reads
@@ -116,7 +123,7 @@ def test_training_loader_skips_exactly_the_damaged_sample(packed, tmp_path, capl
     if member == "image.npy":
         # Uncompressed volumes are read straight into the batch by the trainer process and checked
         # there; the damaged row is refilled from another row of its batch (no new draw possible).
-        monkeypatch.setattr(D, "LAZY_MIN_BYTES", 0)
+        monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
         ids, corrupt = _train_ids(root, batch_size=len(refs), batches=1)
         assert bad not in ids and set(ids) == set(good) and len(ids) == len(refs)
     else:

@@ -1,0 +1,281 @@
+"""Decoding one sample: verified, pickle-free, volumes left unread until they reach the batch.
+
+Large uncompressed ``.npy`` volume members become ``LazyNpy`` (header parsed, data read later
+straight into the batch tensor); compressed ones become ``CompressedNpy`` (decompressed straight
+into the batch); the small members are read with one ``pread`` and decoded by
+``ctprep.shards.decode_member``. Never pickle: ``.npy`` headers are parsed with
+``numpy.lib.format`` and object dtypes are refused.
+
+Verified reads (docs/verified-reads.md): a sample's ``meta.json`` is checked against the CRC32 its
+shard's index entry holds (``meta_crc32``), every other member against the CRC32 ``meta.json``
+holds (``crc32``) - ``ctprep.shards.check_meta`` / ``check_member``, the checks
+``ctprep.stages.pack.check_index`` runs too - each where its bytes are read: small members in
+``decode_sample``, compressed volumes before they are decompressed into the batch, uncompressed
+volumes after ``preadv`` put them there. A mismatch is a ``CorruptMemberError`` (the sample is
+skipped and counted by the streams). A shard whose index entry has no ``meta_crc32`` was packed
+before checksums: its samples are read unverified, with one warning per shard.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ctprep import schema, shards
+from ctprep.shards import (
+    CorruptMemberError,
+    MetaChecksumError,
+    ShardMismatchError,
+    crc32,
+    decode_member,
+    member_field,
+)
+from ctprep.shards import npy_header as _npy_header
+from ctprep_train.data.index import ShardExpectation, check_identity
+from ctprep_train.data.tar import SampleRef, pread_into, read_member
+
+REQUIRED_MEMBERS = (*schema.NPY_MEMBERS, member_field(shards.META_MEMBER))
+
+
+LAZY_MIN_BYTES = 1 << 20  # uncompressed volume members above this are read straight into the batch
+LAZY_FIELDS = ("image", "mask")  # the (Z, Y, X) volumes; everything else is small
+
+
+class LazyNpy:
+    """An uncompressed ``.npy`` tar member whose header is parsed but whose data is not read yet.
+
+    ``collate_samples`` reads the data with one ``preadv`` directly into the batch tensor, so a
+    volume is copied once (page cache -> batch), like a plain ``read``; ``np.asarray`` also works.
+    """
+
+    __slots__ = ("path", "offset", "shape", "dtype", "fortran", "crc", "head_crc", "where")
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool,
+                 crc: int | None = None, head_crc: int = 0, where: str = ""):
+        self.path, self.offset, self.shape, self.dtype, self.fortran = path, offset, shape, dtype, fortran
+        # expected CRC32 of the whole member (None: not verified) and the CRC32 of its npy header
+        self.crc, self.head_crc, self.where = crc, head_crc, where or path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill the C-contiguous ``out`` (same shape) from the file, then verify it."""
+        pread_into(self.path, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
+        self.verify(out)
+        if self.fortran:  # rare: stored column-major; reorder in place via a copy
+            out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
+
+    def read_range_into(self, target: memoryview, start: int, end: int) -> None:
+        """Copy bytes [start, end) of the data into the same range of ``target`` (not verified: ``verify``)."""
+        pread_into(self.path, self.offset + start, target[start:end])
+
+    def verify(self, out: np.ndarray) -> None:
+        """Raise ``CorruptMemberError`` if the bytes read into ``out`` (stored order) fail the CRC32."""
+        if self.crc is None:
+            return
+        found = crc32(out.reshape(-1).view(np.uint8), self.head_crc)
+        if found != self.crc:
+            raise CorruptMemberError(f"{self.where}: crc32 {found} != {self.crc} in meta.json")
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None:
+    if not name.endswith(".npy") or size < LAZY_MIN_BYTES:
+        return None
+    head = read_member(path, offset, min(size, 4096))
+    shape, fortran, dtype, data_at = _npy_header(head)
+    if dtype.hasobject:
+        raise CorruptMemberError(f"{name}: object arrays are refused (would need pickle)")
+    lazy = LazyNpy(path, offset + data_at, tuple(shape), dtype, fortran, head_crc=crc32(head[:data_at]))
+    if data_at + lazy.nbytes > size:
+        raise CorruptMemberError(f"{name}: npy data truncated ({size - data_at} < {lazy.nbytes} bytes)")
+    return lazy
+
+
+class CompressedNpy:
+    """A ``.npy.zst`` / ``.npy.gz`` volume member held compressed, header already parsed.
+
+    ``collate_samples`` decompresses it straight into the batch tensor (shared memory inside a
+    DataLoader worker), instead of into a fresh buffer that is then copied: one pass over the
+    decompressed bytes instead of three. Data errors past the header, and a CRC32 mismatch of
+    the compressed bytes (checked there, before decompressing), surface as
+    ``CorruptVolumeError`` and the sample is replaced (see ``TrainBatches``).
+    """
+
+    __slots__ = ("data", "suffix", "shape", "dtype", "fortran", "data_at", "crc", "where")
+
+    def __init__(self, data: bytes, suffix: str, crc: int | None = None, where: str = ""):
+        self.data, self.suffix = data, suffix
+        self.crc, self.where = crc, where  # expected CRC32 of ``data`` (None: not verified)
+        with self._reader() as reader:
+            head = _read_up_to(reader, 4096)
+        shape, fortran, dtype, data_at = _npy_header(head)
+        if dtype.hasobject:
+            raise CorruptMemberError("object arrays are refused (would need pickle)")
+        self.shape, self.dtype, self.fortran, self.data_at = tuple(shape), dtype, fortran, data_at
+
+    def _reader(self):
+        if self.suffix == ".zst":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(self.data)
+        try:
+            from isal import igzip
+
+            return igzip.IGzipFile(fileobj=io.BytesIO(self.data))
+        except ImportError:
+            return gzip.GzipFile(fileobj=io.BytesIO(self.data))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def verify(self) -> None:
+        """Raise ``CorruptMemberError`` if the compressed bytes fail their CRC32 (checked once)."""
+        if self.crc is None:
+            return
+        found = crc32(self.data)
+        if found != self.crc:
+            raise CorruptMemberError(f"{self.where}: crc32 {found} != {self.crc} in meta.json")
+        self.crc = None
+
+    def read_into(self, out: np.ndarray) -> None:
+        self.verify()
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        with self._reader() as reader:
+            _read_up_to(reader, self.data_at)  # skip the header
+            done = 0
+            while done < self.nbytes:
+                n = reader.readinto(target[done:])
+                if not n:
+                    raise CorruptMemberError(f"compressed npy ends after {done} of {self.nbytes} bytes")
+                done += n
+        if self.fortran:
+            out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _read_up_to(reader, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class CorruptVolumeError(CorruptMemberError):
+    """A volume failed while being written into its batch slot ``index``."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def decode_sample(
+    ref: SampleRef, expect: ShardExpectation, tokenizer: dict[str, str], meta_crcs: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Read, verify and decode one sample; raises CorruptMemberError or ShardMismatchError.
+
+    Large uncompressed ``.npy`` members become ``LazyNpy`` (header parsed, data read later
+    straight into the batch). The other members are contiguous in the tar and are fetched with
+    one ``pread``; each is then a zero-copy slice of it.
+
+    Args:
+        meta_crcs: the shard's ``meta_crc32`` from the index (``ShardInfo.meta_crc32``); None
+            for a shard packed before checksums (then ``meta.json`` is not verified; its
+            members still are if it lists their checksums).
+    """
+    where = f"{ref.shard} sample {ref.key}"
+    sample: dict[str, Any] = {"__key__": ref.key, "__shard__": ref.shard}
+    lazy: dict[str, LazyNpy] = {}  # member name -> volume read later
+    small = []
+    for name, offset, size in ref.members:
+        field_name = member_field(name)
+        try:
+            member = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
+        except CorruptMemberError:
+            raise
+        except Exception as exc:
+            raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+        if member is not None:
+            lazy[name], sample[field_name] = member, member
+        else:
+            small.append((field_name, name, offset, size))
+    blobs: dict[str, memoryview] = {}
+    if small:
+        start = min(offset for _, _, offset, _ in small)
+        end = max(offset + size for _, _, offset, size in small)
+        blob = memoryview(read_member(ref.shard, start, end - start))
+        blobs = {name: blob[offset - start : offset - start + size] for _, name, offset, size in small}
+    sums = _member_checksums(where, blobs.get(shards.META_MEMBER), ref, expect, tokenizer, meta_crcs)
+    for name, member in lazy.items():
+        member.crc, member.where = sums.get(name), f"{where} {name}"
+    for field_name, name, offset, size in small:
+        data = blobs[name]
+        base, suffix = schema.strip_compression(name)
+        if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
+            try:  # verified when it is decompressed into the batch
+                sample[field_name] = CompressedNpy(bytes(data), suffix, sums.get(name), name)
+            except CorruptMemberError:
+                raise
+            except Exception as exc:
+                raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+            continue
+        shards.check_member(name, data, sums)
+        sample[field_name] = decode_member(name, data)
+    missing = [m for m in REQUIRED_MEMBERS if m not in sample]
+    if missing:
+        raise CorruptMemberError(f"missing member(s) {missing}")
+    meta = sample["meta"]
+    if not isinstance(meta, dict):
+        raise CorruptMemberError("meta.json is not an object")
+    check_identity(f"{ref.shard} sample {ref.key}", meta, expect, tokenizer)
+    return sample
+
+
+def _member_checksums(
+    where: str, raw_meta: memoryview | bytes | None, ref: SampleRef, expect: ShardExpectation,
+    tokenizer: dict[str, str], meta_crcs: Mapping[str, int] | None,
+) -> dict[str, int]:
+    """Verify ``meta.json`` against the index and return its {member: CRC32} ({}: nothing to verify).
+
+    Raises CorruptMemberError when the sample cannot be trusted: ``meta.json`` fails the
+    index's CRC32, or a schema member has no checksum although the shard was packed with them.
+    A ``meta.json`` that fails its CRC32 but parses into another schema / tokenizer / patch
+    grid raises ShardMismatchError instead: that is a shard from another build put in place of
+    the listed one (a single flipped byte landing in exactly those fields reads the same; the
+    run then stops with the file named rather than silently skipping a whole foreign shard).
+    """
+    if not expect.verify_checksums or raw_meta is None:
+        return {}  # no meta.json: decode_sample reports the missing member
+    names = [name for name, _, _ in ref.members]
+    want = None if meta_crcs is None else meta_crcs.get(ref.key)
+    try:
+        _, sums = shards.check_meta(raw_meta, names, want, recorded=meta_crcs is not None)
+    except MetaChecksumError as exc:
+        if exc.meta is not None:
+            try:
+                check_identity(where, exc.meta, expect, tokenizer)
+            except ShardMismatchError as mismatch:
+                raise ShardMismatchError(f"{mismatch} (its meta.json does not match the index's checksum either: "
+                                         "was the shard replaced after index.json was written?)") from None
+        raise
+    return sums

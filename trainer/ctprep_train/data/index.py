@@ -1,0 +1,116 @@
+"""The shard index a run reads: ``index.json`` checked against what the trainer expects.
+
+``load_shard_index`` reads ``index.json`` through ``ctprep.shards`` (the one home of the shard
+format, shared with the writer) and refuses shards whose schema version, tokenizer identity or
+patch grid differ from what the trainer expects, naming the mismatch and the file. Every
+sample's ``meta.json`` is checked against the same expectation when it is decoded
+(``ctprep_train.data.decode``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctprep import schema, shards
+from ctprep.shards import INDEX_CHECKSUM_KEY, ShardMismatchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # absolute path of the tar
+    samples: int
+    source: str
+    bytes: int = 0
+    # sample key -> CRC32 of its meta.json, from the index; None: packed before checksums
+    meta_crc32: Mapping[str, int] | None = field(default=None, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ShardExpectation:
+    """What the trainer requires of the shards it reads."""
+
+    schema_version: int = schema.SCHEMA_VERSION
+    tokenizer: dict[str, str] | None = None  # None: accept the index's tokenizer
+    patch_size: tuple[int, int, int] = (4, 16, 16)
+    verify_checksums: bool = True  # False only to measure what verification costs (bench/loader.py)
+
+
+@dataclass
+class ShardIndex:
+    root: Path
+    raw: dict[str, Any]
+
+    @property
+    def tokenizer(self) -> dict[str, str]:
+        return dict(self.raw["tokenizer"])
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.raw.get("region_names", []))
+
+    def shards(self, split: str, sources: Sequence[str] | None = None) -> dict[str, list[ShardInfo]]:
+        """Shards of ``split`` grouped by source (only ``sources`` if given, in that order)."""
+        entries = self.raw.get("splits", {}).get(split)
+        if entries is None:
+            raise ShardMismatchError(
+                f"{self.root / schema.INDEX_FILE}: no split '{split}' (has {sorted(self.raw.get('splits', {}))})"
+            )
+        grouped: dict[str, list[ShardInfo]] = {}
+        for entry in entries:
+            info = ShardInfo(
+                path=str((self.root / entry["path"]).resolve()),
+                samples=int(entry["samples"]),
+                source=str(entry.get("source", "ctrate")),
+                bytes=int(entry.get("bytes", 0)),
+                meta_crc32=shards.index_meta_crcs(entry),
+            )
+            grouped.setdefault(info.source, []).append(info)
+        if sources is None:
+            return grouped
+        missing = [s for s in sources if s not in grouped]
+        if missing:
+            raise ShardMismatchError(
+                f"{self.root / schema.INDEX_FILE}: split '{split}' has no shards of source(s) {missing} "
+                f"(has {sorted(grouped)}); set its weight to 0 in data.sources to train without it"
+            )
+        return {s: grouped[s] for s in sources}
+
+
+def warn_unverified(shard: ShardInfo) -> None:
+    """One warning for a shard whose samples cannot be verified (packed before checksums)."""
+    log.warning("%s: its index entry has no %s (packed before per-sample checksums): its samples are read "
+                "unverified; rebuild the shards with this ctprep version to verify them", shard.path,
+                INDEX_CHECKSUM_KEY)
+
+
+def check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, tokenizer: dict | None) -> None:
+    shards.check_schema_version(where, found.get("schema_version"), exp.schema_version)
+    tok = found.get("tokenizer")
+    want = tokenizer if tokenizer is not None else exp.tokenizer
+    if want is not None and (
+        not isinstance(tok, dict) or tok.get("name") != want.get("name") or tok.get("hash") != want.get("hash")
+    ):
+        raise ShardMismatchError(
+            f"{where}: tokenizer {tok} != expected {want}; the token ids would not match the text "
+            "encoder's vocabulary. Rebuild the shards with the model's tokenizer or pick a matching config"
+        )
+    patch = found.get("patch_size")
+    if patch is None or [int(p) for p in patch] != [int(p) for p in exp.patch_size]:
+        raise ShardMismatchError(
+            f"{where}: patch_size {patch} != data.patch_size {list(exp.patch_size)}; regions.npy rows "
+            "would not line up with the model's patch grid"
+        )
+
+
+def load_shard_index(root: str | Path, expect: ShardExpectation) -> ShardIndex:
+    """Read ``root/index.json`` and refuse it if it does not match ``expect``."""
+    root = Path(root)
+    raw = shards.read_index(root, expect.schema_version)
+    check_identity(str(root / schema.INDEX_FILE), raw, expect, None)
+    return ShardIndex(root=root, raw=raw)
