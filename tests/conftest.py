@@ -59,3 +59,51 @@ def synthetic_ctrate(tmp_path_factory) -> Callable[..., Path]:
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_omniabnorm(tmp_path_factory) -> Callable[..., Path]:
+    """Factory for synthetic OmniAbnorm-CT trees, cached per argument set for the whole session.
+
+    ``synthetic_omniabnorm(cases=6, seed=2, layout="release", faults=False)`` returns the root of a
+    tree written by ``ctprep.synth.omniabnorm.write_omniabnorm`` (demo grid). Read-only, as above.
+    """
+    from ctprep.synth.omniabnorm import write_omniabnorm
+
+    made: dict[tuple, Path] = {}
+
+    def make(cases: int = 4, seed: int = 0, layout: str = "release", faults: bool = False) -> Path:
+        key = (cases, seed, layout, faults)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"omniabnorm_{layout}_{cases}_{seed}") / "OmniAbnormCT_14K"
+            write_omniabnorm(root, cases=cases, grid="demo", seed=seed, faults=faults, layout=layout)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def built_shards(synthetic_ctrate, tmp_path_factory) -> Callable[..., Path]:
+    """Factory for shards built by the real pipeline (``demo`` preset, in process) from a
+    ``synthetic_ctrate`` tree, cached per argument set for the whole session.
+
+    ``built_shards(cases=4, seed=0, faults=False)`` returns the ``--out`` folder of a finished
+    build (``index.json``, shards, manifest). Read-only: copy it before changing files.
+    """
+    from ctprep.config import load_config
+    from ctprep.runner import build
+
+    made: dict[tuple, Path] = {}
+
+    def make(cases: int = 4, seed: int = 0, faults: bool = False) -> Path:
+        key = (cases, seed, faults)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"shards_{cases}_{seed}") / "shards"
+            report = build([synthetic_ctrate(cases=cases, seed=seed, faults=faults)], out, load_config("demo"),
+                           workers=0, progress=False)
+            assert report.exit_code == 0, f"building the shared test shards failed: {report}"
+            made[key] = out
+        return made[key]
+
+    return make

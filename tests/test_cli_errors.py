@@ -34,7 +34,7 @@ from ctprep.errors import OutputLocked, UserError
 from ctprep.runner import MANIFEST_FILE, build
 from tests.scale_helpers import free_port, quiet_env
 
-synth = pytest.importorskip("ctprep.synth.ctrate")
+import ctprep.synth.ctrate as synth  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -56,10 +56,8 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def ctrate(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("errors_src") / "ctrate"
-    synth.write_ctrate(root, cases=3, grid="demo")
-    return root
+def ctrate(synthetic_ctrate) -> Path:
+    return synthetic_ctrate(cases=3)
 
 
 # --------------------------------------------------------------------------- file modes that apply

@@ -22,13 +22,11 @@ import torch
 from ctprep.config import load_config
 from ctprep.stages.base import get_stage
 from ctprep.quarantine import MISSING_METADATA, QuarantineError
-from ctprep.runner import build
 from ctprep.schema import ABNORMALITY_LABELS
-from ctprep.synth.ctrate import write_ctrate
-from ctprep_train import metrics
+from ctprep_train.eval import metrics
 from ctprep_train.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
 from ctprep_train.data import collate_samples
-from ctprep_train.eval_data import iter_split
+from ctprep_train.eval.data import iter_split
 from ctprep_train.export import PREPROCESSING_FILE, TOKENIZER_IDENTITY_FILE, complete_export, export_metadata
 from ctprep_train.export import main as export_main
 from ctprep_train.inference import load_encoder
@@ -38,18 +36,13 @@ EFFUSION = {"effusion": ["Pleural effusion is present.", "Pleural effusion is no
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inference_src") / "ctrate"
-    write_ctrate(root, cases=CASES, grid="demo", seed=0)
-    return root
+def dataset(synthetic_ctrate) -> Path:
+    return synthetic_ctrate(cases=CASES, seed=0)
 
 
 @pytest.fixture(scope="module")
-def shards(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("inference_out") / "shards"
-    report = build([dataset], out, load_config("demo"), workers=0, progress=False)
-    assert report.exit_code == 0
-    return out
+def shards(built_shards) -> Path:
+    return built_shards(cases=CASES, seed=0)
 
 
 def _text_model_copy(dst: Path) -> Path:
@@ -288,9 +281,9 @@ def test_classify_gives_a_probability_per_finding_and_draws_a_similarity_map(dat
 
 
 def test_zero_shot_auc_through_the_api_equals_trainer_evaluate(dataset, shards, encoder_dir, loaded):
-    from ctprep_train import evaluate
+    from ctprep_train.eval import run as evaluate
 
-    # ctprep_train.evaluate's own zero-shot code on the shards (same encoder folder, same prompts)
+    # ctprep_train.eval's own zero-shot code on the shards (same encoder folder, same prompts)
     cfg = evaluate.EvalConfig(encoder=encoder_dir, shards=shards, split="train", batch_size=4, picture_cases=0)
     model_e = evaluate.load_encoder(encoder_dir, torch.device("cpu"))
     from ctprep.tokenizer import load_tokenizer

@@ -30,7 +30,6 @@ from ctprep.inventory import (
 from ctprep.quarantine import QuarantineError
 from ctprep.sources import detect_source
 from ctprep.synth.ctrate import write_ctrate
-from ctprep.synth.omniabnorm import write_omniabnorm
 
 runner = CliRunner()
 
@@ -54,10 +53,8 @@ def _invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def flat(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inv_flat") / "ctrate"
-    write_ctrate(root, cases=4, grid="demo", seed=5, faults=True)
-    return root
+def flat(synthetic_ctrate) -> Path:
+    return synthetic_ctrate(cases=4, seed=5, faults=True)
 
 
 @pytest.fixture(scope="module")
@@ -299,16 +296,8 @@ def test_cli_default_out_is_cwd_inventory(tmp_path, flat, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- release layout
-def _has_release_layout() -> bool:
-    from ctprep.sources.ctrate import CtRateSource
-
-    return hasattr(CtRateSource, "layout")
-
-
-@pytest.mark.skipif(not _has_release_layout(), reason="CtRateSource.layout (release layout) not in this tree yet")
-def test_release_tree_duplicates_resolved_to_fixed(tmp_path):
-    root = tmp_path / "dataset"
-    write_ctrate(root, cases=4, grid="demo", seed=2, layout="release")
+def test_release_tree_duplicates_resolved_to_fixed(synthetic_ctrate, tmp_path):
+    root = synthetic_ctrate(cases=4, seed=2, layout="release")
     out = tmp_path / "inv"
     r = _invoke("--src", str(root), "--out", str(out), "--hu-sample", "2")
     assert r.exit_code == 0, r.output
@@ -337,17 +326,10 @@ def test_release_tree_duplicates_resolved_to_fixed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- OmniAbnorm-CT
-def test_omniabnorm_counts(tmp_path):
-    # The released JSON layout where the source reads it, else the older batch layout (the
-    # OmniAbnorm source and generator move to the release layout independently of this command).
-    for layout in ("release", "batches"):
-        root = tmp_path / f"omni_{layout}"
-        write_omniabnorm(root, cases=5, grid="demo", seed=0, faults=True, layout=layout)
-        try:
-            detect_source(root)
-            break
-        except ValueError:
-            continue
+@pytest.mark.parametrize("layout", ["release", "batches"])
+def test_omniabnorm_counts(synthetic_omniabnorm, tmp_path, layout):
+    root = synthetic_omniabnorm(cases=5, seed=0, faults=True, layout=layout)
+    assert detect_source(root) == "omniabnorm"
     out = tmp_path / "inv"
     before = _snapshot(root)
     r = _invoke("--src", str(root), "--out", str(out), "--hu-sample", "50")

@@ -27,10 +27,8 @@ OMNI_FAULTS = {"missing_image": "unreadable", "truncated_jpeg": "unreadable",
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("omni_release") / "OmniAbnormCT_14K"
-    write_omniabnorm(root, cases=6, seed=2, faults=True)
-    return root
+def tree(synthetic_omniabnorm) -> Path:
+    return synthetic_omniabnorm(cases=6, seed=2, faults=True)
 
 
 def _notes(root: Path) -> dict:

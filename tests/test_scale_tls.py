@@ -29,7 +29,6 @@ MAKE_CERTS = REPO / "scripts" / "make_tls_certs.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_tls_certs.sh needs openssl")
 
-synth = pytest.importorskip("ctprep.synth.ctrate")
 
 
 def make_certs(folder: Path) -> Path:
@@ -186,11 +185,10 @@ def test_tls_options_are_checked_against_the_address_and_the_files(certs):
 # --------------------------------------------------------------------------- the cluster
 
 
-def test_build_shards_runs_on_a_tls_cluster_with_the_client_certificate(cluster, certs, tmp_path):
+def test_build_shards_runs_on_a_tls_cluster_with_the_client_certificate(cluster, certs, synthetic_ctrate, tmp_path):
     from distributed import Client
 
-    src = tmp_path / "ctrate"
-    synth.write_ctrate(src, cases=3, grid="demo")
+    src = synthetic_ctrate(cases=3)
     out = tmp_path / "out"
     c = certs["cluster"]
     res = ctprep("build-shards", "--src", str(src), "--out", str(out), "--scheduler", cluster.address,
@@ -275,12 +273,11 @@ def test_scheduler_and_worker_refuse_connections_without_a_cluster_certificate(c
 # --------------------------------------------------------------------------- the SLURM recipe
 
 
-def test_slurm_recipe_runs_a_tls_cluster_with_per_job_certificates(tmp_path):
+def test_slurm_recipe_runs_a_tls_cluster_with_per_job_certificates(synthetic_ctrate, tmp_path):
     """docker/cluster/slurm_dask.sbatch as SLURM would run it on one node (``srun`` = run the command):
     fresh certificates for the job, a TLS scheduler and worker on the loopback interface, the
     build through them, and nothing left behind (processes, scheduler file, certificates)."""
-    src = tmp_path / "ctrate"
-    synth.write_ctrate(src, cases=2, grid="demo")
+    src = synthetic_ctrate(cases=2)
     out = tmp_path / "out"
     fake = tmp_path / "bin"
     fake.mkdir()
