@@ -183,7 +183,7 @@ def measure_ctclip(paths: list[str], grid, workers: int, batch_size: int) -> tup
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--src", type=int, nargs=3, default=[120, 320, 320], help="nii grid (z y x)")
@@ -201,9 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-ctclip", action="store_true", help="only raw read and the streaming loader")
     parser.add_argument("--verify-cost", action="store_true",
                         help="also measure the loader (1 worker) with checksum verification on and off")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    return parser.parse_args(argv)
 
+
+def prepared_inputs(args: argparse.Namespace) -> dict:
+    """The inputs of :func:`prepare`, reused from ``--work`` when an earlier run made the same ones."""
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-loader-"))
     t0 = time.perf_counter()
     key = {"cases": args.cases, "src": args.src, "grid": args.grid, "compress": args.compress, "checksums": True}
@@ -214,74 +216,90 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         inputs = prepare(work, args.cases, tuple(args.src), tuple(args.grid), args.compress)
         stamp.write_text(json.dumps({"key": key, "inputs": {**inputs, "shards": str(inputs["shards"])}}))
-    per_sample = inputs["tar_bytes"] / args.cases
     print(f"inputs: {args.cases} cases, nii {tuple(args.src)} -> grid {tuple(args.grid)}, "
-          f"{per_sample / 1e6:.1f} MB/sample in tars, members {args.compress}, batch {args.batch_size}, "
-          f"read_threads {args.read_threads}, {args.passes} passes per measurement; prepared in "
-          f"{time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+          f"{inputs['tar_bytes'] / args.cases / 1e6:.1f} MB/sample in tars, members {args.compress}, "
+          f"batch {args.batch_size}, read_threads {args.read_threads}, {args.passes} passes per measurement; "
+          f"prepared in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+    return inputs
 
-    # The machine is shared: every loader measurement is paired with a raw read taken right
-    # before it, and the ratio is the median of the per-pair ratios.
-    measure_raw(inputs["tars"])  # warm the page cache
 
-    def raw_rate() -> float:  # as many bytes as one loader measurement reads
-        return args.passes * inputs["tar_bytes"] / measure_raw(inputs["tars"] * args.passes) / 1e6
+class Bench:
+    """The measurements of one run. The machine is shared: every loader measurement is paired
+    with a raw read taken right before it, and a ratio is the median of the per-pair ratios."""
 
-    n_batches = max(2, args.passes * args.cases // args.batch_size)
-    raw_all: list[float] = []
-    rows = []
-    ctclip_rate = {}
-    for workers in [] if args.skip_ctclip else args.workers:
+    def __init__(self, args: argparse.Namespace, inputs: dict):
+        self.args, self.inputs = args, inputs
+        self.per_sample = inputs["tar_bytes"] / args.cases
+        self.n_batches = max(2, args.passes * args.cases // args.batch_size)
+        self.raw_all: list[float] = []
+        measure_raw(inputs["tars"])  # warm the page cache
+
+    def raw_rate(self) -> float:
+        """MB/s of a raw read of as many bytes as one loader measurement reads."""
+        passes = self.args.passes
+        rate = passes * self.inputs["tar_bytes"] / measure_raw(self.inputs["tars"] * passes) / 1e6
+        self.raw_all.append(rate)
+        return rate
+
+    def paired(self, measure) -> list[tuple[float, float]]:
+        """(raw MB/s, samples/s of ``measure()``) for each repeat."""
         pairs = []
-        for _ in range(args.repeats):
-            raw = raw_rate()
-            elapsed, samples = measure_ctclip(inputs["nii"], tuple(args.grid), workers, args.batch_size)
+        for _ in range(self.args.repeats):
+            raw = self.raw_rate()
+            elapsed, samples = measure()
             pairs.append((raw, samples / elapsed))
-        raw_all += [r for r, _ in pairs]
-        ctclip_rate[workers] = statistics.median(rate for _, rate in pairs)
-        rows.append({"method": "ctclip nii.gz", "workers": workers, "samples_s": ctclip_rate[workers],
-                     "mb_s": ctclip_rate[workers] * per_sample / 1e6,
-                     "vs_raw": statistics.median(rate * per_sample / 1e6 / raw for raw, rate in pairs)})
-    for workers in args.workers:
-        pairs = []
-        for _ in range(args.repeats):
-            raw = raw_rate()
-            elapsed, samples = measure_stream(inputs["shards"], workers, args.batch_size, n_batches, args.read_threads)
-            pairs.append((raw, samples / elapsed))
-        raw_all += [r for r, _ in pairs]
-        rate = statistics.median(rate for _, rate in pairs)
-        rows.append({"method": "stream shards", "workers": workers, "samples_s": rate, "mb_s": rate * per_sample / 1e6,
-                     "vs_raw": statistics.median(r * per_sample / 1e6 / raw for raw, r in pairs),
-                     **({"vs_ctclip": rate / ctclip_rate[workers]} if workers in ctclip_rate else {})})
-    verify_rows = []
-    if args.verify_cost:
+        return pairs
+
+    def row(self, method: str, workers, pairs: list[tuple[float, float]]) -> dict:
+        rate = statistics.median(r for _, r in pairs)
+        return {"method": method, "workers": workers, "samples_s": rate, "mb_s": rate * self.per_sample / 1e6,
+                "vs_raw": statistics.median(r * self.per_sample / 1e6 / raw for raw, r in pairs)}
+
+    def ctclip_rows(self) -> list[dict]:
+        a = self.args
+        return [self.row("ctclip nii.gz", w, self.paired(
+            lambda: measure_ctclip(self.inputs["nii"], tuple(a.grid), w, a.batch_size))) for w in a.workers]
+
+    def stream_rows(self, ctclip: dict[int, float]) -> list[dict]:
+        a, rows = self.args, []
+        for w in a.workers:
+            row = self.row("stream shards", w, self.paired(
+                lambda: measure_stream(self.inputs["shards"], w, a.batch_size, self.n_batches, a.read_threads)))
+            if w in ctclip:
+                row["vs_ctclip"] = row["samples_s"] / ctclip[w]
+            rows.append(row)
+        return rows
+
+    def verify_rows(self) -> list[dict]:
+        """The loader with 1 worker, checksums verified and off, measured in alternation (drifting
+        load on a shared machine hits both)."""
+        a = self.args
         runs: dict[bool, list[tuple[float, float, int, float]]] = {True: [], False: []}  # (raw, s, samples, cpu)
-        for _ in range(args.repeats):
-            for verify in (True, False):  # alternate: drifting load on a shared machine hits both
-                raw, cpu = raw_rate(), []
-                elapsed, samples = measure_stream(inputs["shards"], 1, args.batch_size, n_batches, args.read_threads,
-                                                  verify=verify, cpu=cpu)
+        for _ in range(a.repeats):
+            for verify in (True, False):
+                raw, cpu = self.raw_rate(), []
+                elapsed, samples = measure_stream(self.inputs["shards"], 1, a.batch_size, self.n_batches,
+                                                  a.read_threads, verify=verify, cpu=cpu)
                 runs[verify].append((raw, elapsed, samples, cpu[0]))
-                raw_all.append(raw)
+        rows = []
         for verify in (True, False):
             rs = runs[verify]
             rate = statistics.median(n / s for _, s, n, _ in rs)
-            verify_rows.append({
+            rows.append({
                 "method": f"stream shards, checksums {'verified' if verify else 'off'}", "workers": 1,
-                "samples_s": rate, "mb_s": rate * per_sample / 1e6,
-                "vs_raw": statistics.median(n / s * per_sample / 1e6 / raw for raw, s, n, _ in rs),
+                "samples_s": rate, "mb_s": rate * self.per_sample / 1e6,
+                "vs_raw": statistics.median(n / s * self.per_sample / 1e6 / raw for raw, s, n, _ in rs),
                 "wall_s": statistics.median(s for _, s, _, _ in rs),
                 "cpu_s": statistics.median(c for *_, c in rs),
                 "samples": rs[0][2],
             })
-        on, off = verify_rows
+        on, off = rows
         on["vs_off_samples_s"] = on["samples_s"] / off["samples_s"]
         on["vs_off_cpu_s"] = on["cpu_s"] / off["cpu_s"]
-    raw_mbs = statistics.median(raw_all)
-    rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / per_sample, "mb_s": raw_mbs,
-                    "vs_raw": 1.0})
-    rows += verify_rows
+        return rows
 
+
+def print_tables(rows: list[dict], verify_rows: list[dict]) -> None:
     print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -297,7 +315,21 @@ def main(argv: list[str] | None = None) -> dict:
                      if "vs_off_cpu_s" in r else "")
             print(f"| {r['method']} | {r['samples_s']:.2f} | {r['vs_raw']:.0%} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} "
                   f"| {ratio} |")
-    result = {"args": vars(args), "bytes_per_sample": per_sample, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    bench = Bench(args, prepared_inputs(args))
+    ctclip = [] if args.skip_ctclip else bench.ctclip_rows()
+    rows = ctclip + bench.stream_rows({r["workers"]: r["samples_s"] for r in ctclip})
+    verify_rows = bench.verify_rows() if args.verify_cost else []
+    raw_mbs = statistics.median(bench.raw_all)
+    rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / bench.per_sample,
+                    "mb_s": raw_mbs, "vs_raw": 1.0})
+    rows += verify_rows
+    print_tables(rows, verify_rows)
+    result = {"args": vars(args), "bytes_per_sample": bench.per_sample, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -38,6 +38,14 @@ from typing import Any
 
 from ctprep.sources.base import CaseInput
 
+MANIFEST_FILE = "manifest.sqlite"  # in the work folder
+
+
+def work_dir_for(out: Path, work: Path | None) -> Path:
+    """The work folder of a build: ``--work`` if given, else ``OUT/work``."""
+    return Path(work).resolve() if work else Path(out).resolve() / "work"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases (
     case_id   TEXT PRIMARY KEY,

@@ -18,16 +18,17 @@ Only this module and ``ctprep.cluster`` (the client and local cluster) touch Das
 Killing the driver or a worker at any point is safe: outputs are written to
 temporary names and renamed, and the manifest only learns about an output
 after it exists; a rerun redoes exactly the cases whose rows are missing or stale.
+
+Beside it: ``ctprep.worker`` (what a task runs on a worker and how its failures are classed),
+``ctprep.keys`` (stage keys and staleness, shared with ``ctprep.status``), ``ctprep.cluster``
+(the Dask client).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import os
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,13 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctprep.cluster import THREAD_ENV, Cluster, default_workers, pin_threads  # noqa: F401 (re-exported)
-from ctprep.config import PipelineConfig, config_from_dict, stable_hash, to_jsonable
+from ctprep.cluster import Cluster
+from ctprep.config import PipelineConfig, stable_hash, to_jsonable
 from ctprep.errors import UserError
+from ctprep.keys import (  # noqa: F401 (current_keys, stale_reason re-exported)
+    KeyParts,
+    current_keys,
+    eligibility,
+    output_abspath,
+    output_ok,
+    relpath_or_abs,
+    stale_reason,
+)
 from ctprep.lock import folder_lock
-from ctprep.manifest import Manifest, StageRow
-from ctprep.quarantine import STAGE_ERROR, Quarantine, QuarantineError, one_line, write_quarantine_jsonl
-from ctprep.sources.base import CaseInput, detect_source, get_source, is_inside
+from ctprep.manifest import MANIFEST_FILE, Manifest, StageRow, work_dir_for
+from ctprep.quarantine import STAGE_ERROR, Quarantine, one_line, write_quarantine_jsonl
+from ctprep.sources.base import CaseInput, detect_source, is_inside
 from ctprep.stages.base import (
     NOTES_KEY,
     STAGE_ORDER,
@@ -52,168 +62,26 @@ from ctprep.stages.base import (
     StageOutput,
     StageSpec,
     get_stage,
-    input_fingerprint,
     list_stages,
     remove_temp_debris,
     stage_key,
 )
+from ctprep.status import status  # noqa: F401 (re-exported)
+from ctprep.worker import (  # noqa: F401 (re-exported)
+    CLUSTER_FAILURE,
+    ENVIRONMENT_FAILURE,
+    TASK_TIMEOUT_S,
+    TIMEOUT,
+    environment_cause,
+    execute_case,
+    execute_case_within,
+    is_retryable,
+)
 
-MANIFEST_FILE = "manifest.sqlite"
+__all__ = ["MANIFEST_FILE", "QUARANTINE_FILE", "BuildReport", "StageTally", "build", "resolve_stages", "status",
+           "work_dir_for", "current_keys", "execute_case", "environment_cause", "Cluster"]
+
 QUARANTINE_FILE = "quarantine.jsonl"
-def work_dir_for(out: Path, work: Path | None) -> Path:
-    return Path(work).resolve() if work else Path(out).resolve() / "work"
-
-
-# --------------------------------------------------------------------- worker side
-# Errors of the machine, not of the case: a full disk, an I/O error, a permission or quota
-# problem, a stale network mount, too little memory. Such a case is not quarantined: its row is
-# flagged ENVIRONMENT_FAILURE, it is retried once more in the same run and again on every rerun.
-TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT,
-                              errno.ENOMEM, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
-                              errno.ENFILE, errno.EBUSY, errno.EINTR})
-ENVIRONMENT_FAILURE = "environment_failure"
-
-
-def environment_cause(exc: BaseException) -> str | None:
-    """A short cause ("ENOSPC", "MemoryError") if ``exc`` (or what it was raised from) is a
-    failure of the environment rather than of the input, else None."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, MemoryError):
-            return "MemoryError"
-        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-            return errno.errorcode.get(exc.errno, "OSError")
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def execute_case(task: CaseTask) -> CaseResult:
-    """Run one per-case stage on one case (on a Dask worker, or in process).
-
-    Never raises: QuarantineError -> quarantined with its kind; an error of the environment
-    (:func:`environment_cause`: full disk, EIO, EACCES, out of memory, ... even when a reader
-    wrapped it in a QuarantineError) -> a retryable failure (kind = the cause, info flag
-    ``ENVIRONMENT_FAILURE``), never recorded as done or as a bad case; any other exception ->
-    quarantined as ``stage_error`` with the exception's one-line message.
-    """
-    pin_threads()
-    spec = get_stage(task.stage)
-    t0 = time.perf_counter()
-    base = dict(case_id=task.case.case_id, stage=task.stage, key=task.key)
-    try:
-        info = spec.run(task) or {}
-        return CaseResult(**base, status="done", output=task.output_path, info=dict(info),
-                          seconds=time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - bad input must never stop the run
-        cause = environment_cause(e)
-        if cause is not None:
-            return CaseResult(**base, status="quarantined", kind=cause, info={ENVIRONMENT_FAILURE: True},
-                              reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
-        if isinstance(e, QuarantineError):
-            return CaseResult(**base, status="quarantined", kind=e.kind, reason=e.reason,
-                              seconds=time.perf_counter() - t0)
-        return CaseResult(**base, status="quarantined", kind=STAGE_ERROR,
-                          reason=one_line(f"{type(e).__name__}: {e}"), seconds=time.perf_counter() - t0)
-
-
-# Longest a (case, stage) task may run before the run stops waiting for it (seconds; --task-timeout).
-# A read stuck in the kernel (a hung network mount) cannot be interrupted from Python, so the task's
-# thread is abandoned instead: the run finishes, the case is a retryable failure ("timeout").
-TASK_TIMEOUT_S = 3600.0
-TIMEOUT = "timeout"
-
-
-def call_with_timeout(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None) -> tuple[bool, Any]:
-    """``(True, fn(arg))``, or ``(False, None)`` when ``fn`` has not returned after ``timeout_s``
-    (its daemon thread is left behind; it cannot block the process from exiting)."""
-    if not timeout_s:
-        return True, fn(arg)
-    box: list[Any] = []
-    worker = threading.Thread(target=lambda: box.append(fn(arg)), daemon=True, name="ctprep-task")
-    worker.start()
-    worker.join(timeout_s)
-    return (True, box[0]) if box else (False, None)
-
-
-def execute_case_within(task: CaseTask, timeout_s: float | None = TASK_TIMEOUT_S) -> CaseResult:
-    """:func:`execute_case`, given up after ``timeout_s`` as a retryable ``timeout`` failure."""
-    done, result = call_with_timeout(execute_case, task, timeout_s)
-    if done:
-        return result
-    return CaseResult(task.case.case_id, task.stage, task.key, "quarantined", kind=TIMEOUT,
-                      reason=f"no result after {timeout_s:g} s (a stuck read?); left behind, retried on the next run",
-                      info={ENVIRONMENT_FAILURE: True}, seconds=float(timeout_s or 0))
-
-
-def is_retryable(row_or_result) -> bool:
-    """True for a manifest row / result that failed for a reason outside the case (environment, cluster)."""
-    info = row_or_result.info or {}
-    return row_or_result.status == "quarantined" and bool(info.get(ENVIRONMENT_FAILURE) or info.get(CLUSTER_FAILURE))
-
-
-# Manifest ``info`` flag of a row quarantined because its task failed on the cluster (worker died
-# repeatedly, lost connection) rather than because the case is bad: such rows are stale on rerun.
-CLUSTER_FAILURE = "cluster_failure"
-
-
-# --------------------------------------------------------------------- keys
-@dataclass
-class KeyParts:
-    """A stage key and the components it was hashed from (stored for ``status``)."""
-
-    key: str
-    input_fp: str
-    upstream: dict[str, str]
-    config_hash: str
-    version: str
-
-
-def current_keys(case: CaseInput, file_hashes: dict[str, str], config: PipelineConfig,
-                 specs: list[StageSpec]) -> dict[str, KeyParts]:
-    """Current key of every registered stage for ``case`` (stages missing an upstream are skipped)."""
-    keys: dict[str, KeyParts] = {}
-    for spec in specs:
-        if any(u not in keys for u in spec.upstream):
-            continue
-        fp = input_fingerprint(case, spec.case_fields, file_hashes)
-        ups = {u: keys[u].key for u in spec.upstream}
-        ch = spec.config_hash(config)
-        keys[spec.name] = KeyParts(stage_key(spec, fp, ups, ch), fp, ups, ch, spec.version)
-    return keys
-
-
-def stale_reason(row: StageRow | None, parts: KeyParts, output_ok: bool) -> str | None:
-    """None if up to date, else why: new input / changed input / changed config / ..."""
-    if row is None:
-        return "new input"
-    if row.key == parts.key:
-        if row.status == "done" and not output_ok:
-            return "output missing"
-        if row.status == "quarantined" and (row.info or {}).get(CLUSTER_FAILURE):
-            return "failed on the cluster last run"  # a lost worker, not a bad case: try again
-        if row.status == "quarantined" and (row.info or {}).get(ENVIRONMENT_FAILURE):
-            return f"failed, will retry ({row.kind})"  # a full disk, EIO, ...: not a bad case
-        return None
-    if row.input_fp != parts.input_fp:
-        return "changed input"
-    if row.config_hash != parts.config_hash:
-        return "changed config"
-    if row.version != parts.version:
-        return "code version changed"
-    if row.upstream != parts.upstream:
-        return "upstream changed"
-    return "changed key"
-
-
-def _output_ok(spec: StageSpec, row: StageRow | None, work: Path, out: Path) -> bool:
-    if row is None or row.status != "done":
-        return True
-    if not row.output:
-        return True
-    path = Path(row.output)
-    if not path.is_absolute():
-        path = (out if spec.kind == "aggregate" else work) / path
-    return path.exists()
 
 
 # --------------------------------------------------------------------- build
@@ -245,12 +113,6 @@ class BuildReport:
     exit_code: int
     summary: str
 
-
-def _relpath_or_abs(path: str, base: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(base))
-    except ValueError:
-        return str(path)
 
 
 def resolve_stages(stages: str | Iterable[str] | None) -> list[str]:
@@ -420,19 +282,6 @@ def mask_tree_note(cases: list[CaseInput]) -> str:
     return note
 
 
-def _eligibility(spec: StageSpec, case: CaseInput, keys: dict[str, KeyParts], rows, work: Path, out: Path) -> str:
-    """'ok' | 'blocked' (quarantined upstream) | 'waiting' (upstream not done with current key)."""
-    for u in spec.upstream:
-        row = rows.get((case.case_id, u))
-        parts = keys.get(u)
-        if row is None or parts is None or row.key != parts.key:
-            return "waiting"
-        if row.status == "quarantined":
-            return "waiting" if is_retryable(row) else "blocked"
-        if not _output_ok(get_stage(u), row, work, out):
-            return "waiting"
-    return "ok"
-
 
 def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cluster: Cluster,
                     work: Path, out: Path, progress: bool, task_timeout: float | None = TASK_TIMEOUT_S) -> StageTally:
@@ -446,15 +295,15 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
         if parts is None:
             tally.waiting += 1
             continue
-        state = _eligibility(spec, case, keys[case.case_id], rows, work, out)
+        state = eligibility(spec, case, keys[case.case_id], rows, work, out)
         if state != "ok":
             setattr(tally, state, getattr(tally, state) + 1)
             continue
         row = rows.get((case.case_id, spec.name))
-        if stale_reason(row, parts, _output_ok(spec, row, work, out)) is None:
+        if stale_reason(row, parts, output_ok(spec, row, work, out)) is None:
             tally.up_to_date += 1
             continue
-        upstream = {u: StageOutput(_abs(rows[(case.case_id, u)].output, get_stage(u), work, out),
+        upstream = {u: StageOutput(output_abspath(rows[(case.case_id, u)].output, get_stage(u), work, out),
                                    rows[(case.case_id, u)].key, rows[(case.case_id, u)].info) for u in spec.upstream}
         output_path = str(work / spec.output(case.case_id))
         todo.append(CaseTask(spec.name, case, parts.key, output_path, str(work), config, upstream))
@@ -476,7 +325,7 @@ def _run_case_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cl
         if result.status == "done":
             tally.done += 1
             tally.notes.update(result.info.get(NOTES_KEY) or {})
-            output = _relpath_or_abs(result.output or task.output_path, work)
+            output = relpath_or_abs(result.output or task.output_path, work)
         elif is_retryable(result):
             tally.failed[result.kind or STAGE_ERROR] += 1
             output = None
@@ -520,12 +369,6 @@ def _map_with_retry(cluster: Cluster, todo: list[CaseTask], timeout_s: float | N
         yield from cluster.map(run, again)
 
 
-def _abs(path: str | None, spec: StageSpec, work: Path, out: Path) -> str:
-    if not path:
-        return ""
-    p = Path(path)
-    return str(p if p.is_absolute() else (out if spec.kind == "aggregate" else work) / p)
-
 
 def _run_aggregate_stage(spec: StageSpec, cases, keys, config, manifest: Manifest, cluster: Cluster,
                          work: Path, out: Path) -> StageTally:
@@ -535,15 +378,15 @@ def _run_aggregate_stage(spec: StageSpec, cases, keys, config, manifest: Manifes
     eligible_ids = set()
     for case in cases:
         parts = keys[case.case_id].get(spec.name)
-        state = "waiting" if parts is None else _eligibility(spec, case, keys[case.case_id], rows, work, out)
+        state = "waiting" if parts is None else eligibility(spec, case, keys[case.case_id], rows, work, out)
         if state != "ok":
             setattr(tally, state, getattr(tally, state) + 1)
             continue
         row = rows.get((case.case_id, spec.name))
-        changed = stale_reason(row, parts, _output_ok(spec, row, work, out)) is not None
+        changed = stale_reason(row, parts, output_ok(spec, row, work, out)) is not None
         if not changed:
             tally.up_to_date += 1
-        upstream = {u: StageOutput(_abs(rows[(case.case_id, u)].output, get_stage(u), work, out),
+        upstream = {u: StageOutput(output_abspath(rows[(case.case_id, u)].output, get_stage(u), work, out),
                                    rows[(case.case_id, u)].key, rows[(case.case_id, u)].info) for u in spec.upstream}
         agg.append(AggregateCase(case, parts.key, upstream, changed, row.as_previous() if row else None))
         eligible_ids.add(case.case_id)
@@ -615,7 +458,7 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
         done_final = sum(1 for c in cases
                          if (row := rows.get((c.case_id, last))) is not None and row.status == "done"
                          and keys[c.case_id].get(last) is not None and row.key == keys[c.case_id][last].key
-                         and _output_ok(spec, row, work, out))
+                         and output_ok(spec, row, work, out))
     parts = [f"{len(cases) + len(scan_q)} cases found ({len(scan_q)} quarantined at scan)"]
     for name, t in tallies.items():
         bits = [f"{t.done} done now"]
@@ -652,122 +495,3 @@ def _report(cases, scan_q, tallies, wanted, quarantined, manifest: Manifest, key
         code = 0
     return BuildReport(len(cases), Counter(q.kind for q in scan_q), tallies, wanted, len(quarantined), done_final,
                        code, summary)
-
-
-# --------------------------------------------------------------------- status
-@dataclass
-class StageStatus:
-    """Per-stage counts for ``ctprep status``."""
-
-    done: int = 0
-    stale: Counter = field(default_factory=Counter)  # reason -> count
-    quarantined: Counter = field(default_factory=Counter)  # kind -> count
-    waiting: int = 0
-    blocked: int = 0
-
-
-@dataclass
-class StatusReport:
-    stages: dict[str, StageStatus]
-    cases: int
-    removed: int
-    quarantined: list[tuple[str, str, str, str]]  # (case, stage, kind, reason)
-    sources: list[dict[str, str]]
-    config_name: str
-
-    def render(self, max_cases: int = 50) -> str:
-        lines = [f"config: {self.config_name}; sources: "
-                 + ", ".join(f"{s['root']} ({s['source']})" for s in self.sources),
-                 f"cases: {self.cases} present" + (f", {self.removed} removed from their source" if self.removed else "")]
-        lines.append(f"{'stage':<10} {'done':>6} {'stale':>6} {'quarant.':>9} {'waiting':>8} {'blocked':>8}")
-        for name, s in self.stages.items():
-            lines.append(f"{name:<10} {s.done:>6} {sum(s.stale.values()):>6} {sum(s.quarantined.values()):>9} "
-                         f"{s.waiting:>8} {s.blocked:>8}")
-            if s.stale:
-                lines.append("    stale: " + ", ".join(f"{n} {why}" for why, n in sorted(s.stale.items())))
-            if s.quarantined:
-                lines.append("    quarantined: " + ", ".join(f"{n} {k}" for k, n in sorted(s.quarantined.items())))
-        if self.quarantined:
-            lines.append("quarantined cases:")
-            for cid, stage, kind, reason in self.quarantined[:max_cases]:
-                lines.append(f"  {cid!s:<24} {stage:<9} {kind}: {reason}")
-            if len(self.quarantined) > max_cases:
-                lines.append(f"  ... {len(self.quarantined) - max_cases} more in quarantine.jsonl")
-        return "\n".join(lines)
-
-
-def status(out: str | Path, work: str | Path | None = None, config: PipelineConfig | None = None,
-           srcs: list[str | Path] | None = None, source: str | None = None) -> StatusReport:
-    """What is done, stale (and why), quarantined (and why), per stage.
-
-    Rescans the recorded sources (or ``srcs``) without hashing: a file whose
-    size/mtime changed since its hash was taken counts as changed input.
-    ``config`` defaults to the config of the last run; pass another to see
-    what it would make stale.
-    """
-    out = Path(out).resolve()
-    work_dir = work_dir_for(out, Path(work) if work else None)
-    mpath = work_dir / MANIFEST_FILE
-    if not mpath.exists():
-        raise FileNotFoundError(f"no manifest at {mpath}: run `ctprep build-shards --out {out}` first")
-    # Read only: status must work on a finished run in a read-only folder (and never lock it).
-    with Manifest(mpath, readonly=True) as manifest:
-        if config is None:
-            recorded = manifest.get_setting("config")
-            config = config_from_dict(recorded, name=recorded.get("name", "recorded")) if recorded else PipelineConfig()
-        sources = manifest.get_setting("sources", [])
-        if srcs:
-            sources = [{"root": str(Path(s).resolve()), "source": source or detect_source(s)} for s in srcs]
-        specs = list_stages()
-        found: list[tuple[CaseInput, dict[str, str]]] = []
-        scan_quarantine: dict[str, tuple[str, str]] = {}
-        for s in sources:
-            if not Path(s["root"]).is_dir():
-                continue
-            cases, quars = get_source(s["source"], config).scan(Path(s["root"]))
-            for q in quars:
-                scan_quarantine[q.case] = (q.kind, q.reason)
-            for case in cases:
-                fh = {}
-                for role, path in case.files.items():
-                    try:
-                        st = os.stat(path)
-                        fh[role] = manifest.cached_hash(path, st.st_size, st.st_mtime_ns) or f"modified:{st.st_size}:{st.st_mtime_ns}"
-                    except OSError:
-                        fh[role] = "missing"
-                found.append((case, fh))
-        rows = manifest.stage_rows()
-        report = StatusReport({s.name: StageStatus() for s in specs}, len(found) + len(scan_quarantine), 0, [],
-                              sources, config.name)
-        report.removed = sum(1 for c in manifest.cases(present_only=False) if not c.present)
-        for cid, (kind, reason) in sorted(scan_quarantine.items()):
-            report.stages["scan"].quarantined[kind] += 1
-            report.quarantined.append((cid, "scan", kind, reason))
-        for case, fh in sorted(found, key=lambda x: (x[0].source, x[0].split, x[0].case_id)):
-            keys = current_keys(case, fh, config, specs)
-            for spec in specs:
-                st = report.stages[spec.name]
-                parts = keys.get(spec.name)
-                row = rows.get((case.case_id, spec.name))
-                if parts is None:
-                    st.waiting += 1
-                    continue
-                state = "ok" if spec.name == "scan" else _eligibility(spec, case, keys, rows, work_dir, out)
-                if state == "blocked":
-                    st.blocked += 1
-                    continue
-                if state == "waiting":
-                    if row is None:
-                        st.waiting += 1
-                    else:
-                        st.stale["upstream not up to date"] += 1
-                    continue
-                why = stale_reason(row, parts, _output_ok(spec, row, work_dir, out))
-                if why is not None:
-                    st.stale[why] += 1
-                elif row.status == "quarantined":
-                    st.quarantined[row.kind or "?"] += 1
-                    report.quarantined.append((case.case_id, spec.name, row.kind or "?", row.reason or ""))
-                else:
-                    st.done += 1
-        return report

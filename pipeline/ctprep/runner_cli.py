@@ -1,11 +1,11 @@
 """``ctprep build-shards`` and ``ctprep status``: Typer-compatible command functions.
 
-Registered by ``ctprep.cli``; all logic lives in ``ctprep.runner`` (and ``ctprep.cluster`` for the
-scheduler and its TLS). Exit codes of ``build-shards``: 0 = ran (quarantined cases are reported,
-not fatal); 1 = nothing could be processed (no case completed the last requested stage) or an
-expected failure (bad arguments, unreachable scheduler, unwritable or full ``--out``, ...); 2 =
-``--strict`` and some case is quarantined; other codes as :class:`~ctprep.errors.UserError`
-subclasses set them (3 = ``--out`` is locked by another build).
+Registered by ``ctprep.cli``; all logic lives in ``ctprep.runner`` and ``ctprep.status`` (and
+``ctprep.cluster`` for the scheduler and its TLS). Exit codes of ``build-shards``: 0 = ran
+(quarantined cases are reported, not fatal); 1 = nothing could be processed (no case completed
+the last requested stage) or an expected failure (bad arguments, unreachable scheduler,
+unwritable or full ``--out``, ...); 2 = ``--strict`` and some case is quarantined; other codes as
+:class:`~ctprep.errors.UserError` subclasses set them (3 = ``--out`` is locked by another build).
 
 An expected failure is one line on stderr, ``error: <path or address>: <cause>``, and no
 traceback; ``--debug`` re-raises it with its traceback. Anything else is a bug and keeps its
@@ -102,7 +102,8 @@ def build_shards(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Preprocess raw CT sources into zarr and WebDataset shards, incrementally."""
-    from ctprep.runner import MANIFEST_FILE, build, work_dir_for
+    from ctprep.manifest import MANIFEST_FILE, work_dir_for
+    from ctprep.runner import build
 
     with reported_errors(debug, out=out, manifest=work_dir_for(out, work) / MANIFEST_FILE):
         # Everything that can be checked without work is checked first: a wrong --src or an
@@ -129,8 +130,8 @@ def status(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Per stage: done / stale (and why) / quarantined (and why). Reads only: works on a read-only --out."""
-    from ctprep.runner import MANIFEST_FILE, work_dir_for
-    from ctprep.runner import status as run_status
+    from ctprep.manifest import MANIFEST_FILE, work_dir_for
+    from ctprep.status import status as run_status
 
     with reported_errors(debug, manifest=work_dir_for(out, work) / MANIFEST_FILE):
         if src:

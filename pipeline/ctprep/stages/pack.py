@@ -49,14 +49,8 @@ crash leaves either the old index or the new one, never a listed half shard.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import io
-import json
-import os
-import tarfile
-import time
-import uuid
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -64,279 +58,25 @@ import numpy as np
 
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
-from ctprep.schema import SCHEMA_VERSION, is_safe_case_id, strip_compression
-from ctprep.shards import (
-    INDEX_FILE,
-    compress,
-    decompress,
-    encode_sample,
-    index_meta_crcs,
-    meta_crc32,
-    npy_bytes,
-    read_index_if_present,
-    shard_entry,
-    verify_sample,
-    write_index,
+from ctprep.schema import SCHEMA_VERSION
+from ctprep.shard_check import (  # noqa: F401 (re-exported: the tools of a shard folder)
+    check_index,
+    prune_retired,
+    read_index,
+    shard_sample_problems,
+    tar_sample_keys,
 )
+from ctprep.shard_writer import ShardInfo, ShardWriter, file_sha256, tar_footprint  # noqa: F401 (re-exported)
+from ctprep.shards import encode_sample, write_index
 from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage, remove_temp_debris
 from ctprep.stages.regions import read_regions
 from ctprep.stages.resample import read_case_zarr
 from ctprep.stages.text import read_case_text
 from ctprep.tokenizer import tokenizer_identity
 
-TAR_BLOCK = 512
-
-
-# --------------------------------------------------------------------------- tar writing
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
-def tar_footprint(members: Mapping[str, bytes]) -> int:
-    """Bytes a sample takes in a tar (header block + data padded to 512 per member)."""
-    return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
-
-
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts what tarfile writes."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.n += len(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.n
-
-
-@dataclass
-class ShardInfo:
-    """One written shard (``path`` relative to the output root)."""
-
-    path: str
-    samples: int
-    bytes: int
-    sha256: str
-    source: str
-    generation: int
-    cases: dict[str, str] = field(default_factory=dict)  # case id -> pack key of its sample
-    meta_crc32: dict[str, int] = field(default_factory=dict)  # case id -> CRC32 of its meta.json
-
-    def to_json(self) -> dict[str, Any]:
-        return shard_entry(self.path, self.samples, self.bytes, self.sha256, self.source, self.generation,
-                           self.meta_crc32, self.cases)
-
-
-class ShardWriter:
-    """Deterministic WebDataset tar writer with size/count rollover.
-
-    Shards are named ``<prefix>-<n:05d>.tar`` under ``out_dir`` (``prefix`` may
-    hold a folder, e.g. ``train/ctrate-g0001``), written to a temporary name
-    and renamed when full or on :meth:`close`.
-
-    Args:
-        out_dir: output root (paths in :class:`ShardInfo` are relative to it).
-        prefix: shard name prefix relative to ``out_dir``.
-        max_bytes: start a new shard before a sample would push the tar past this.
-        max_samples: at most this many samples per shard.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, prefix: str, *, max_bytes: int, max_samples: int,
-                 source: str = "", generation: int = 0):
-        self.out_dir, self.prefix = Path(out_dir), prefix
-        self.max_bytes, self.max_samples = int(max_bytes), int(max_samples)
-        self.source, self.generation = source, generation
-        self.shards: list[ShardInfo] = []
-        self._seq = 0
-        self._tar: tarfile.TarFile | None = None
-        self._file = None
-        self._hash: _HashingFile | None = None
-        self._tmp: Path | None = None
-        self._cases: dict[str, str] = {}
-        self._meta_crc: dict[str, int] = {}
-        self._size = 0
-
-    def write(self, key: str, members: Mapping[str, bytes], sample_key: str = "") -> None:
-        if not is_safe_case_id(key):
-            raise ValueError(f"unsafe sample key {key!r}")
-        need = tar_footprint(members)
-        if self._tar is not None and self._cases and (
-            len(self._cases) >= self.max_samples or self._size + need > self.max_bytes
-        ):
-            self._finish()
-        if self._tar is None:
-            self._open()
-        assert self._tar is not None
-        for name in sorted(members):
-            data = members[name]
-            self._tar.addfile(_tarinfo(f"{key}.{name}", len(data)), io.BytesIO(data))
-        self._cases[key] = sample_key
-        if (crc := meta_crc32(members)) is not None:
-            self._meta_crc[key] = crc
-        self._size += need
-
-    def _open(self) -> None:
-        final = self.out_dir / f"{self.prefix}-{self._seq:05d}.tar"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = final.with_name(f"{final.stem}.tmp-{uuid.uuid4().hex[:8]}.tar")
-        self._file = open(self._tmp, "wb")
-        self._hash = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
-        self._cases, self._meta_crc, self._size = {}, {}, 0
-
-    def _finish(self) -> None:
-        assert self._tar is not None and self._file is not None and self._hash is not None and self._tmp
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self.out_dir / f"{self.prefix}-{self._seq:05d}.tar"
-        os.replace(self._tmp, final)
-        self.shards.append(ShardInfo(final.relative_to(self.out_dir).as_posix(), len(self._cases), self._hash.n,
-                                     self._hash.sha.hexdigest(), self.source, self.generation, dict(self._cases),
-                                     dict(self._meta_crc)))
-        self._tar = self._file = self._hash = self._tmp = None
-        self._seq += 1
-
-    def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
-            self._finish()
-        return self.shards
-
-    def abort(self) -> None:
-        """Drop the shard being written (on error): never leave a half tar under the final name."""
-        if self._file is not None:
-            self._file.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-        self._tar = self._file = self._hash = self._tmp = None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- index
-
-
-def read_index(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The current ``index.json`` of any schema version (None before the first run): pack replaces
-    an index of another version rather than refusing it (``ctprep.shards.read_index_if_present``)."""
-    return read_index_if_present(out_dir)
-
-
-def check_index(out_dir: str | os.PathLike, index: Mapping[str, Any] | None = None, hashes: bool = True) -> list[str]:
-    """Problems between ``index.json`` and the files on disk ([] = consistent).
-
-    Checks every listed shard exists with the recorded size (and sha256 when
-    ``hashes``), that ``samples`` matches the tar's sample count, and that no
-    case is listed twice.
-    """
-    out_dir = Path(out_dir)
-    index = index if index is not None else read_index(out_dir)
-    if index is None:
-        return [f"no {INDEX_FILE} in {out_dir}"]
-    problems, seen = [], {}
-    for split, entries in index.get("splits", {}).items():
-        for e in entries:
-            p = out_dir / e["path"]
-            if not p.is_file():
-                problems.append(f"{e['path']}: missing")
-                continue
-            if p.stat().st_size != e["bytes"]:
-                problems.append(f"{e['path']}: {p.stat().st_size} bytes on disk, index says {e['bytes']}")
-            if hashes and file_sha256(p) != e["sha256"]:
-                problems.append(f"{e['path']}: sha256 differs from the index")
-                # Name the damaged samples: the trainer skips exactly these.
-                damaged = shard_sample_problems(p, index_meta_crcs(e))
-                problems += [f"{e['path']}: {problem}" for problem in damaged]
-            keys = tar_sample_keys(p)
-            if len(keys) != e["samples"]:
-                problems.append(f"{e['path']}: {len(keys)} samples in the tar, index says {e['samples']}")
-            if "cases" in e and sorted(keys) != sorted(e["cases"]):
-                problems.append(f"{e['path']}: sample keys differ from the index's case list")
-            for k in keys:
-                if k in seen:
-                    problems.append(f"case {k} listed twice: {seen[k]} and {e['path']}")
-                seen[k] = e["path"]
-    return problems
-
-
-def shard_sample_problems(path: str | os.PathLike, meta_crcs: Mapping[str, int] | None) -> list[str]:
-    """``sample <key>: <problem>`` for every sample of a shard whose bytes fail their checksums.
-
-    Args:
-        meta_crcs: the shard entry's ``meta_crc32`` (None: an index written before checksums;
-            then only the member checksums inside each ``meta.json`` are checked).
-    """
-    problems: list[str] = []
-
-    def check(key: str | None, members: dict[str, bytes]) -> None:
-        if key is None:
-            return
-        expected = None if meta_crcs is None else meta_crcs.get(key, -1)  # -1: never a CRC32
-        problems.extend(f"sample {key}: {p}" for p in verify_sample(members, expected))
-
-    key, members = None, {}
-    try:
-        with tarfile.open(path, "r") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, _, member = m.name.partition(".")
-                if k != key:
-                    check(key, members)
-                    key, members = k, {}
-                members[member] = tar.extractfile(m).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError) as e:
-        problems.append(f"tar unreadable after sample {key}: {e}")
-    check(key, members)
-    return problems
-
-
-def tar_sample_keys(path: str | os.PathLike) -> list[str]:
-    """Sample keys in a shard, in order (WebDataset rule: name up to the first '.')."""
-    keys: list[str] = []
-    with tarfile.open(path, "r") as tar:
-        for m in tar:
-            key = m.name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
-
-
-def prune_retired(out_dir: str | os.PathLike) -> list[str]:
-    """Delete the files of retired shards (not listed in ``splits``); returns their paths.
-
-    Retired shards are kept by ``pack`` so that a reader of the previous index can
-    finish; call this once no reader uses an older ``index.json``.
-    """
-    out_dir = Path(out_dir)
-    index = read_index(out_dir) or {}
-    listed = {e["path"] for entries in index.get("splits", {}).values() for e in entries}
-    removed = []
-    for r in index.get("retired", []):
-        p = out_dir / r["path"]
-        if r["path"] not in listed and p.is_file():
-            p.unlink()
-            removed.append(r["path"])
-    return removed
+__all__ = ["PackPlan", "ShardInfo", "ShardWriter", "build_sample", "check_index", "file_sha256", "index_header",
+           "pack_config_slice", "plan_pack", "prune_retired", "read_index", "read_sample_arrays", "run_pack",
+           "shard_sample_problems", "tar_footprint", "tar_sample_keys"]
 
 
 # --------------------------------------------------------------------------- reading stage outputs
@@ -594,117 +334,29 @@ def run_pack(task: AggregateTask) -> list[CaseResult]:
     return results
 
 
-# --------------------------------------------------------------------------- measurement
+# --------------------------------------------------------------------------- check
 
 
-def phantom_case(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy chest-like phantom (body, two lungs, N(0, 15) HU noise) and its lung mask.
-
-    Noise sets the entropy of real CT too, so this is the honest case for the image.
-    """
-    rng = np.random.default_rng(seed)
-    z, y, x = np.ogrid[-1 : 1 : shape_zyx[0] * 1j, -1 : 1 : shape_zyx[1] * 1j, -1 : 1 : shape_zyx[2] * 1j]
-    body = np.broadcast_to((y / 0.7) ** 2 + (x / 0.9) ** 2 < 1, shape_zyx)
-    lung = np.broadcast_to(((((x - 0.4) / 0.3) ** 2 + (y / 0.5) ** 2 < 1)
-                            | (((x + 0.4) / 0.3) ** 2 + (y / 0.5) ** 2 < 1)) & (abs(z) < 0.9), shape_zyx)
-    image = np.full(shape_zyx, -1024, np.float32)
-    image[body] = 40
-    image[lung] = -850
-    image += rng.normal(0, 15, shape_zyx).astype(np.float32)
-    image = np.clip(image, -1024, 3071).astype(np.int16)
-    mask = lung.astype(np.uint8)
-    return image, mask
-
-
-def measure_compression(shape_zyx: tuple[int, int, int], seed: int = 0, zstd_level: int = 3) -> list[dict[str, Any]]:
-    """Bytes and encode / decode seconds of image and mask members, per compression.
-
-    Uses :func:`phantom_case`.
-    """
-    image, mask = phantom_case(shape_zyx, seed)
-    rows = []
-    for name, arr in (("image", image), ("mask", mask)):
-        raw = npy_bytes(arr)
-        for method in ("none", "zst", "gz"):
-            t0 = time.perf_counter()
-            data, suffix = compress(raw, method, zstd_level)
-            t1 = time.perf_counter()
-            back = decompress(data, suffix)
-            np.lib.format.read_array(io.BytesIO(back), allow_pickle=False)
-            t2 = time.perf_counter()
-            rows.append({"member": name, "shape": list(shape_zyx), "compression": method or "none",
-                         "bytes": len(data), "ratio": round(len(raw) / len(data), 2),
-                         "encode_s": round(t1 - t0, 3), "decode_load_s": round(t2 - t1, 3)})
-    return rows
-
-
-def measure_shard_read(shape_zyx: tuple[int, int, int], samples: int, work_dir: str | os.PathLike,
-                       zstd_level: int = 3) -> list[dict[str, Any]]:
-    """Write ``samples`` phantom samples per compression into a shard and time a full read.
-
-    The read is tar streaming (``tarfile``, as webdataset does) + decompression + ``np.load``
-    of image and mask, from the page cache, so it is the CPU cost; add bytes / storage
-    bandwidth for the I/O. The break-even bandwidth is where both choices cost the same.
-    """
-    image, mask = phantom_case(shape_zyx, 1)
-    rows = []
-    for method in ("none", "zst", "gz"):
-        out = Path(work_dir) / f"measure-{method}"
-        writer = ShardWriter(out, "m", max_bytes=1 << 40, max_samples=samples)
-        for i in range(samples):
-            writer.write(f"case{i:04d}", encode_sample({"image": image, "mask": mask}, {"id": i}, method, zstd_level))
-        shard = writer.close()[0]
-        t0 = time.perf_counter()
-        with tarfile.open(out / shard.path, "r|") as tar:
-            for m in tar:
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                member, suffix = strip_compression(m.name.split(".", 1)[1])
-                if member.endswith(".npy"):
-                    np.lib.format.read_array(io.BytesIO(decompress(data, suffix)), allow_pickle=False)
-        seconds = time.perf_counter() - t0
-        rows.append({"compression": method, "shape": list(shape_zyx), "samples": samples,
-                     "shard_bytes": shard.bytes, "bytes_per_sample": shard.bytes // samples,
-                     "read_decode_s_per_sample": round(seconds / samples, 3)})
-    base = rows[0]
-    for r in rows[1:]:
-        saved = base["bytes_per_sample"] - r["bytes_per_sample"]
-        extra = r["read_decode_s_per_sample"] - base["read_decode_s_per_sample"]
-        r["break_even_MBps"] = round(saved / extra / 1e6, 1) if extra > 0 else None
-    return rows
-
-
-def _main(argv: Iterable[str] | None = None) -> None:
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m ctprep.stages.pack --check OUT [--prune-retired]``: verify a shard folder."""
     import argparse
-    import sys
-    import tempfile
 
-    ap = argparse.ArgumentParser(
-        prog="python -m ctprep.stages.pack",
-        description="Check a shard folder against its index.json, or measure member compression (README 'pack').")
-    ap.add_argument("--check", metavar="OUT", help="verify OUT/index.json against the files (sizes, sha256, samples)")
-    ap.add_argument("--prune-retired", action="store_true", help="with --check: delete retired shard files")
-    ap.add_argument("--shape", type=int, nargs=3, default=(240, 480, 480), metavar=("Z", "Y", "X"))
-    ap.add_argument("--zstd-level", type=int, default=3)
-    ap.add_argument("--read-samples", type=int, default=0, help="also time reading a shard of this many samples")
+    ap = argparse.ArgumentParser(prog="python -m ctprep.stages.pack",
+                                 description="Check a shard folder against its index.json (sizes, sha256, samples).")
+    ap.add_argument("--check", metavar="OUT", required=True, help="the shard folder (holds index.json)")
+    ap.add_argument("--prune-retired", action="store_true", help="then delete retired shard files if all is well")
     args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.check:
-        problems = check_index(args.check)
-        index = read_index(args.check) or {}
-        n = sum(e["samples"] for entries in index.get("splits", {}).values() for e in entries)
-        for p in problems:
-            print(p)
-        print(f"{args.check}: {n} samples in {sum(len(v) for v in index.get('splits', {}).values())} listed shards, "
-              f"{len(index.get('generations', []))} generations, {len(problems)} problems")
-        if args.prune_retired and not problems:
-            print("removed:", prune_retired(args.check))
-        sys.exit(1 if problems else 0)
-    for row in measure_compression(tuple(args.shape), zstd_level=args.zstd_level):
-        print(json.dumps(row))
-    if args.read_samples:
-        with tempfile.TemporaryDirectory() as tmp:
-            for row in measure_shard_read(tuple(args.shape), args.read_samples, tmp, args.zstd_level):
-                print(json.dumps(row))
+    problems = check_index(args.check)
+    index = read_index(args.check) or {}
+    n = sum(e["samples"] for entries in index.get("splits", {}).values() for e in entries)
+    for p in problems:
+        print(p)
+    print(f"{args.check}: {n} samples in {sum(len(v) for v in index.get('splits', {}).values())} listed shards, "
+          f"{len(index.get('generations', []))} generations, {len(problems)} problems")
+    if args.prune_retired and not problems:
+        print("removed:", prune_retired(args.check))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(main())
