@@ -9,6 +9,7 @@ a body cut short) are injected by the web server itself, on real sockets.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -17,10 +18,13 @@ import numpy as np
 import pytest
 
 from ctprep import schema, shards
+from ctprep_train import data as D
 from ctprep_train import shard_io
+from ctprep_train.config import DataConfig
 from ctprep_train.shard_io import CorruptMemberError, RetryPolicy, TransientReadError
-from ctprep_train.testing import write_test_shards
+from ctprep_train.testing import TEST_TOKENIZER, write_test_shards
 from tests.remote_servers import serve_http, serve_plain_http, serve_s3
+from tests.trainer_helpers import STAND_IN, launch, read_metrics
 
 pytestmark = pytest.mark.multiprocess  # starts servers
 
@@ -30,8 +34,11 @@ FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served")
-    # uncompressed volumes of > 1 MiB take the reader's large-read path (read straight into the batch)
-    write_test_shards(root, {"train": [4, 3, 1], "valid": [3]}, shape_zyx=(16, 64, 64), compress=())
+    # Both volume paths of the reader: uncompressed images of >= 1 MiB are read straight into the
+    # batch tensor (ctrate), zstd members are fetched whole and decompressed into it (omniabnorm).
+    index = write_test_shards(root, {"train": [4, 3, 1], "valid": [4]}, shape_zyx=(32, 128, 128), compress=())
+    write_test_shards(root, {"train": [3, 2], "valid": [3]}, source="omniabnorm", seed=1, shape_zyx=(16, 64, 64),
+                      index=index)
     (root / "blob.bin").write_bytes(np.random.default_rng(0).bytes(3_000_000))
     return root
 
@@ -204,3 +211,102 @@ def test_local_reads_keep_their_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         shard_io.read_range(str(tmp_path / "missing.bin"), 0, 1)
     shutil.rmtree(tmp_path)
+
+
+# --------------------------------------------------------------------------- the loader on remote shards
+
+EXPECT = D.ShardExpectation(tokenizer=TEST_TOKENIZER, patch_size=(4, 16, 16))
+SOURCES = {"ctrate": 1.0, "omniabnorm": 1.0}
+
+
+def _cfg(root: str, **kw) -> DataConfig:
+    base = dict(shards=root, batch_size=2, buffer_size=4, num_workers=0, tokenizer=dict(TEST_TOKENIZER),
+                sources=dict(SOURCES), valid_max_samples=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _digest(batch: dict) -> str:
+    h = hashlib.sha256()
+    for key in ("image", "mask", "regions", "report_ids", "steps_ids", "labels"):
+        h.update(np.ascontiguousarray(np.asarray(batch[key])).tobytes())
+    return h.hexdigest()
+
+
+def _row(batch: dict) -> tuple:
+    stats = batch[D.BATCH_STATS_KEY]
+    return tuple(batch["ids"]), stats["source"], stats["corrupt"], tuple(stats.get("positions", ())), _digest(batch)
+
+
+def _train_rows(root: str, n: int, **kw) -> list[tuple]:
+    cfg = _cfg(root, **kw)
+    index = D.load_shard_index(root, EXPECT)
+    return [_row(b) for b in itertools.islice(D.build_train_loader(cfg, index, EXPECT, rank=0, world_size=1), n)]
+
+
+def _valid_rows(root: str, rank: int = 0, world_size: int = 1) -> list[tuple]:
+    cfg = _cfg(root)
+    index = D.load_shard_index(root, EXPECT)
+    return [_row(b) for b in D.build_valid_loader(cfg, index, EXPECT, rank=rank, world_size=world_size)]
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_training_and_validation_batches_streamed_remotely_equal_the_local_ones(folder, where, request):
+    server = request.getfixturevalue(where)
+    remote = server.url if where == "http" else server[1]
+    # one DataLoader worker: the remote reads also run in a forked process, with 2 reader threads
+    local = _train_rows(str(folder), 10, num_workers=1, read_threads=2)
+    assert _train_rows(remote, 10, num_workers=1, read_threads=2) == local
+    assert {row[1] for row in local} == set(SOURCES) and all(row[2] == 0 for row in local)
+    for rank in range(2):  # equal batch counts per rank, every sample once
+        local_valid = _valid_rows(str(folder), rank, 2)
+        assert _valid_rows(remote, rank, 2) == local_valid and local_valid
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_bytes_served_remotely_are_skipped_and_counted_as_locally(folder, tmp_path):
+    bad = shutil.copytree(folder, tmp_path / "bad")
+    index = shards.read_index(bad)
+    damaged = []
+    # one damaged sample per validation batch (batches of 2): a volume read straight into the
+    # batch, a meta.json, a zstd volume; each batch keeps a readable sample
+    for source, member, k in (("ctrate", "image.npy", 0), ("ctrate", "meta.json", 2), ("omniabnorm", "image.npy.zst", 0)):
+        (entry,) = [e for e in index["splits"]["valid"] if e["source"] == source]
+        refs, error = D.scan_tar(str(bad / entry["path"]))
+        assert error is None
+        ref = refs[k]
+        _, offset, size = next(m for m in ref.members if m[0] == member)
+        _flip(bad / entry["path"], offset + size // 2)
+        damaged.append(ref.key)
+    local = _valid_rows(str(bad))
+    with serve_http(bad) as server:
+        remote = _valid_rows(server.url)
+        remote_train = _train_rows(server.url, 8)
+    assert remote == local
+    assert sum(row[2] for row in local) == 3  # each damaged sample counted once
+    seen = {key for row in local for key in row[0]}
+    assert not seen & set(damaged) and len(seen) == 7 - 3  # every intact valid sample, no damaged one
+    assert remote_train == _train_rows(str(bad), 8)
+
+
+def test_train_py_streams_its_shards_over_http_with_the_same_samples_as_from_disk(folder, http, tmp_path):
+    def run(shards: str, out: Path) -> tuple[list[dict], list[dict]]:
+        launch(["--config", "configs/train/demo.yaml", "--shards", shards, "--output", str(out), *STAND_IN,
+                "train.val_every=0", "train.log_every=1", "train.steps=4", "train.ckpt_every=0",
+                "data.num_workers=1", "data.batch_size=2", "data.sources={ctrate: 1.0, omniabnorm: 1.0}"])
+        return read_metrics(out), read_metrics(out, "valid")
+
+    local_train, local_valid = run(str(folder), tmp_path / "local")
+    remote_train, remote_valid = run(http.url, tmp_path / "http")
+    # same weights from the same seed + the same batches in the same order => the same losses
+    assert [r["step"] for r in remote_train] == [1, 2, 3, 4]
+    for a, b in zip(local_train, remote_train):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
+    assert local_valid and len(remote_valid) == len(local_valid)
+    for a, b in zip(local_valid, remote_valid):
+        assert b["pool_size"] == a["pool_size"] and b["image_to_text/R@1"] == pytest.approx(a["image_to_text/R@1"])

@@ -1,7 +1,7 @@
 """The shard index a run reads: ``index.json`` checked against what the trainer expects.
 
 ``load_shard_index`` reads ``index.json`` through ``ctprep.shards`` (the one home of the shard
-format, shared with the writer) and refuses shards whose schema version, tokenizer identity or
+format, shared with the writer; a URL's through ``ctprep_train.shard_io``) and refuses shards whose schema version, tokenizer identity or
 patch grid differ from what the trainer expects, naming the mismatch and the file. Every
 sample's ``meta.json`` is checked against the same expectation when it is decoded
 (``ctprep_train.data.decode``).
@@ -17,13 +17,14 @@ from typing import Any
 
 from ctprep import schema, shards
 from ctprep.shards import INDEX_CHECKSUM_KEY, ShardMismatchError
+from ctprep_train import shard_io
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: str  # absolute path of the tar
+    path: str  # absolute path of the tar, or its http(s):// / s3:// URL
     samples: int
     source: str
     bytes: int = 0
@@ -43,8 +44,12 @@ class ShardExpectation:
 
 @dataclass
 class ShardIndex:
-    root: Path
+    root: Path | str  # the shard folder: a local path, or an http(s):// / s3:// URL (ctprep_train.shard_io)
     raw: dict[str, Any]
+
+    @property
+    def index_file(self) -> str:
+        return shard_io.join(self.root, schema.INDEX_FILE)
 
     @property
     def tokenizer(self) -> dict[str, str]:
@@ -59,12 +64,12 @@ class ShardIndex:
         entries = self.raw.get("splits", {}).get(split)
         if entries is None:
             raise ShardMismatchError(
-                f"{self.root / schema.INDEX_FILE}: no split '{split}' (has {sorted(self.raw.get('splits', {}))})"
+                f"{self.index_file}: no split '{split}' (has {sorted(self.raw.get('splits', {}))})"
             )
         grouped: dict[str, list[ShardInfo]] = {}
         for entry in entries:
             info = ShardInfo(
-                path=str((self.root / entry["path"]).resolve()),
+                path=shard_io.join(self.root, entry["path"]),
                 samples=int(entry["samples"]),
                 source=str(entry.get("source", "ctrate")),
                 bytes=int(entry.get("bytes", 0)),
@@ -76,7 +81,7 @@ class ShardIndex:
         missing = [s for s in sources if s not in grouped]
         if missing:
             raise ShardMismatchError(
-                f"{self.root / schema.INDEX_FILE}: split '{split}' has no shards of source(s) {missing} "
+                f"{self.index_file}: split '{split}' has no shards of source(s) {missing} "
                 f"(has {sorted(grouped)}); set its weight to 0 in data.sources to train without it"
             )
         return {s: grouped[s] for s in sources}
@@ -109,8 +114,8 @@ def check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, tok
 
 
 def load_shard_index(root: str | Path, expect: ShardExpectation) -> ShardIndex:
-    """Read ``root/index.json`` and refuse it if it does not match ``expect``."""
-    root = Path(root)
-    raw = shards.read_index(root, expect.schema_version)
-    check_identity(str(root / schema.INDEX_FILE), raw, expect, None)
+    """Read ``root/index.json`` (a folder or a URL) and refuse it if it does not match ``expect``."""
+    root = root if shard_io.is_remote(root) else Path(root)
+    raw = shard_io.read_index(root, expect.schema_version)
+    check_identity(shard_io.join(root, schema.INDEX_FILE), raw, expect, None)
     return ShardIndex(root=root, raw=raw)
