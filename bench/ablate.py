@@ -5,7 +5,7 @@ evaluate each on the same held-out pool, print one table of retrieval figures.
 
 Each run is ``python trainer/train.py --config configs/train/ablation_<name>.yaml`` (one process,
 the same DeepSpeed code path as ``deepspeed trainer/train.py``) followed by
-``python -m ctprep_train.evaluate`` on its ``encoder/`` export. The ablation YAMLs differ from
+``python -m ctprep_train.eval`` on its ``encoder/`` export. The ablation YAMLs differ from
 ``ablation_full.yaml`` in exactly one switch; the table says which. Results are written to
 ``OUT/ablation.json`` and ``OUT/ablation.md``. Runs whose ``eval.json`` already exists are
 reused (delete the folder to rerun), so an interrupted sweep resumes.
@@ -63,7 +63,7 @@ def ablate_one(name: str, args: argparse.Namespace) -> dict:
     print(f"[ablate] {name}: training {args.steps} steps ...", flush=True)
     train_s = run(train_cmd, out / "train.log")
     (out / "train_seconds.json").write_text(json.dumps({"train_s": train_s}))
-    eval_cmd = [sys.executable, "-m", "ctprep_train.evaluate", "--encoder", str(out / "encoder"), "--shards",
+    eval_cmd = [sys.executable, "-m", "ctprep_train.eval", "--encoder", str(out / "encoder"), "--shards",
                 str(args.shards), "--split", args.split, "--out", str(out / "eval"), "--picture-cases", "1"]
     if args.source:
         eval_cmd += ["--source", args.source]

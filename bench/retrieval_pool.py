@@ -8,7 +8,7 @@ split) and prints the ratio on each sub-pool size next to the full pool's:
     python bench/retrieval_pool.py --encoder demo/run/encoder --shards demo/shards \\
         --split valid --source ctrate --texts 60 120 --draws 50
 
-The metric is the evaluator's own (`ctprep_train.metrics.retrieval_metrics`: dedup of identical
+The metric is the evaluator's own (`ctprep_train.eval.metrics.retrieval_metrics`: dedup of identical
 reports, pessimistic ties, analytic random baseline: the larger of the two directions', as in
 `make demo`'s check); only the pool differs.
 """
@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctprep_train import metrics  # noqa: E402
-from ctprep_train.evaluate import EvalConfig, collect, load_encoder  # noqa: E402
+from ctprep_train.eval import metrics  # noqa: E402
+from ctprep_train.eval.run import EvalConfig, collect, load_encoder  # noqa: E402
 
 
 def ratios(img: torch.Tensor, txt: torch.Tensor, keys: list[str], k: int) -> tuple[float, float, int, int]:

@@ -57,7 +57,7 @@ $VPY/python trainer/train.py --config configs/train/demo.yaml --shards "$OUT/sha
     train.val_every=$((STEPS / 2)) train.ckpt_every=$((STEPS / 2)) train.progress_bar=false
 
 stamp "4/5 evaluate on the held-out CT-RATE volumes"
-$VPY/python -m ctprep_train.evaluate --encoder "$OUT/run/encoder" --shards "$OUT/shards" --split valid \
+$VPY/python -m ctprep_train.eval --encoder "$OUT/run/encoder" --shards "$OUT/shards" --split valid \
     --source ctrate --out "$OUT/run/eval"
 
 stamp "5/5 learning check"

@@ -1,4 +1,4 @@
-"""Synthetic batches in the trainer/ctprep_train/data.py collate contract, for the model tests."""
+"""Synthetic batches in the ctprep_train.data.collate_samples contract, for the model tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ctprep_train.model.anatomical_encoder import patch_region_fraction
 
 def make_batch(batch_size: int = 2, shape_zyx=(16, 64, 64), num_regions: int = 4, num_steps: int = 3,
                patch_size=(4, 16, 16), seed: int = 0) -> dict:
-    """A batch exactly as trainer/ctprep_train/data.py yields it (dtypes and shapes of the plan's contract).
+    """A batch exactly as ctprep_train.data.collate_samples yields it (dtypes and shapes of the plan's contract).
 
     The label map is a stack of z-slabs, one region per slab band, so region presence is known.
     """

@@ -1,4 +1,4 @@
-"""ctprep_train.metrics against brute-force computations (ties, duplicate texts, AUC)."""
+"""ctprep_train.eval.metrics against brute-force computations (ties, duplicate texts, AUC)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ctprep_train.metrics import (
+from ctprep_train.eval.metrics import (
     auc_mann_whitney,
     expected_random_recall,
     retrieval_metrics,
@@ -177,7 +177,7 @@ def test_brute_force_oracle_itself_on_a_hand_case():
 
 
 def test_cot_alignment_mass_and_chance():
-    from ctprep_train.metrics import CoTAlignment
+    from ctprep_train.eval.metrics import CoTAlignment
 
     # 4 patches, 2 regions; region "a" (index 0) fills patch 0 fully and half of patch 1.
     regions = np.array([[0, 1, 0], [0.5, 0.5, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32)

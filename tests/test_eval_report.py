@@ -1,4 +1,4 @@
-"""ctprep_train.evaluate end to end on tiny shards and a tiny random model: eval.json keys, report, pictures."""
+"""ctprep_train.eval end to end on tiny shards and a tiny random model: eval.json keys, report, pictures."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_evaluate_writes_eval_json_and_report(tiny_run):
-    from ctprep_train.evaluate import main
+    from ctprep_train.eval.run import main
 
     out = tiny_run / "eval"
     main(["--encoder", str(tiny_run / "encoder"), "--shards", str(tiny_run / "shards"), "--split", "valid",
@@ -47,7 +47,7 @@ def test_evaluate_writes_eval_json_and_report(tiny_run):
 
 
 def test_tokenizer_mismatch_is_refused(tiny_run):
-    from ctprep_train.evaluate import check_tokenizer
+    from ctprep_train.eval.run import check_tokenizer
 
     enc = tiny_run / "encoder_wrong_tok"
     enc.mkdir(exist_ok=True)
@@ -58,7 +58,7 @@ def test_tokenizer_mismatch_is_refused(tiny_run):
 
 
 def test_split_reader_sees_every_case_once(tiny_run):
-    from ctprep_train.eval_data import batches_by_shape, iter_split
+    from ctprep_train.eval.data import batches_by_shape, iter_split
 
     ids = [s["__key__"] for s in iter_split(tiny_run / "shards", "valid")]
     assert len(ids) == len(set(ids)) == 9
@@ -71,7 +71,7 @@ def test_retrieval_pool_bench_subpools_keep_whole_reports_and_full_row_matches_t
     import numpy as np
 
     from tests.bench_helpers import load_bench
-    from ctprep_train.evaluate import main as evaluate
+    from ctprep_train.eval.run import main as evaluate
 
     bench = load_bench("retrieval_pool")
     group = np.array([0, 0, 1, 2, 2, 2, 3, 4])  # reports 0 and 2 have several reconstructions

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ctprep_train import data as D
 from ctprep_train.data import decode as data_decode
-from ctprep_train import eval_data
+from ctprep_train.eval import data as eval_data
 from ctprep_train.testing import write_test_shards
 
 CASES = [(f"v{i}", i + 1) for i in range(5)]

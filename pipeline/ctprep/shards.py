@@ -3,7 +3,7 @@
 ``ctprep.schema`` says *what* a shard holds (the contract, as documentation and constants);
 this module is the only code that turns arrays into tar members and back and the only code
 that reads or writes ``index.json``. The writer (``ctprep.stages.pack``), the trainer
-(``ctprep_train.data``, ``ctprep_train.eval_data``), the test shards (``ctprep_train.testing``) and the
+(``ctprep_train.data``, ``ctprep_train.eval.data``), the test shards (``ctprep_train.testing``) and the
 benchmarks all go through it, so writer and readers cannot drift apart.
 
 Dependency-free apart from numpy and zstandard (isal is used when installed; ``ctprep.atomic``

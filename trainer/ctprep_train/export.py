@@ -272,7 +272,7 @@ def _model_summary(config: dict[str, Any]) -> str:
 
 def _eval_lines(result: dict[str, Any] | None) -> list[str]:
     if not result:
-        return ["No evaluation found (run `python -m ctprep_train.evaluate --encoder ... --out RUN/eval`, then export "
+        return ["No evaluation found (run `python -m ctprep_train.eval --encoder ... --out RUN/eval`, then export "
                 "again to include its figures)."]
     lines = []
     r = result.get("retrieval", {})
@@ -288,7 +288,7 @@ def _eval_lines(result: dict[str, Any] | None) -> list[str]:
     if z.get("macro_auc") is not None:
         lines.append(f"- zero-shot macro AUC {z['macro_auc']:.3f} over {z.get('labels_evaluated')} labels "
                      f"(prompts {result.get('prompts')})")
-    head = f"Split `{result.get('split')}`, {result.get('n_cases')} cases (ctprep_train.evaluate):"
+    head = f"Split `{result.get('split')}`, {result.get('n_cases')} cases (ctprep_train.eval):"
     return [head, ""] + (lines or ["- (no figures in eval.json)"])
 
 

@@ -17,7 +17,7 @@ a background-only patch assignment (``meta.has_mask`` false), which is what a tr
 packed without an anatomy mask looks like; the anatomical encoder then sees no regions (each region
 embedding is its learned table row) and region attention puts all weight on background.
 
-Prompts are tokenized as ``ctprep_train.evaluate`` does (``ctprep.tokenizer.tokenize_padded`` with the
+Prompts are tokenized as ``ctprep_train.eval`` does (``ctprep.tokenizer.tokenize_padded`` with the
 export's tokenizer); ``classify`` is a softmax over a finding's prompts at the model's learned
 temperature, so with ("X is present.", "X is not present.") it orders cases exactly as the
 evaluator's zero-shot score cos(pos) - cos(neg) does (same AUC).
@@ -189,7 +189,7 @@ def collate(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PromptTokenizer:
-    """Text -> (ids (N, L) int64, attention (N, L) bool), as ``ctprep_train.evaluate`` tokenizes prompts.
+    """Text -> (ids (N, L) int64, attention (N, L) bool), as ``ctprep_train.eval`` tokenizes prompts.
 
     Attributes:
         loaded: the ``ctprep.tokenizer.LoadedTokenizer`` (``.tokenizer`` is the Hugging Face one).
@@ -322,7 +322,7 @@ def plot_similarity_slices(image: np.ndarray, heat: np.ndarray, path: Path, prom
                            mask: np.ndarray | None = None, slices: int = 4, title: str = "") -> Path:
     """Axial slices (evenly spaced through the volume, the peak slice included) with one colour
     scale for all panels (unlike the per-panel scaled attention pictures: similarity is comparable)."""
-    from ctprep_train import pictures
+    from ctprep_train.eval import pictures
 
     plt = pictures.plt
     z_peak = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])

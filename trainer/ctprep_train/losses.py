@@ -1,6 +1,6 @@
 """Pretraining losses: CLIP InfoNCE (gathered across ranks), region-text, CoT step alignment, labels.
 
-Every loss takes the ``CTCLIP.forward`` outputs and the batch (trainer/ctprep_train/data.py contract) and
+Every loss takes the ``CTCLIP.forward`` outputs and the batch (``ctprep_train.data.collate_samples`` contract) and
 never lets padding leak in: padded steps, regions without text and unknown labels (-1) are
 selected out by their masks before any arithmetic, so their values cannot change the loss.
 Importable without DeepSpeed (torch.distributed only).

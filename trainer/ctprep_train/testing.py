@@ -1,8 +1,10 @@
-"""Write small schema-conforming shards (ctprep.schema) for trainer tests and benchmarks.
+"""Test support, not used by training: small schema-conforming shards for tests and benchmarks.
 
-The real writer is ``ctprep.stages.pack``; this one exists so the trainer can be tested on
-tiny, hand-controlled shards (uneven sizes, a wrong tokenizer, a corrupt member) without
-running the pipeline. Member bytes come from the writer's own encoder
+Nothing in ``ctprep_train`` imports this module. It ships inside the library rather than under
+``tests/`` because ``bench/loader.py`` and the multi-process tests write their shards with it
+from the installed package. The real writer is ``ctprep.stages.pack``; this one exists so the
+trainer can be tested on tiny, hand-controlled shards (uneven sizes, a wrong tokenizer, a
+corrupt member) without running the pipeline. Member bytes come from the writer's own encoder
 (``ctprep.shards.encode_sample``: npy, zstd frames with checksums, canonical ``meta.json`` with
 its ``crc32`` map) and the index, written by ``ctprep.shards.write_index``, records each
 sample's ``meta_crc32``, so the trainer verifies test shards as it does real ones. Samples

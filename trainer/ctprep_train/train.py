@@ -325,8 +325,8 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_summary(img: torch.Tensor, txt: torch.Tensor, text_keys: list[int] | None, ks: list[int]) -> dict[str, float]:
-    """R@K both ways on the validation pool (ctprep_train.metrics protocol; identical reports merged)."""
-    from ctprep_train.metrics import retrieval_metrics
+    """R@K both ways on the validation pool (ctprep_train.eval.metrics protocol; identical reports merged)."""
+    from ctprep_train.eval.metrics import retrieval_metrics
 
     result = retrieval_metrics(img, txt, text_keys=text_keys, ks=ks)
     out = {"pool_size": float(result["pool_size"])}

@@ -1,7 +1,7 @@
 """Evaluation pictures (matplotlib, Agg backend, PNG files).
 
 Plotting functions take plain arrays; extracting those arrays from a model is
-``ctprep_train.evaluate``'s job. Axis conventions: volumes are (Z, Y, X) in the
+``ctprep_train.eval.run``'s job. Axis conventions: volumes are (Z, Y, X) in the
 canonical orientation of ``ctprep.schema`` (increasing z, y, x = Superior,
 Anterior, Right). Pictures are drawn in radiological convention: axial slices
 with patient anterior at the top and patient right on the viewer's left,

@@ -53,7 +53,7 @@ def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
 
 def _expectation(index: dict[str, Any]) -> ShardExpectation:
     # Evaluation takes the tokenizer and patch grid the index declares (the encoder's tokenizer is
-    # checked by ctprep_train.evaluate.check_tokenizer); every sample must agree with them.
+    # checked by ctprep_train.eval.run.check_tokenizer); every sample must agree with them.
     return ShardExpectation(schema_version=SCHEMA_VERSION, tokenizer=dict(index["tokenizer"]),
                             patch_size=tuple(int(p) for p in index.get("patch_size", (4, 16, 16))))
 

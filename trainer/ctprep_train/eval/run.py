@@ -1,11 +1,11 @@
 """Evaluate an exported encoder on one split of the shards.
 
-    python -m ctprep_train.evaluate --encoder runs/NAME/encoder --shards shards/ --split valid --out runs/NAME/eval
+    python -m ctprep_train.eval --encoder runs/NAME/encoder --shards shards/ --split valid --out runs/NAME/eval
 
 Writes ``eval.json`` (retrieval both ways with pool size, dedup rule and a
 random baseline for the same pool; zero-shot abnormality AUC/F1/accuracy;
 CoT alignment) and ``report.md`` with the pictures inline (PNG beside it).
-Protocols are in :mod:`ctprep_train.metrics` and repeated in both outputs.
+Protocols are in :mod:`ctprep_train.eval.metrics` and repeated in both outputs.
 Needs no DeepSpeed: the encoder folder is ``ctprep_train.model.save_pretrained``
 output.
 """
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ctprep.schema import ABNORMALITY_LABELS
-from ctprep_train import metrics, pictures
-from ctprep_train.attention_maps import AttentionRecorder, slice_bias_tables
-from ctprep_train.eval_data import batches_by_shape, iter_split, read_index
+from ctprep_train.eval import metrics, pictures
+from ctprep_train.eval.attention_maps import AttentionRecorder, slice_bias_tables
+from ctprep_train.eval.data import batches_by_shape, iter_split, read_index
 
 DEFAULT_PROMPTS = ("{label} is present.", "{label} is not present.")
 log = logging.getLogger(__name__)
@@ -361,7 +361,8 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m ctprep_train.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", type=Path, required=True, help="runs/NAME/encoder (save_pretrained folder)")
     p.add_argument("--shards", type=Path, required=True, help="shards folder with index.json")
     p.add_argument("--split", default="valid")
@@ -394,5 +395,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
-    main()
