@@ -169,6 +169,20 @@ class CtRateConfig:
 
 
 @dataclass
+class CotConfig:
+    """CoT deliveries given by name (merged into the cases they name at scan; rule: ``ctprep.sources.cot``).
+
+    No stage key reads this section: a file's *content* reaches the text stage through the cases'
+    text, so adding a file reruns text + pack for exactly the cases whose steps it changes.
+    """
+
+    # CoT JSONL files applied after the source trees' own CoT files, in this order (later wins);
+    # the CLI's ``--cot FILE`` (repeatable) appends here. Absolute paths, or relative to the
+    # working directory.
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline config: one typed sub-config per stage concern."""
 
@@ -179,6 +193,7 @@ class PipelineConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     omni: OmniConfig = field(default_factory=OmniConfig)
     ctrate: CtRateConfig = field(default_factory=CtRateConfig)
+    cot: CotConfig = field(default_factory=CotConfig)
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -191,6 +206,7 @@ _SECTIONS = {
     "pack": PackConfig,
     "omni": OmniConfig,
     "ctrate": CtRateConfig,
+    "cot": CotConfig,
 }
 
 
@@ -322,3 +338,13 @@ def with_mask_options(cfg: PipelineConfig, masks: list[str] | None, anatomy: str
         first = first or name
     new = dataclasses.replace(cfg.ctrate, mask_dirs=dirs, anatomy_masks=anatomy or first or cfg.ctrate.anatomy_masks)
     return dataclasses.replace(cfg, ctrate=new)
+
+
+def with_cot_files(cfg: PipelineConfig, files: list[str | Path] | None, replace: bool = False) -> PipelineConfig:
+    """Apply the CLI's ``--cot FILE`` (repeatable) to ``cfg``: appended to ``cot.files`` (``replace``:
+    instead of them). Paths are made absolute, so a recorded config still names the same files."""
+    if not files and not replace:
+        return cfg
+    given = [str(Path(f).expanduser().resolve()) for f in files or []]
+    kept = [] if replace else list(cfg.cot.files)
+    return dataclasses.replace(cfg, cot=CotConfig(files=kept + given))

@@ -52,6 +52,7 @@ from ctprep.lock import folder_lock
 from ctprep.manifest import MANIFEST_FILE, Manifest, StageRow, work_dir_for
 from ctprep.quarantine import STAGE_ERROR, Quarantine, one_line, write_quarantine_jsonl
 from ctprep.sources.base import CaseInput, detect_source, is_inside
+from ctprep.sources.cot import delivery_warnings
 from ctprep.stages.base import (
     NOTES_KEY,
     STAGE_ORDER,
@@ -268,6 +269,9 @@ def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log, p
             log(f"  input problem (no case named, nothing quarantined): {problem}")
         if len(res.problems) > 20:
             log(f"  ... {len(res.problems) - 20} more input problems")
+    # --cot files are merged by each source; only the whole build knows which records name no case
+    for line in delivery_warnings(config, {n for _, n in _source_names(srcs, source)}, set(seen) | {q.case for q in scan_q}):
+        log(line)
     cases.sort(key=lambda c: (c.source, c.split, c.case_id))
     return cases, file_hashes, scan_q
 

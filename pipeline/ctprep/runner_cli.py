@@ -24,7 +24,7 @@ from typing import Optional
 import typer
 
 from ctprep.cluster import TLS_ENV, check_scheduler, tls_config, tls_files
-from ctprep.config import load_config, with_mask_options
+from ctprep.config import load_config, with_cot_files, with_mask_options
 from ctprep.errors import UserError
 
 DEBUG_HELP = "Show the traceback of an error instead of the one-line message."
@@ -80,6 +80,27 @@ def check_sources(srcs: list[Path]) -> None:
             raise UserError(f"--src {s}: not a folder")
 
 
+def check_cot_files(files: list[Path] | None) -> None:
+    """Each ``--cot`` is an existing regular file."""
+    for f in files or []:
+        if not f.exists():
+            raise UserError(f"--cot {f}: no such file")
+        if not f.is_file():
+            raise UserError(f"--cot {f}: not a file")
+
+
+def recorded_config(manifest_path: Path):
+    """The config the last build recorded in its manifest (what ``status`` compares against by default)."""
+    from ctprep.config import config_from_dict
+    from ctprep.manifest import Manifest
+
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no manifest at {manifest_path}: run `ctprep build-shards` first")
+    with Manifest(manifest_path, readonly=True) as manifest:
+        recorded = manifest.get_setting("config") or {}
+    return config_from_dict(recorded, name=recorded.get("name", "recorded"))
+
+
 def build_shards(
     src: list[Path] = typer.Option(..., "--src", help="Source folder (repeatable): a CT-RATE or OmniAbnorm-CT root."),
     out: Path = typer.Option(..., "--out", help="Output folder: shards, index.json, quarantine.jsonl (and work/)."),
@@ -96,6 +117,7 @@ def build_shards(
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Per local worker process, e.g. 6GiB (default: Dask's share of RAM). With --scheduler, set it on the workers."),
     task_timeout: float = typer.Option(3600.0, "--task-timeout", min=0, help="Seconds one case may spend in one stage before the run stops waiting (a stuck read); the case is retried on the next run. 0 = no limit."),
     masks: Optional[list[str]] = typer.Option(None, "--masks", help="CT-RATE mask tree NAME=DIR (repeatable), e.g. a MedSAM2 output folder; the first one is the anatomy map unless --anatomy-masks names another."),
+    cot: Optional[list[Path]] = typer.Option(None, "--cot", help="A CoT JSONL file for existing cases (repeatable), merged after the source trees' own CoT files, later files winning (docs/pipeline.md, CoT deliveries)."),
     anatomy_masks: Optional[str] = typer.Option(None, "--anatomy-masks", help="Name of the mask tree that drives regions (default: ts_total if present, else masks/, else the only tree)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (2) if any case is quarantined."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -110,7 +132,8 @@ def build_shards(
         # unreachable scheduler fails in seconds, before any scanning or writing.
         check_sources(src)
         tls = tls_files(scheduler, tls_ca_file, tls_cert, tls_key)
-        cfg = with_mask_options(load_config(config), masks, anatomy_masks)
+        check_cot_files(cot)
+        cfg = with_cot_files(with_mask_options(load_config(config), masks, anatomy_masks), cot)
         if scheduler:
             check_scheduler(scheduler, tls)
         with tls_config(tls):
@@ -126,6 +149,7 @@ def status(
     config: Optional[str] = typer.Option(None, "--config", help="Compare against this config instead of the last run's."),
     src: Optional[list[Path]] = typer.Option(None, "--src", help="Source folders to check (default: those of the last run)."),
     source: Optional[str] = typer.Option(None, "--source", help="Source layout for --src (default: detected)."),
+    cot: Optional[list[Path]] = typer.Option(None, "--cot", help="CoT JSONL files to check instead of the last run's --cot files (repeatable)."),
     max_cases: int = typer.Option(50, "--max-cases", help="Quarantined cases to list."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -137,5 +161,8 @@ def status(
         if src:
             check_sources(src)
         cfg = load_config(config) if config else None
+        if cot:  # these CoT files instead of the last run's
+            check_cot_files(cot)
+            cfg = with_cot_files(cfg or recorded_config(work_dir_for(out, work) / MANIFEST_FILE), cot, replace=True)
         report = run_status(out, work=work, config=cfg, srcs=src or None, source=source)
     typer.echo(report.render(max_cases=max_cases))

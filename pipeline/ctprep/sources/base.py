@@ -208,6 +208,15 @@ class Source:
         """Read one case's arrays (worker side). Raise ``QuarantineError`` for bad input."""
         raise NotImplementedError
 
+    @classmethod
+    def cot_case_id(cls, record: dict[str, Any]) -> str | None:
+        """The case id a CoT JSONL record names (``ctprep.sources.cot``), None if it names none.
+
+        Default: the first non-empty of ``id``, ``case_id``, ``case``, ``VolumeName``, as is.
+        """
+        value = next((record[k] for k in ("id", "case_id", "case", "VolumeName") if record.get(k)), None)
+        return None if value is None else str(value)
+
     def target_grid(self, case: CaseInput, config: PipelineConfig) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
         """Output (spacing_zyx mm, shape_zyx voxels) for this case's resample.
 

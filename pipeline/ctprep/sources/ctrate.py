@@ -10,7 +10,8 @@ mask trees). The side tables (read by ``ctprep.sources.ctrate_tables``) are reco
                                                       (any number of other columns: ignored)
     radiology_text_reports/{train,validation}_reports.csv   VolumeName, Findings_EN, Impressions_EN, ...
     multi_abnormality_labels/{train,valid}_predicted_labels.csv  VolumeName + 18 label columns
-    cot/*.jsonl                                       {"case_id"|"VolumeName": ..., "steps": [...]}
+    cot/*.jsonl (any *.jsonl, e.g. a delivery folder)  {"case_id"|"VolumeName": ..., "steps": [...]}
+                                                      (CoT deliveries, merged per case: ctprep.sources.cot)
 
 Scan-time quarantine (the case never reaches a worker): unsafe name, two files of the same
 release claiming one case id (a case in both the v1 and the ``_fixed`` folder is *not* a
@@ -70,13 +71,14 @@ from ctprep.quarantine import (
 )
 from ctprep.schema import ABNORMALITY_LABELS, is_safe_case_id
 from ctprep.sources.base import CaseInput, LoadedCase, Source, register_source
+from ctprep.sources.cot import configured_cot_files, unknown_ids_note
 from ctprep.sources.ctrate_layout import Layout, choose_copy, strip_nii, walk_layout
 from ctprep.sources.ctrate_tables import (  # noqa: F401 (re-exported: one import path for the CT-RATE reader)
     MAX_CELL_CHARS,
     NOT_GIVEN,
     CtRateTables,
     _clean_text,
-    _steps_from,
+    _cot_case_id,
     classify_csv,
     read_csv_rows,
 )
@@ -147,7 +149,8 @@ class CtRateSource(Source):
         root = Path(root).resolve()
         settings = self._settings()
         lay = walk_layout(root, settings.mask_dirs)
-        tables = CtRateTables.read(root, lay.side_files)  # one walk of the tree for both
+        # one walk of the tree for both; the CoT files given by name (cot.files) come after the tree's
+        tables = CtRateTables.read(root, lay.side_files, configured_cot_files(self.config))
         anatomy = lay.anatomy_tree(settings.anatomy_masks)
         quarantined: list[Quarantine] = []
         for raw_name, csv_file in sorted(tables.unsafe_names.items()):
@@ -169,8 +172,15 @@ class CtRateSource(Source):
                 path, what = entries[0]
                 quarantined.append(Quarantine(case_id, "scan", UNREADABLE, f"{lay.rel(path)} is {what}; only regular "
                                               "files (or links to them) are read", self.name, {"image": str(path)}))
-        self.problems = tables.problems
+        note = unknown_ids_note(tables.cot.ids_of(tables.tree_cot) - set(lay.images) - {q.case for q in quarantined},
+                                "the CoT files under this root")
+        self.problems = tables.problems + ([note] if note else [])
         return cases, quarantined
+
+    @classmethod
+    def cot_case_id(cls, record: dict[str, Any]) -> str | None:
+        """``VolumeName`` (or ``case_id``, ``id``, ...) as a file stem: ``train_1_a_1.nii.gz`` -> ``train_1_a_1``."""
+        return _cot_case_id(record)
 
     def _case(self, case_id: str, lay: Layout, anatomy: str | None, tables: CtRateTables, settings
               ) -> tuple[CaseInput | None, Quarantine | None]:
@@ -187,7 +197,8 @@ class CtRateSource(Source):
         if mask is not None:
             files["mask"] = str(mask)
         report = tables.reports.get(case_id)
-        cot = tables.cot.get(case_id, {})
+        cot = tables.cot.get(case_id)
+        cot_text = cot.fields if cot is not None else {}
         provenance = {
             "image": chosen.rel,
             "image_folder": chosen.folder,
@@ -198,8 +209,10 @@ class CtRateSource(Source):
             "mask_tree": anatomy if mask is not None else None,
             "other_masks": {t: lay.rel(p) for t, p in sorted(masks.items()) if p is not None},
             "rows": {"metadata": case_id in tables.metadata, "report": report is not None,
-                     "labels": case_id in tables.labels, "cot": bool(cot)},
+                     "labels": case_id in tables.labels, "cot": cot is not None},
         }
+        if cot is not None:
+            provenance["cot"] = cot.provenance()  # which file and line gave each step
         if mask is None and settings.missing_mask == "quarantine":
             where = f"mask tree {anatomy!r}" if anatomy else "any mask tree (none found under the source root)"
             return None, Quarantine(case_id, "scan", MISSING_MASK,
@@ -208,16 +221,16 @@ class CtRateSource(Source):
                                     self.name, files)
         if case_id in tables.bad_rows:
             return None, Quarantine(case_id, "scan", BAD_ROW, tables.bad_rows[case_id], self.name, files)
-        if report is None and not (cot.get("findings") or cot.get("impression")):
+        if report is None and not (cot_text.get("findings") or cot_text.get("impression")):
             return None, Quarantine(case_id, "scan", MISSING_REPORT,
                                     "no report row for this volume in the reports CSV", self.name, files)
-        findings = _clean_text((report or {}).get("Findings_EN")) or _clean_text(cot.get("findings"))
-        impression = _clean_text((report or {}).get("Impressions_EN")) or _clean_text(cot.get("impression"))
+        findings = _clean_text((report or {}).get("Findings_EN")) or _clean_text(cot_text.get("findings"))
+        impression = _clean_text((report or {}).get("Impressions_EN")) or _clean_text(cot_text.get("impression"))
         text: dict[str, Any] = {
             "findings": findings,
             "impression": impression,
             "report": " ".join(t for t in (findings, impression) if t),
-            "steps": _steps_from(cot),
+            "steps": cot.step_texts() if cot is not None else [],
             "clinical_information": _clean_text((report or {}).get("ClinicalInformation_EN")),
             "technique": _clean_text((report or {}).get("Technique_EN")),
         }

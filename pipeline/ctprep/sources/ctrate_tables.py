@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from ctprep.schema import ABNORMALITY_LABELS, is_safe_case_id
 from ctprep.sources.base import input_files
+from ctprep.sources.cot import CotSet, read_cot
 from ctprep.sources.ctrate_layout import strip_nii
 
 NOT_GIVEN = "Not given."  # the reports' placeholder for an empty section
@@ -47,27 +47,8 @@ def _clean_text(value: Any) -> str:
     return "" if text in (NOT_GIVEN, "nan", "None") else text
 
 
-def _steps_from(record: dict[str, Any]) -> list[str]:
-    """CoT steps as strings, in order; accepts strings or {step, text} objects."""
-    raw = record.get("steps") or record.get("cot") or record.get("reasoning") or []
-    if isinstance(raw, str):
-        raw = [raw]
-    items: list[tuple[float, int, str]] = []
-    for pos, s in enumerate(raw):
-        if isinstance(s, dict):
-            text = s.get("text") or s.get("content") or s.get("description") or ""
-            order = s.get("step", pos)
-            try:
-                order = float(order)
-            except (TypeError, ValueError):
-                order = float(pos)
-            items.append((order, pos, str(text).strip()))
-        else:
-            items.append((float(pos), pos, str(s).strip()))
-    return [t for _, _, t in sorted(items) if t]
-
-
 def _cot_case_id(record: dict[str, Any]) -> str | None:
+    """The case a CoT record names: its ``case_id`` / ``VolumeName`` / ... field as a file stem."""
     for k in ("case_id", "case", "id", "VolumeName", "volume", "volume_name", "name"):
         if record.get(k):
             return _volume_key(record[k])
@@ -76,6 +57,9 @@ def _cot_case_id(record: dict[str, Any]) -> str | None:
 
 class CtRateTables:
     """The CSV and JSONL side tables of a CT-RATE root, keyed by case id.
+
+    CoT JSONL files are deliveries merged per case (:mod:`ctprep.sources.cot`); a malformed line is
+    reported in ``problems`` with its file and line and loses only itself.
 
     A broken row never stops the read and never reaches a case silently: a row that is not
     valid UTF-8, has another number of fields than the header (an unbalanced quote shifts
@@ -89,7 +73,8 @@ class CtRateTables:
         self.metadata: dict[str, dict[str, str]] = {}
         self.reports: dict[str, dict[str, str]] = {}
         self.labels: dict[str, list[int]] = {}
-        self.cot: dict[str, dict[str, Any]] = {}
+        self.cot = CotSet()  # merged CoT per case id (ctprep.sources.cot)
+        self.tree_cot: list[str] = []  # the tree's CoT files read (relative paths)
         self.files: list[str] = []  # which side files were read (for the manifest)
         self.tables: list[dict[str, Any]] = []  # {"file", "kind", "rows"} per side file read
         # VolumeName values that are not plain safe file names (e.g. "../../x.nii.gz"): name -> CSV file
@@ -99,9 +84,12 @@ class CtRateTables:
         self._where: dict[tuple[str, str], str] = {}  # (kind, case id) -> "FILE line N" of the row kept
 
     @classmethod
-    def read(cls, root: Path, files: list[tuple[str, str | None]] | None = None) -> CtRateTables:
+    def read(cls, root: Path, files: list[tuple[str, str | None]] | None = None,
+             extra_cot: list[tuple[Path, str, str | None]] = ()) -> CtRateTables:
         """Read the side tables under ``root``; ``files`` = ``(path, problem)`` already listed by the
-        caller's walk (``ctprep.sources.ctrate_layout.Layout.side_files``), else ``root`` is walked."""
+        caller's walk (``ctprep.sources.ctrate_layout.Layout.side_files``), else ``root`` is walked;
+        ``extra_cot``: CoT files given by name (``ctprep.sources.cot.configured_cot_files``), applied
+        after the tree's."""
         t = cls()
         listed = list(input_files(root, (".csv", ".jsonl"))) if files is None else files
         for name, problem in (f for f in listed if f[0].endswith(".csv")):
@@ -133,27 +121,16 @@ class CtRateTables:
                     t.unsafe_names.setdefault(raw_name, rel)
                     continue
                 t._add(kind, key, dict(zip(columns, fields)), f"{rel} line {line}")
-        for name, problem in (f for f in listed if f[0].endswith(".jsonl")):
-            path = Path(name)
-            rel = path.relative_to(root).as_posix()
-            if problem is not None:
-                t.problems.append(f"{rel} is {problem}: not read")
-                continue
-            t.files.append(rel)
-            n_before = len(t.cot)
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                for line in f:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a broken CoT line only loses that case's steps
-                    key = _cot_case_id(rec) if isinstance(rec, dict) else None
-                    if key:
-                        t.cot[key] = rec
-            t.tables.append({"file": rel, "kind": "cot", "rows": len(t.cot) - n_before})
+        # CoT deliveries: the tree's JSONL files in path order, then cot.files; merged per case
+        # by the rule of ctprep.sources.cot (steps keyed by number, later files win).
+        tree = sorted(((Path(name), Path(name).relative_to(root).as_posix(), problem)
+                       for name, problem in listed if name.endswith(".jsonl")), key=lambda f: f[1])
+        t.cot = read_cot(tree + list(extra_cot), _cot_case_id)
+        t.problems += t.cot.problems
+        t.tree_cot = [label for _, label, problem in tree if problem is None]
+        for table in t.cot.tables:
+            t.files.append(table["file"])
+            t.tables.append(table)
         return t
 
     def _add(self, kind: str, key: str, row: dict[str, str], where: str) -> None:

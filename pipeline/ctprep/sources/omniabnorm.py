@@ -11,7 +11,7 @@ writes it)::
                                                           may also hold several such trees)
       <any>/<datum image folder>/0.jpg (or 0.jpeg), -1.jpg, 1.jpg, ...
       <any>/<datum mask folder>/<abnormality id>.jpeg
-      *.jsonl                                             optional CoT records keyed by datum id
+      *.jsonl, <any>/*.jsonl                              optional CoT records keyed by datum id
 
 Each JSON file is a dict ``{datum id: datum}``; a datum is ``{"image": folder,
 "mask": folder, "context": [offsets], "abnormality": [{"id", "group_id",
@@ -47,6 +47,13 @@ Rules (why: see docs/omniabnorm.md):
   = the groups' labels; a normal image gets no findings and the impression
   :data:`NORMAL_IMPRESSION` (``{plane}`` filled in), so it is trained as a
   normal image rather than quarantined for lack of text.
+
+**CoT** (both layouts): every ``*.jsonl`` at ROOT, up to two folders below it (a CoT-only
+delivery folder counts), in the batch folders and beside the release JSON files
+(:func:`tree_cot_files`), then ``cot.files`` (``--cot``), merged per case by the rule of
+:mod:`ctprep.sources.cot` (steps keyed by step number, later files win) whichever batch or JSON
+file delivered the case; a record names a datum id or a case id. Into ``text``: ``steps`` (strings
+in step order), ``cot_findings``, ``cot_impression``; ``provenance["cot"]`` says which file and line.
 
 **Batches** (the older layout, still read)::
 
@@ -101,11 +108,13 @@ JPEG reads); this module holds the source class and re-exports their public name
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ctprep.quarantine import Quarantine
-from ctprep.sources.base import CaseInput, LoadedCase, Source, register_source
+from ctprep.sources.base import CaseInput, LoadedCase, Source, _not_regular, register_source
+from ctprep.sources.cot import configured_cot_files, read_cot, unknown_ids_note
 from ctprep.sources.omniabnorm_batches import _is_batch, batch_case, batch_folders, scan_batches
-from ctprep.sources.omniabnorm_files import SKIP_JSON, slice_offset
+from ctprep.sources.omniabnorm_files import SKIP_JSON, _cot_id, slice_offset
 from ctprep.sources.omniabnorm_labels import (
     CATEGORY_REGION,
     DEFAULT_WINDOW,
@@ -133,11 +142,11 @@ from ctprep.sources.omniabnorm_release import (
     file_rank,
     plane_from_name,
     read_datum,
-    release_cot,
     release_files,
     release_text,
     scan_release,
     split_from_name,
+    tree_cot_files,
 )
 from ctprep.sources.omniabnorm_slab import PATIENT_FROM_SLAB, PLANES, choose_slab_offsets, load_slab, slab_depth
 
@@ -147,8 +156,8 @@ __all__ = [
     "SKIP_JSON", "SLICE_SUFFIXES", "SPLIT_WORDS", "FolderResolver", "OmniAbnormSource", "abnormality_groups",
     "abnormality_region", "batch_case", "batch_folders", "case_id_for", "choose_slab_offsets", "datum_abnormalities",
     "datum_plane", "file_rank", "label_vector", "load_slab", "parse_window", "plane_from_name", "read_datum",
-    "release_cot", "release_files", "release_text", "scan_batches", "scan_release", "slice_offset",
-    "split_from_name", "window_to_hu",
+    "release_files", "release_text", "scan_batches", "scan_release", "slice_offset",
+    "split_from_name", "tree_cot_files", "window_to_hu",
 ]
 
 
@@ -192,7 +201,32 @@ class OmniAbnormSource(Source):
         for cid in list(quarantined):
             if cid in found:  # a quarantined batch record superseded by a release datum
                 quarantined.pop(cid)
+        self._merge_cot(root, found, quarantined)
         return [found[c] for c in sorted(found)], [quarantined[c] for c in sorted(quarantined)]
+
+    @classmethod
+    def cot_case_id(cls, record: dict[str, Any]) -> str | None:
+        """The case of the datum id (or case id) the record names (:func:`case_id_for`)."""
+        datum_id = _cot_id(record)
+        return case_id_for(datum_id) if datum_id else None
+
+    def _merge_cot(self, root: Path, found: dict[str, CaseInput], quarantined: dict[str, Quarantine]) -> None:
+        """Fill the cases' CoT text from every CoT file of the tree and ``cot.files`` (one merge, any batch)."""
+        folders = self.batches(root) + sorted({Path(c.provenance["json"]).parent for c in found.values()
+                                                if "json" in c.provenance}, key=str)
+        tree = [(p, p.relative_to(root).as_posix(), _not_regular(str(p)))
+                for p in tree_cot_files(root, [root / f for f in folders])]
+        cot = read_cot(tree + configured_cot_files(self.config), self.cot_case_id)
+        for case in found.values():
+            merged = cot.get(case.case_id)
+            if merged is None:
+                continue
+            case.text.update({"steps": merged.step_texts(), "cot_findings": merged.get("findings"),
+                              "cot_impression": merged.get("impression")})
+            case.provenance["cot"] = merged.provenance()
+        note = unknown_ids_note(cot.ids_of(label for _, label, _ in tree) - set(found) - set(quarantined),
+                                "the CoT files under this root")
+        self.problems = cot.problems + ([note] if note else [])
 
     # -------------------------------------------------------------- worker side
     def slab_offsets(self, case: CaseInput) -> list[int]:

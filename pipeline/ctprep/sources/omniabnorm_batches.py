@@ -1,7 +1,8 @@
 """The older OmniAbnorm-CT layout: batch folders of record lists (rules: :mod:`ctprep.sources.omniabnorm`).
 
     ROOT/batch_01/records.json   list of records (any *.json holding a list of records works)
-    ROOT/batch_01/cot.jsonl      CoT records by id
+    ROOT/batch_01/cot.jsonl      CoT records by id (read with every other CoT file of the tree by the
+                                 source: a CoT record applies to its case whichever batch delivered it)
     ROOT/batch_01/<id>/0.jpg, -2.jpg .. 2.jpg, mask_<n>.jpeg
 
 Paths in a record are relative to its batch folder; if two batches hold the same id the batch
@@ -18,14 +19,7 @@ from typing import Any
 from ctprep.quarantine import UNREADABLE, UNSAFE_NAME, Quarantine
 from ctprep.schema import is_safe_case_id
 from ctprep.sources.base import CaseInput
-from ctprep.sources.omniabnorm_files import (
-    SKIP_JSON,
-    _cot_id,
-    _image_size,
-    _jsonl_records,
-    _peek,
-    slice_offset,
-)
+from ctprep.sources.omniabnorm_files import SKIP_JSON, _image_size, _peek, slice_offset
 from ctprep.sources.omniabnorm_labels import DEFAULT_WINDOW, label_vector, parse_window
 
 
@@ -64,14 +58,9 @@ def scan_batches(batches: list[Path], source_name: str) -> tuple[dict[str, CaseI
     quarantined: dict[str, Quarantine] = {}
     replaced: dict[str, list[str]] = {}
     for batch in batches:
-        cot: dict[str, dict[str, Any]] = {}
-        for jl in sorted(batch.glob("*.jsonl")):
-            for rec in _jsonl_records(jl):
-                if _cot_id(rec):
-                    cot[_cot_id(rec)] = rec  # type: ignore[index]
         for rf in _record_files(batch):
             for record in json.loads(rf.read_text(encoding="utf-8")):
-                case, bad = batch_case(batch, record, cot, source_name)
+                case, bad = batch_case(batch, record, source_name)
                 cid = case.case_id if case else bad.case  # type: ignore[union-attr]
                 if cid in found or cid in quarantined:
                     prev = found.get(cid) or quarantined.get(cid)
@@ -90,9 +79,12 @@ def scan_batches(batches: list[Path], source_name: str) -> tuple[dict[str, CaseI
     return found, quarantined
 
 
-def batch_case(batch: Path, record: dict[str, Any], cot: dict[str, dict[str, Any]], source_name: str
-               ) -> tuple[CaseInput | None, Quarantine | None]:
-    """One record of ``batch`` as a case, or the quarantine that says why not."""
+def batch_case(batch: Path, record: dict[str, Any], source_name: str) -> tuple[CaseInput | None, Quarantine | None]:
+    """One record of ``batch`` as a case, or the quarantine that says why not.
+
+    The CoT fields of ``text`` (``steps``, ``cot_findings``, ``cot_impression``) are left empty:
+    the source fills them from every CoT file of the tree (``OmniAbnormSource.scan``).
+    """
     image_rel = str(record.get("image", ""))
     case_id = str(record.get("id") or Path(image_rel).parent.name)
     where = {"batch": batch.name, "image": str(batch / image_rel)}
@@ -130,16 +122,15 @@ def batch_case(batch: Path, record: dict[str, Any], cot: dict[str, dict[str, Any
         window_source = "record"
     except ValueError:
         window, window_source = list(DEFAULT_WINDOW), "default"
-    c = cot.get(case_id, {})
     findings = " ".join(str(a.get("rewritten_findings") or "").strip() for a in abnormalities).strip()
     impression = " ".join(str(a.get("description") or "").strip() for a in abnormalities).strip()
     text = {
         "findings": findings,
         "impression": impression,
         "report": " ".join(t for t in (findings, impression) if t),
-        "steps": list(c.get("steps") or []),
-        "cot_findings": str(c.get("findings") or ""),
-        "cot_impression": str(c.get("impression") or ""),
+        "steps": [],  # CoT fields: filled by the source from all CoT files (same place in the dict:
+        "cot_findings": "",  # the text key hashes the dict in order)
+        "cot_impression": "",
     }
     meta = {
         "modality": record.get("modality", ""),

@@ -1,9 +1,8 @@
 """Reading the files of an OmniAbnorm-CT tree, for both layouts: which kind a JSON file is (from its
-first bytes), CoT JSONL records, JPEG slices and their size (rules: :mod:`ctprep.sources.omniabnorm`)."""
+first bytes), the id a CoT record names, JPEG slices and their size (rules: :mod:`ctprep.sources.omniabnorm`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,25 +35,11 @@ def _image_size(path: Path) -> list[int] | None:
 
 
 def _cot_id(record: dict[str, Any]) -> str | None:
+    """The datum (or case) id a CoT record names, as written."""
     for k in ("id", "case_id", "case", "VolumeName", "name"):
         if record.get(k):
             return str(record[k])
     return None
-
-
-def _jsonl_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; a line that is not JSON (or not UTF-8) only loses itself."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _read_jpeg(path: str) -> np.ndarray:

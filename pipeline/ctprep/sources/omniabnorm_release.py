@@ -16,15 +16,7 @@ from typing import Any
 from ctprep.quarantine import DUPLICATE_CASE, UNREADABLE, UNSAFE_NAME, Quarantine
 from ctprep.schema import is_safe_case_id
 from ctprep.sources.base import CaseInput, is_pipeline_output
-from ctprep.sources.omniabnorm_files import (
-    SKIP_JSON,
-    _cot_id,
-    _first_file,
-    _image_size,
-    _jsonl_records,
-    _peek,
-    slice_offset,
-)
+from ctprep.sources.omniabnorm_files import SKIP_JSON, _first_file, _image_size, _peek, slice_offset
 from ctprep.sources.omniabnorm_labels import (
     DEFAULT_WINDOW,
     abnormality_groups,
@@ -275,7 +267,6 @@ def scan_release(root: Path, source_name: str, image_root: Path | None) -> tuple
             continue
         for datum_id, datum in data.items():
             listings.setdefault(str(datum_id), []).append((file_rank(jf), rel, jf, datum))
-    cot = release_cot(root, files)
     resolver = FolderResolver([root] + ([image_root] if image_root else []), image_root)
     cases: dict[str, CaseInput] = {}
     ids_of_case: dict[str, str] = {}
@@ -301,8 +292,7 @@ def scan_release(root: Path, source_name: str, image_root: Path | None) -> tuple
                                           "object", source_name, {"json": str(jf)}))
             continue
         split = split_from_name(jf.stem) or "train"
-        case, bad = read_datum(datum_id, case_id, datum, jf, plane, split, prov, resolver,
-                               cot.get(datum_id) or cot.get(case_id) or {}, source_name)
+        case, bad = read_datum(datum_id, case_id, datum, jf, plane, split, prov, resolver, source_name)
         if bad is not None:
             quarantined.append(bad)
         else:
@@ -327,16 +317,32 @@ def datum_plane(datum: Any, entries: list[tuple[int, str, Path, Any]]) -> tuple[
     return "axial", "default"
 
 
-def release_cot(root: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
-    """CoT records (``*.jsonl`` at ROOT and beside the JSON files) by id."""
-    cot: dict[str, dict[str, Any]] = {}
-    folders = sorted({root, *(f.parent for f in files)})
+def tree_cot_files(root: Path, folders: list[Path]) -> list[Path]:
+    """The CoT JSONL files of an OmniAbnorm tree, sorted by path relative to ``root``.
+
+    Searched: ``root`` and the folders up to ``MAX_JSON_DEPTH`` below it (as for the release JSON
+    files: a folder with more than ``DATA_FOLDER_SUBDIRS`` subfolders is listed but not descended,
+    ctprep outputs are skipped), which finds a CoT-only delivery folder (``ROOT/cot_2026_01/``),
+    plus ``folders`` (batch folders, the release JSON files' folders, wherever they are).
+    """
+    root = Path(root)
+    seen: set[Path] = set()
+
+    def visit(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        subdirs = [Path(e.path) for e in entries if e.is_dir() and not is_pipeline_output(e.path)]
+        seen.update(Path(e.path) for e in entries if e.name.endswith(".jsonl") and not e.is_dir())
+        if depth < MAX_JSON_DEPTH and len(subdirs) <= DATA_FOLDER_SUBDIRS:
+            for sub in subdirs:
+                visit(sub, depth + 1)
+
+    visit(root, 0)
     for folder in folders:
-        for jl in sorted(folder.glob("*.jsonl")):
-            for rec in _jsonl_records(jl):
-                if isinstance(rec, dict) and _cot_id(rec):
-                    cot[_cot_id(rec)] = rec  # type: ignore[index]
-    return cot
+        seen.update(p for p in folder.glob("*.jsonl") if not p.is_dir())
+    return sorted(seen, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _context_files(context: Any, image_dir: Path, key: Path
@@ -389,9 +395,12 @@ def _mask_files(datum: dict[str, Any], abnormalities: list[dict[str, Any]], reso
 
 
 def read_datum(datum_id: str, case_id: str, datum: dict[str, Any], jf: Path, plane: str, split: str,
-               prov: dict[str, Any], resolver: FolderResolver, cot: dict[str, Any], source_name: str
+               prov: dict[str, Any], resolver: FolderResolver, source_name: str
                ) -> tuple[CaseInput | None, Quarantine | None]:
-    """One datum (the winning listing, from JSON file ``jf``) as a case, or the quarantine that says why not."""
+    """One datum (the winning listing, from JSON file ``jf``) as a case, or the quarantine that says why not.
+
+    The CoT fields of ``text`` are left empty: the source fills them from every CoT file of the tree.
+    """
     where = {"json": str(jf), "image": str(datum.get("image", ""))}
 
     def bad(kind: str, reason: str) -> tuple[None, Quarantine]:
@@ -425,8 +434,7 @@ def read_datum(datum_id: str, case_id: str, datum: dict[str, Any], jf: Path, pla
     except ValueError:
         window, window_source = list(DEFAULT_WINDOW), "default"
     text = release_text(abnormalities, plane)
-    text.update({"steps": list(cot.get("steps") or []), "cot_findings": str(cot.get("findings") or ""),
-                 "cot_impression": str(cot.get("impression") or "")})
+    text.update({"steps": [], "cot_findings": "", "cot_impression": ""})  # filled by the source (in this order)
     meta = {
         "layout": "release",
         "plane": plane,
