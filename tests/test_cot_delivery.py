@@ -181,6 +181,7 @@ def test_cot_option_is_merged_after_the_tree_and_reported(synthetic_ctrate, tmp_
     extra = _write_jsonl(tmp_path / "outside" / "more.jsonl", [
         {"VolumeName": f"{cid}.nii.gz", "steps": [{"step": 1, "text": "From --cot."}]},
         {"VolumeName": "no_such_case.nii.gz", "steps": ["x"]},
+        '{"VolumeName": "broken',
     ])
     runner = CliRunner()
     res = runner.invoke(app, ["status", "--out", str(out), "--cot", str(extra)])
@@ -190,6 +191,7 @@ def test_cot_option_is_merged_after_the_tree_and_reported(synthetic_ctrate, tmp_
                               "--workers", "0", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "1 case id(s) in the --cot files name no case found: no_such_case" in res.output
+    assert res.output.count(f"{extra} line 3: malformed CoT line, skipped: not valid JSON") == 1  # once, not per root
     assert "text: 1 done now" in res.output and "resample: 0 done now" in res.output
     assert _samples(out)[cid]["steps_text"][0] == "From --cot."
     # the recorded config names the file: a plain status and the same build again find nothing to do
@@ -201,7 +203,8 @@ def test_cot_option_is_merged_after_the_tree_and_reported(synthetic_ctrate, tmp_
     res = runner.invoke(app, ["build-shards", "--src", str(src), "--out", str(out), "--workers", "0", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert _samples(out)[cid]["steps_text"][0] == "Tree."
-    res = runner.invoke(app, ["build-shards", "--src", str(src), "--out", str(out), "--cot", str(tmp_path / "nope.jsonl")])
+    res = runner.invoke(app, ["build-shards", "--src", str(src), "--out", str(out),
+                              "--cot", str(tmp_path / "nope.jsonl")])
     assert res.exit_code == 1 and "--cot" in res.output and "no such file" in res.output
 
 
@@ -270,3 +273,29 @@ def test_a_missing_cot_file_is_an_error_naming_it(name, tmp_path):
     cfg = with_cot_files(load_config("demo"), [tmp_path / "gone.jsonl"])
     with pytest.raises(FileNotFoundError, match="gone.jsonl"):
         get_source(name, cfg).scan(tmp_path)
+
+
+def test_one_cot_file_for_two_roots_reports_only_ids_found_under_neither(synthetic_ctrate, tmp_path):
+    from ctprep.sources.cot import delivery_warnings
+
+    ct_root = synthetic_ctrate(cases=4, seed=0)
+    omni_root = tmp_path / "omni"
+    write_omniabnorm(omni_root / "batch_01", cases=2, seed=1, layout="batches")
+    cfg = load_config("demo")
+    ct_src, omni_src = get_source("ctrate", cfg), get_source("omniabnorm", cfg)
+    ct_id = sorted(c.case_id for c in ct_src.scan(ct_root)[0])[0]
+    omni_id = sorted(c.case_id for c in omni_src.scan(omni_root)[0])[0]
+    extra = _write_jsonl(tmp_path / "steps.jsonl", [{"VolumeName": f"{ct_id}.nii.gz", "steps": ["CT step."]},
+                                                   {"id": omni_id, "steps": ["Omni step."]},
+                                                   {"id": "ghost_1", "steps": ["x"]}])
+    cfg = with_cot_files(cfg, [extra])
+    known: set[str] = set()
+    for src, root, cid, first in ((get_source("ctrate", cfg), ct_root, ct_id, "CT step."),
+                                  (get_source("omniabnorm", cfg), omni_root, omni_id, "Omni step.")):
+        cases, quarantined = src.scan(root)
+        known |= {c.case_id for c in cases} | {q.case for q in quarantined}
+        case = next(c for c in cases if c.case_id == cid)
+        assert case.text["steps"][0] == first and case.provenance["cot"]["records"][-1].startswith(str(extra))
+        assert not [p for p in src.problems if "ghost" in p or "no case found" in p]  # the build reports those
+    assert delivery_warnings(cfg, ["ctrate", "omniabnorm"], known) == [
+        "warning: 1 case id(s) in the --cot files name no case found: ghost_1; those records were not used"]

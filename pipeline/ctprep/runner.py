@@ -270,7 +270,8 @@ def _run_scan(srcs, source, config, manifest: Manifest, cluster: Cluster, log, p
         if len(res.problems) > 20:
             log(f"  ... {len(res.problems) - 20} more input problems")
     # --cot files are merged by each source; only the whole build knows which records name no case
-    for line in delivery_warnings(config, {n for _, n in _source_names(srcs, source)}, set(seen) | {q.case for q in scan_q}):
+    known = set(seen) | {q.case for q in scan_q}
+    for line in delivery_warnings(config, {n for _, n in _source_names(srcs, source)}, known):
         log(line)
     cases.sort(key=lambda c: (c.source, c.split, c.case_id))
     return cases, file_hashes, scan_q

@@ -147,16 +147,24 @@ class CotSet:
         cases: case id -> its merged CoT.
         ids_by_file: file label -> the case ids its valid lines name (to report ids that match no case).
         tables: ``{"file", "kind": "cot", "rows"}`` per file read (valid lines).
-        problems: malformed lines and unreadable files, ``"FILE line N: what"``.
+        problems_by_file: file label -> its malformed lines (``"FILE line N: what"``) or why it was not read.
     """
 
     cases: dict[str, MergedCot] = field(default_factory=dict)
     ids_by_file: dict[str, set[str]] = field(default_factory=dict)
     tables: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems_by_file: dict[str, list[str]] = field(default_factory=dict)
 
     def get(self, case_id: str) -> MergedCot | None:
         return self.cases.get(case_id)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every file's problems, in reading order."""
+        return [p for probs in self.problems_by_file.values() for p in probs]
+
+    def problems_of(self, labels: Iterable[str]) -> list[str]:
+        return [p for label in labels for p in self.problems_by_file.get(label, [])]
 
     def ids_of(self, labels: Iterable[str]) -> set[str]:
         out: set[str] = set()
@@ -189,27 +197,31 @@ def read_cot(files: Iterable[tuple[Path, str, str | None]], id_of: Callable[[dic
     """
     out = CotSet()
     for path, label, problem in files:
+        problems = out.problems_by_file.setdefault(label, [])
         if problem is not None:
-            out.problems.append(f"{label} is {problem}: not read")
+            problems.append(f"{label} is {problem}: not read")
             continue
         ids: set[str] = set()
         rows = 0
-        for n, line in _lines(Path(path)):
-            where = f"{label} line {n}"
-            try:
-                if line is None:
-                    raise ValueError("not valid UTF-8")
+        try:
+            for n, line in _lines(Path(path)):
+                where = f"{label} line {n}"
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                rec = parse_cot_record(obj, id_of, where)
-            except ValueError as e:
-                out.problems.append(f"{where}: malformed CoT line, skipped: {e}")
-                continue
-            out.cases.setdefault(rec.case_id, MergedCot()).add(rec)
-            ids.add(rec.case_id)
-            rows += 1
+                    if line is None:
+                        raise ValueError("not valid UTF-8")
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    rec = parse_cot_record(obj, id_of, where)
+                except ValueError as e:
+                    problems.append(f"{where}: malformed CoT line, skipped: {e}")
+                    continue
+                out.cases.setdefault(rec.case_id, MergedCot()).add(rec)
+                ids.add(rec.case_id)
+                rows += 1
+        except OSError as e:  # e.g. no permission: the lines read before it still count
+            problems.append(f"{label}: cannot be read ({e.strerror or e}); the rest of it is not used")
         out.ids_by_file[label] = ids
         out.tables.append({"file": label, "kind": "cot", "rows": rows})
     return out
@@ -233,7 +245,7 @@ def configured_cot_files(config: PipelineConfig | None) -> list[tuple[Path, str,
 
 
 def unknown_ids_note(unknown: set[str], what: str) -> str | None:
-    """``"N CoT records name no case ...: a, b, c (and N-3 more)"`` or None when ``unknown`` is empty."""
+    """``"N case id(s) in WHAT name no case found: a, b, c, d, e (and N-5 more)"``, None when ``unknown`` is empty."""
     if not unknown:
         return None
     shown = sorted(unknown)[:SHOWN_IDS]

@@ -126,8 +126,8 @@ class CtRateTables:
         tree = sorted(((Path(name), Path(name).relative_to(root).as_posix(), problem)
                        for name, problem in listed if name.endswith(".jsonl")), key=lambda f: f[1])
         t.cot = read_cot(tree + list(extra_cot), _cot_case_id)
-        t.problems += t.cot.problems
         t.tree_cot = [label for _, label, problem in tree if problem is None]
+        t.problems += t.cot.problems_of(label for _, label, _ in tree)  # cot.files: reported once per build
         for table in t.cot.tables:
             t.files.append(table["file"])
             t.tables.append(table)

@@ -226,7 +226,8 @@ class OmniAbnormSource(Source):
             case.provenance["cot"] = merged.provenance()
         note = unknown_ids_note(cot.ids_of(label for _, label, _ in tree) - set(found) - set(quarantined),
                                 "the CoT files under this root")
-        self.problems = cot.problems + ([note] if note else [])
+        # cot.files' own problems are reported once per build (ctprep.sources.cot.delivery_warnings)
+        self.problems = cot.problems_of(label for _, label, _ in tree) + ([note] if note else [])
 
     # -------------------------------------------------------------- worker side
     def slab_offsets(self, case: CaseInput) -> list[int]:
