@@ -47,14 +47,30 @@ def test_evaluate_writes_eval_json_and_report(tiny_run):
 
 
 def test_tokenizer_mismatch_is_refused(tiny_run):
-    from ctprep_train.eval.run import check_tokenizer
+    from ctprep_train.data import ShardMismatchError
+    from ctprep_train.eval.run import check_tokenizer, main
 
     enc = tiny_run / "encoder_wrong_tok"
     enc.mkdir(exist_ok=True)
     (enc / "tokenizer.json").write_text(json.dumps({"name": "other", "hash": "f" * 64}))
     index = json.loads((tiny_run / "shards" / "index.json").read_text())
-    with pytest.raises(SystemExit, match="tokenizer mismatch"):
-        check_tokenizer(enc, index)
+    with pytest.raises(ShardMismatchError) as err:
+        check_tokenizer(enc, tiny_run / "shards", index)
+    message = str(err.value)  # both identities named: the shards' and the encoder's
+    assert "index.json" in message and "'other'" in message and "f" * 64 in message
+    assert repr(index["tokenizer"]["name"]) in message and index["tokenizer"]["hash"] in message
+    with pytest.raises(SystemExit, match="^error: .*tokenizer"):  # the command: one line, no traceback
+        main(["--encoder", str(enc), "--shards", str(tiny_run / "shards"), "--out", str(tiny_run / "wrong")])
+
+
+def test_tokenizer_of_another_name_with_the_same_hash_is_accepted(tiny_run):
+    from ctprep_train.eval.run import check_tokenizer
+
+    index = json.loads((tiny_run / "shards" / "index.json").read_text())
+    enc = tiny_run / "encoder_renamed_tok"  # an export's copy of the tokenizer files: another name
+    enc.mkdir(exist_ok=True)
+    (enc / "tokenizer_identity.json").write_text(json.dumps({"name": "/export/tok", "hash": index["tokenizer"]["hash"]}))
+    check_tokenizer(enc, tiny_run / "shards", index)
 
 
 def test_split_reader_sees_every_case_once(tiny_run):

@@ -86,6 +86,22 @@ def test_mismatched_shards_are_refused_with_the_file_named(tmp_path, kwargs, mat
     assert "index.json" in str(err.value)
 
 
+def test_tokenizer_identity_is_the_hash_not_the_name(tmp_path):
+    renamed = {"name": "the same files, exported elsewhere", "hash": TEST_TOKENIZER["hash"]}
+    write_test_shards(tmp_path, {"train": [2]}, tokenizer=renamed)  # index and every meta.json
+    index = D.load_shard_index(tmp_path, EXPECT)  # same hash, another name: accepted
+    batch = next(_train_iter(tmp_path))  # every sample's meta.json is checked too
+    assert len(batch["ids"]) == 2 and index.tokenizer == renamed
+    other = {"name": TEST_TOKENIZER["name"], "hash": "f" * 16}  # same name, other files: refused
+    with pytest.raises(D.ShardMismatchError) as err:
+        D.check_tokenizer("shards/index.json", other, TEST_TOKENIZER)
+    message = str(err.value)
+    assert message.startswith("shards/index.json: tokenizer") and "f" * 16 in message
+    assert TEST_TOKENIZER["hash"] in message and message.count(repr(TEST_TOKENIZER["name"])) == 2
+    with pytest.raises(D.ShardMismatchError, match="no identity"):
+        D.check_tokenizer("shards/index.json", None, TEST_TOKENIZER)
+
+
 def test_sample_level_mismatch_is_refused(tmp_path):
     # index says the right tokenizer, but one shard's samples were made with another
     index = write_test_shards(tmp_path, {"train": [2]})

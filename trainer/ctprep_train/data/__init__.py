@@ -44,6 +44,7 @@ from ctprep_train.data.index import (
     ShardIndex,
     ShardInfo,
     check_identity,
+    check_tokenizer,
     load_shard_index,
     warn_unverified,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "build_train_loader",
     "build_valid_loader",
     "check_identity",
+    "check_tokenizer",
     "collate_samples",
     "crc32",
     "decode_member",

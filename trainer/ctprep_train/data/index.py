@@ -94,17 +94,46 @@ def warn_unverified(shard: ShardInfo) -> None:
                 INDEX_CHECKSUM_KEY)
 
 
+def _describe_tokenizer(identity: Any) -> str:
+    if not isinstance(identity, Mapping):
+        return f"{identity!r} (no identity)"
+    return f"{identity.get('name')!r} (hash {identity.get('hash')})"
+
+
+def check_tokenizer(where: str, found: Any, expected: Mapping[str, str], fix: str = "") -> None:
+    """Refuse a tokenizer identity ``found`` whose hash is not ``expected``'s.
+
+    The identity is the hash of the tokenizer files (``ctprep.tokenizer.tokenizer_files_hash``);
+    the name is informational: the same files copied elsewhere (an export's tokenizer folder) have
+    another name and the same hash, and pass. The trainer (index and every ``meta.json`` against
+    the model's tokenizer) and evaluation (the shards against the encoder's export) both check here.
+
+    Args:
+        where: the file (or sample) ``found`` comes from, for the message.
+        fix: what to do about a mismatch, appended to the message.
+
+    Raises:
+        ShardMismatchError: naming both identities (name and hash).
+    """
+    if isinstance(found, Mapping) and found.get("hash") and found.get("hash") == expected.get("hash"):
+        return
+    raise ShardMismatchError(
+        f"{where}: tokenizer {_describe_tokenizer(found)} != expected {_describe_tokenizer(expected)}; the token "
+        "ids would not match the text encoder's vocabulary" + (f". {fix}" if fix else "")
+    )
+
+
 def check_identity(where: str, found: dict[str, Any], exp: ShardExpectation, tokenizer: dict | None) -> None:
+    """Refuse ``found`` (``index.json`` or a ``meta.json``) of another schema, tokenizer or patch grid.
+
+    Args:
+        tokenizer: the identity to require (the index's, for a sample); None: ``exp.tokenizer``.
+    """
     shards.check_schema_version(where, found.get("schema_version"), exp.schema_version)
-    tok = found.get("tokenizer")
     want = tokenizer if tokenizer is not None else exp.tokenizer
-    if want is not None and (
-        not isinstance(tok, dict) or tok.get("name") != want.get("name") or tok.get("hash") != want.get("hash")
-    ):
-        raise ShardMismatchError(
-            f"{where}: tokenizer {tok} != expected {want}; the token ids would not match the text "
-            "encoder's vocabulary. Rebuild the shards with the model's tokenizer or pick a matching config"
-        )
+    if want is not None:
+        check_tokenizer(where, found.get("tokenizer"), want,
+                        "Rebuild the shards with the model's tokenizer or pick a matching config")
     patch = found.get("patch_size")
     if patch is None or [int(p) for p in patch] != [int(p) for p in exp.patch_size]:
         raise ShardMismatchError(

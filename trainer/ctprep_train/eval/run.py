@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctprep.schema import ABNORMALITY_LABELS
+from ctprep.schema import ABNORMALITY_LABELS, INDEX_FILE
+from ctprep.shards import ShardMismatchError
+from ctprep_train.data import check_tokenizer as check_tokenizer_identity
 from ctprep_train.eval import metrics, pictures
 from ctprep_train.eval.attention_maps import AttentionRecorder, slice_bias_tables
 from ctprep_train.eval.data import batches_by_shape, iter_split, read_index
@@ -90,19 +92,16 @@ def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def check_tokenizer(encoder: Path, index: dict[str, Any]) -> None:
-    """Refuse shards made with another tokenizer than the encoder's text tower."""
+def check_tokenizer(encoder: Path, shards: Path, index: dict[str, Any]) -> None:
+    """Refuse shards made with another tokenizer than the encoder's text tower (same hash = same
+    tokenizer, whatever its name: ``ctprep_train.data.check_tokenizer``)."""
     from ctprep_train.export import read_tokenizer_identity
 
     mine = read_tokenizer_identity(encoder)  # tokenizer_identity.json (or an older export's tokenizer.json)
-    if mine is None:
+    if mine is None:  # an export that recorded no identity: nothing to compare with
         return
-    theirs = index.get("tokenizer", {})
-    if mine.get("hash") and theirs.get("hash") and mine["hash"] != theirs["hash"]:
-        raise SystemExit(
-            f"tokenizer mismatch: encoder {encoder} was trained with {mine.get('name')} ({mine['hash'][:12]}), "
-            f"the shards were tokenized with {theirs.get('name')} ({theirs['hash'][:12]})"
-        )
+    check_tokenizer_identity(str(Path(shards) / INDEX_FILE), index.get("tokenizer"), mine,
+                             f"Evaluate {encoder} on shards made with its tokenizer (the expected one)")
 
 
 @torch.no_grad()
@@ -310,7 +309,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     index = read_index(cfg.shards)
-    check_tokenizer(cfg.encoder, index)
+    check_tokenizer(cfg.encoder, cfg.shards, index)
     device = torch.device(cfg.device)
     model = load_encoder(cfg.encoder, device)
     text_path = getattr(getattr(getattr(model, "cfg", None), "text", None), "path", None)
@@ -389,7 +388,10 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
-    result = evaluate(cfg)
+    try:
+        result = evaluate(cfg)
+    except ShardMismatchError as exc:  # shards this encoder cannot be evaluated on: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
     print(summary_line(result))
     print(f"wrote {cfg.out / 'eval.json'} and {cfg.out / 'report.md'}")
     return result
