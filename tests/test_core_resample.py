@@ -165,3 +165,34 @@ def test_slab_size_only_changes_rounding():
     c = resample_case(vol, None, aff, (1.3, 1.0, 0.8), (20, 24, 22), slab_z=64)
     assert np.abs(a.image.astype(int) - b.image).max() <= 1  # float rounding at .5 only
     np.testing.assert_array_equal(b.image, c.image)  # deterministic for a given config
+
+
+def test_reuse_freed_memory_under_dask_malloc_env():
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every freed 2 MB block is unmapped
+    # and faults in again. Inside reuse_freed_memory() the block is reused; afterwards the environment's
+    # behaviour is back. Counted in page faults of a fresh interpreter (no timing).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, resource, numpy as np
+from ctprep.stages.resample import reuse_freed_memory
+def faults(n=40):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        a = np.empty(2 << 20, np.uint8); a.fill(1); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+before = faults()
+with reuse_freed_memory():
+    inside = faults()
+after = faults()
+print(json.dumps([before, inside, after]))
+"""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    before, inside, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before > 40 * 100  # the environment's policy: fresh pages every time (512 per block, fewer with THP)
+    assert inside < before // 5
+    assert after > inside * 5  # restored

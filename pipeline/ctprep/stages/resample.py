@@ -36,6 +36,7 @@ input with ``slab_z`` 32 needs 0.13 GB of slab; see docs/benchmarks.md for whole
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -237,7 +238,8 @@ def _resample_image_into(out: np.ndarray, vol: np.ndarray, grids: tuple[AxisGrid
                               align_corners=False, recompute_scale_factor=False)[0]
             slab = None  # a is the (smaller) interpolated slab now
         a = a[:, ky, kx].clamp_(lo, hi).round_()
-        out[tz[0] : tz[-1] + 1, py, px] = a.to(torch.int16).numpy()
+        # Straight into the output (integral after round_, so the int16 cast is exact): no int16 temporary.
+        torch.from_numpy(out[tz[0] : tz[-1] + 1, py, px]).copy_(a)
         a = slab = None  # before the next slab is allocated: two slabs are never alive at once
     return zs
 
@@ -254,19 +256,28 @@ def _resample_labels(labels: np.ndarray | None, affine: np.ndarray, grids: tuple
         iz, _ = gz.nearest()
         iy, _ = gy.nearest()
         ix, _ = gx.nearest()
-        iy, ix = iy[py], ix[px]
         if label_lut is None:
             label_lut = np.arange(256, dtype=np.uint8)
-        # A 64k-entry table indexed by the ids' 16-bit pattern: negative or out-of-table ids -> 0,
-        # no per-voxel bounds checks.
-        lut16 = np.zeros(1 << 16, dtype=np.uint8)
-        n = min(len(label_lut), 1 << 15)
-        lut16[:n] = np.asarray(label_lut, dtype=np.uint8)[:n]
         if lab.dtype.itemsize > 2 or lab.dtype.kind == "f":
             lab = np.clip(lab, -1, 1 << 15).astype(np.int16)  # rare: wide label files
+        if lab.dtype.itemsize == 1:
+            lut = np.zeros(256, dtype=np.uint8)  # uint8 / int8 ids index it by their bit pattern
+            n = min(len(label_lut), 128 if lab.dtype.kind == "i" else 256)
+        else:
+            # A 64k-entry table indexed by the ids' 16-bit pattern: negative or out-of-table ids -> 0,
+            # no per-voxel bounds checks.
+            lut = np.zeros(1 << 16, dtype=np.uint8)
+            n = min(len(label_lut), 1 << 15)
+        lut[:n] = np.asarray(label_lut, dtype=np.uint8)[:n]
+        bits = np.uint8 if lab.dtype.itemsize == 1 else np.uint16
+        # Nearest neighbour is index arithmetic: one flat index per output (y, x) into an input
+        # slice, so each output slice is one gather and one table lookup (no float interpolation,
+        # no per-axis temporaries).
+        flat = (iy[py, None] * lab.shape[2] + ix[None, px]).astype(np.intp)
+        picked = np.empty(flat.shape, dtype=bits)
         for t in zs:
-            sl = np.take(np.take(lab[iz[t]], iy, axis=0), ix, axis=1)
-            mask[t, py, px] = lut16[sl] if sl.dtype == np.uint8 else lut16[sl.view(np.uint16)]
+            np.take(np.ascontiguousarray(lab[iz[t]]).view(bits), flat, out=picked, mode="clip")
+            np.take(lut, picked, out=mask[t, py, px], mode="clip")
     return mask
 
 
@@ -342,6 +353,56 @@ def read_case_zarr(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     return group["image"][...], group["mask"][...], dict(group.attrs)
 
 
+# --------------------------------------------------------------------- worker memory
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+CASE_MMAP_THRESHOLD = 32 << 20  # during a case, blocks below this come from the reusable heap
+CASE_TRIM_THRESHOLD = 256 << 20  # ... and freed heap is kept (up to this much at the top) for the next block
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # M_MMAP_THRESHOLD / M_TRIM_THRESHOLD before any tuning
+# Setting any of these turns glibc's adaptive mmap threshold off for the process (mallopt(3)).
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - not glibc (musl, macOS): nothing to tune
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Within one case, let glibc reuse freed blocks below 32 MB instead of unmapping them;
+    give everything free back to the OS (``malloc_trim``) when the case ends.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's
+    mmap threshold at 128 kB: every slab, chunk and codec buffer of a case is then a fresh
+    mapping, and its pages fault in again each time. Measured on a 300 x 512 x 512 case
+    (``ctclip``): 307k page faults and 1.3 s of system time per case, against 5-25k faults and
+    0.15 s with this policy, for ~0.1 GB more peak RSS. The thresholds are restored afterwards
+    (to the ``MALLOC_*_`` environment values, else glibc's 128 kB start values), so the rest of
+    the process keeps the behaviour it asked for. A no-op without glibc, and in a process with no
+    ``MALLOC_*_`` variable: there glibc's adaptive threshold already keeps such blocks.
+    """
+    env = {name: os.environ.get(name, "") for name in MALLOC_ENV}
+    libc = _glibc() if any(env.values()) else None
+    if libc is None:  # no MALLOC_*_ variable: glibc's own adaptive mmap threshold is on and does this
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, CASE_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, CASE_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        for param, name in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+            value = env[name]
+            libc.mallopt(param, int(value) if value.isdigit() else GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+
+
 # --------------------------------------------------------------------- stage
 def _config_slice(c: PipelineConfig) -> dict[str, Any]:
     # slab_z stays in: float rounding of the in-plane interpolation depends (by 1 HU, rarely) on the
@@ -390,9 +451,15 @@ def resample_loaded(case, loaded, source, cfg: PipelineConfig, check: bool = Tru
 def run_resample(task: CaseTask) -> dict[str, Any]:
     """Read (via the case's source), resample, check, write zarr. Returns the manifest info."""
     from ctprep.cluster import pin_threads
-    from ctprep.sources import get_source
 
     pin_threads()  # one native thread per worker process (execute_case has pinned already; direct callers too)
+    with reuse_freed_memory():
+        return _run_resample(task)
+
+
+def _run_resample(task: CaseTask) -> dict[str, Any]:
+    from ctprep.sources import get_source
+
     t0 = time.perf_counter()
     cfg = task.config
     source = get_source(task.case.source, cfg)

@@ -1,9 +1,30 @@
 """Scan stage: find the cases of each source root and fingerprint their inputs (driver side).
 
-``scan_root`` lists a root's cases with its source's ``scan`` and computes a
-content hash of every input file. Hashing is the only costly part: a file
-whose (size, mtime) matches the manifest's cache reuses its hash; new or
-changed files are hashed (on Dask workers when a client is given).
+``scan_root`` lists a root's cases with its source's ``scan`` and fingerprints
+every input file (:func:`fingerprint_file`). A file whose (size, mtime) matches
+the manifest's cache reuses its fingerprint; new or changed files are
+fingerprinted (on Dask workers when a client is given).
+
+Fingerprints
+------------
+The fingerprint stands for the file's content in every stage key, so it must
+change whenever the content does, and it should not change otherwise (a
+``touch``, a copy of the tree elsewhere: nothing reruns).
+
+* A single-member gzip file (every ``.nii.gz`` writer we know: nibabel, dcm2niix,
+  ITK, pigz) larger than 2 MiB: ``gz1:`` + blake2b-128 of its size, its first MiB
+  and its last MiB. The last 8 bytes are gzip's CRC-32 and length of the *whole*
+  inflated content, which the resample stage checks when it reads the file, so
+  any change of the voxels changes the fingerprint (but for a 2**-32 CRC
+  collision at an identical compressed size, head and tail). Scanning reads
+  2 MiB of each volume instead of all of it: the resample stage is then the
+  only full read of an input (one read of ~80 MB per CT-RATE volume, not two;
+  see docs/benchmarks.md for what that is worth per volume).
+* Anything else (``.nii``, CSV, JSON, JPEG, small or multi-member/BGZF gzip,
+  which sets the FEXTRA flag): blake2b-128 of all its bytes (plain hex).
+
+A damaged gzip body with an intact head and tail keeps the fingerprint of the
+content it had; the resample stage quarantines such a file whenever it reads it.
 
 The scan key of a case hashes *all* its CaseInput fields, so ``status`` can
 tell a new case from a changed one; the later stages are keyed only by the
@@ -30,6 +51,7 @@ if TYPE_CHECKING:
     from ctprep.manifest import Manifest
 
 HASH_CHUNK = 1 << 22  # 4 MiB reads
+GZIP_EDGE_BYTES = 1 << 20  # head and tail read for a gzip fingerprint
 
 SCAN = register_stage(StageSpec(
     name="scan",
@@ -50,12 +72,39 @@ def hash_file(path: str) -> str:
     return h.hexdigest()
 
 
+def is_single_member_gzip_head(head: bytes) -> bool:
+    """A gzip header (deflate) without FEXTRA: BGZF and other blocked multi-member writers set
+    FEXTRA, and their last member's trailer does not cover the whole content."""
+    return len(head) >= 10 and head[:3] == b"\x1f\x8b\x08" and not head[3] & 0x04
+
+
+def fingerprint_file(path: str) -> str:
+    """The content fingerprint of one input file (see the module docstring): ``gz1:<hex>`` from the
+    size, head and tail of a single-member gzip file over 2 MiB, else :func:`hash_file`."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(GZIP_EDGE_BYTES)
+        if size <= 2 * GZIP_EDGE_BYTES or not is_single_member_gzip_head(head):
+            h = hashlib.blake2b(head, digest_size=16)
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+        f.seek(size - GZIP_EDGE_BYTES)
+        tail = f.read(GZIP_EDGE_BYTES)
+    if len(tail) != GZIP_EDGE_BYTES:  # shrank while we read it: the next scan sees a new size anyway
+        raise OSError(f"{path} changed size while being fingerprinted")
+    h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16, person=b"ctprep-gz1")
+    h.update(head)
+    h.update(tail)
+    return "gz1:" + h.hexdigest()
+
+
 def hash_files(paths: list[str]) -> list[tuple[str, str | None]]:
-    """(path, hash or None if unreadable) for each path; one Dask task hashes a batch."""
+    """(path, fingerprint or None if unreadable) for each path; one Dask task fingerprints a batch."""
     out = []
     for p in paths:
         try:
-            out.append((p, hash_file(p)))
+            out.append((p, fingerprint_file(p)))
         except OSError:
             out.append((p, None))
     return out
