@@ -208,6 +208,28 @@ def test_cot_option_is_merged_after_the_tree_and_reported(synthetic_ctrate, tmp_
     assert res.exit_code == 1 and "--cot" in res.output and "no such file" in res.output
 
 
+def test_ctrate_volume_delivered_again_in_another_folder_is_the_same_case(synthetic_ctrate, tmp_path):
+    """A volume copied byte for byte into a new delivery folder is one case (nothing reruns; the copy
+    that sorts last is read); a *different* volume under the same name is still a conflict."""
+    src = tmp_path / "ctrate"
+    shutil.copytree(synthetic_ctrate(cases=4, seed=0), src)
+    out = tmp_path / "shards"
+    assert _build([src], out).exit_code == 0
+    vols = sorted(p for p in src.rglob("*.nii.gz") if "masks" not in p.relative_to(src).parts)
+    again = src / "zz_delivery_2" / "train" / vols[0].name
+    again.parent.mkdir(parents=True)
+    shutil.copyfile(vols[0], again)
+    second = _build([src], out)
+    assert second.summary.startswith("ctprep build-shards: nothing to do"), second.summary
+    cid = vols[0].name.removesuffix(".nii.gz")
+    case = next(c for c in get_source("ctrate", load_config("demo")).scan(src)[0] if c.case_id == cid)
+    assert case.provenance["image"] == again.relative_to(src).as_posix()
+    assert len(case.provenance["copies"]) == 2 and "2 identical plain copies" in case.provenance["rule"]
+    shutil.copyfile(vols[1], again)  # other bytes under the same name: a real conflict
+    third = _build([src], out)
+    assert third.scan_quarantined["duplicate_case"] == 1, third.summary
+
+
 # ----------------------------------------------------------------------------- OmniAbnorm
 def test_omniabnorm_redelivered_record_and_cot_only_batch(tmp_path):
     """The same record re-delivered in a new batch folder (same image bytes, no CoT file) reruns

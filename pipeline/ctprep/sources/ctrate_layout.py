@@ -30,7 +30,9 @@ Rules:
   release of a download that has both); else ``plain`` (a layout that is neither).
 * One copy per case is used (:func:`choose_copy`): the only copy; else the one of the
   preferred kind (``ctrate.prefer``: ``fixed`` by default), else the one of the other kind.
-  Two copies of the same kind are a real conflict: quarantined as ``duplicate_case``.
+  Copies of the same kind with identical bytes are one copy (a re-delivery; the path that sorts
+  last is read, all are listed in the case's provenance); two *different* files of the same kind
+  are a real conflict: quarantined as ``duplicate_case``.
 * A case's mask in a tree is the file with the same stem; where a tree holds several (masks
   made for both releases), the one whose kind matches the chosen image wins.
 """
@@ -208,13 +210,49 @@ def walk_layout(root: str | Path, mask_dirs: dict[str, str] | None = None) -> La
     return out
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    import filecmp
+
+    try:  # sizes first: different volumes almost always differ in size, and then nothing is read
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def collapse_identical(copies: list[ImageCopy]) -> tuple[list[ImageCopy], str]:
+    """``copies`` with byte-identical files of the same kind kept once (the path that sorts last:
+    a re-delivery), and a note naming what was collapsed ("" if nothing)."""
+    by_kind: dict[str, list[ImageCopy]] = defaultdict(list)
+    for c in copies:
+        by_kind[c.kind].append(c)
+    kept: list[ImageCopy] = []
+    notes = []
+    for kind, group in by_kind.items():
+        group = sorted(group, key=lambda c: c.rel)
+        last = group[-1]
+        if len(group) > 1 and all(_same_bytes(c.path, last.path) for c in group[:-1]):
+            notes.append(f"{len(group)} identical {kind} copies, {last.rel} read")
+            kept.append(last)
+        else:
+            kept += group
+    return kept, "; ".join(notes)
+
+
 def choose_copy(copies: list[ImageCopy], prefer: str) -> tuple[ImageCopy | None, str]:
     """(the copy to use, the rule that chose it), or (None, why) for a real conflict.
+
+    Copies of one kind with the same bytes are one copy (:func:`collapse_identical`): a volume
+    delivered again in another folder is the same case, not a conflict.
 
     Args:
         copies: every image file found for one case id.
         prefer: "fixed" | "original": the release to take when a case is in both.
     """
+    if len(copies) > 1:
+        kept, note = collapse_identical(copies)
+        if note:
+            chosen, rule = choose_copy(kept, prefer)
+            return chosen, f"{note}; {rule}"
     if len(copies) == 1:
         return copies[0], "only copy"
     by_kind: dict[str, list[ImageCopy]] = defaultdict(list)
