@@ -12,6 +12,10 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
 
 MB/s is always counted in shard-tar bytes per sample so the three are comparable.
 
+``--remote nginx|uvicorn`` adds the loader (1 worker) streaming the same shards from that web
+server on 127.0.0.1 (HTTP Range requests, ``ctprep_train.shard_io``), alternated with the local
+folder; nginx is what a cluster would serve them with, uvicorn + Starlette needs only the [dev] extra.
+
 ``--verify-cost`` adds the price of verified reads (docs/verified-reads.md): the streaming
 loader with one DataLoader worker, checksums verified (the default) and not
 (``ShardExpectation.verify_checksums=False``), measured in alternation, each paired with a raw
@@ -22,6 +26,7 @@ Usage::
     python bench/loader.py                      # defaults: 12 cases, src 120x320x320 -> 64x256x256
     python bench/loader.py --cases 8 --grid 32 128 128 --src 60 160 160 --compress zst
     python bench/loader.py --skip-ctclip --workers 1 --verify-cost
+    python bench/loader.py --skip-ctclip --workers 1 --remote nginx
 """
 
 from __future__ import annotations
@@ -201,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-ctclip", action="store_true", help="only raw read and the streaming loader")
     parser.add_argument("--verify-cost", action="store_true",
                         help="also measure the loader (1 worker) with checksum verification on and off")
+    parser.add_argument("--remote", choices=("nginx", "uvicorn"),
+                        help="also measure the loader (1 worker) reading the shards from this web server on 127.0.0.1 "
+                             "(HTTP Range requests): nginx (apt-get install nginx-light) or uvicorn + Starlette ([dev])")
     return parser.parse_args(argv)
 
 
@@ -298,6 +306,28 @@ class Bench:
         on["vs_off_cpu_s"] = on["cpu_s"] / off["cpu_s"]
         return rows
 
+    def remote_rows(self) -> list[dict]:
+        """The loader with 1 worker reading the same shards from the local folder and from a web
+        server in another process on 127.0.0.1 (ctprep_train.shard_io: HTTP Range requests),
+        measured in alternation; ``vs_local`` is the median of the per-pair ratios."""
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.remote_servers import serve_http_process, serve_nginx
+
+        a = self.args
+        http_name = f"HTTP from {a.remote} on 127.0.0.1"
+        pairs: dict[str, list[tuple[float, float]]] = {"local file": [], http_name: []}
+        serve = serve_nginx if a.remote == "nginx" else serve_http_process
+        with serve(self.inputs["shards"]) as url:
+            for _ in range(a.repeats):
+                raw = self.raw_rate()
+                for name, where in (("local file", self.inputs["shards"]), (http_name, url)):
+                    elapsed, samples = measure_stream(where, 1, a.batch_size, self.n_batches, a.read_threads)
+                    pairs[name].append((raw, samples / elapsed))
+        rows = [self.row(f"stream shards, {name}", 1, p) for name, p in pairs.items()]
+        local, http = ([r for _, r in p] for p in pairs.values())
+        rows[1]["vs_local"] = statistics.median(h / loc for loc, h in zip(local, http))
+        return rows
+
 
 def print_tables(rows: list[dict], verify_rows: list[dict]) -> None:
     print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
@@ -324,11 +354,15 @@ def main(argv: list[str] | None = None) -> dict:
     ctclip = [] if args.skip_ctclip else bench.ctclip_rows()
     rows = ctclip + bench.stream_rows({r["workers"]: r["samples_s"] for r in ctclip})
     verify_rows = bench.verify_rows() if args.verify_cost else []
+    remote_rows = bench.remote_rows() if args.remote else []
     raw_mbs = statistics.median(bench.raw_all)
     rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / bench.per_sample,
                     "mb_s": raw_mbs, "vs_raw": 1.0})
-    rows += verify_rows
+    rows += verify_rows + remote_rows
     print_tables(rows, verify_rows)
+    for r in remote_rows:
+        vs = f", {r['vs_local']:.0%} of the local file's samples/s (paired)" if "vs_local" in r else ""
+        print(f"loader, 1 worker, {r['method']}: {r['samples_s']:.2f} samples/s, {r['mb_s']:.0f} MB/s{vs}")
     result = {"args": vars(args), "bytes_per_sample": bench.per_sample, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -5,6 +5,9 @@
   connections. :class:`Faults` sits in front of it and, when told to, answers the next
   requests with an error status or cuts a response body short (the connection is closed
   mid-body), so the client's retries are tested against a real socket, not a mock.
+* :func:`serve_http_process`: the same server in a process of its own, for the loader
+  benchmark (bench/loader.py ``--remote``).
+* :func:`serve_nginx`: nginx, when installed, for the same benchmark.
 * :func:`serve_plain_http`: the standard library's ``http.server``, which ignores ``Range``
   (answers ``200`` with the whole file): the server the reader must refuse.
 * :func:`serve_s3`: moto's S3 server (``ThreadedMotoServer``), an S3-compatible HTTP endpoint;
@@ -21,6 +24,8 @@ import functools
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -104,19 +109,24 @@ class HTTPServer:
     faults: Faults
 
 
-@contextlib.contextmanager
-def serve_http(root: Path) -> Iterator[HTTPServer]:
-    """Serve ``root`` over HTTP with Range support until the block exits."""
-    import uvicorn
+def static_app(root: Path):
+    """The ASGI app serving the files below ``root`` (Range requests answered with 206)."""
     from starlette.applications import Starlette
     from starlette.routing import Mount
     from starlette.staticfiles import StaticFiles
 
+    # Mounted in an app so that a missing file is a 404 (a bare StaticFiles raises it as a 500).
+    return Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))])
+
+
+@contextlib.contextmanager
+def serve_http(root: Path) -> Iterator[HTTPServer]:
+    """Serve ``root`` over HTTP with Range support, in a thread, until the block exits."""
+    import uvicorn
+
     faults = Faults()
     port = _free_port()
-    # Mounted in an app so that a missing file is a 404 (a bare StaticFiles raises it as a 500).
-    app = Starlette(routes=[Mount("/", app=StaticFiles(directory=str(root)))])
-    config = uvicorn.Config(_faulty(app, faults), host="127.0.0.1", port=port,
+    config = uvicorn.Config(_faulty(static_app(root), faults), host="127.0.0.1", port=port,
                             log_level="critical", access_log=False, lifespan="off", timeout_keep_alive=30)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-http-server", daemon=True)
@@ -127,6 +137,86 @@ def serve_http(root: Path) -> Iterator[HTTPServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_http_process(root: Path) -> Iterator[str]:
+    """Serve ``root`` like :func:`serve_http` from a separate process (no faults); yields the base URL.
+
+    For measurements: the server then does not share the measuring process's interpreter lock.
+    """
+    port = _free_port()
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys, uvicorn; from tests.remote_servers import static_app; "
+            "uvicorn.run(static_app(sys.argv[1]), host='127.0.0.1', port=int(sys.argv[2]), "
+            "log_level='warning', access_log=False, lifespan='off')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)], cwd=repo, env=env)
+    try:
+        _wait_until_up(port, lambda: proc.poll() is None)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+NGINX_CONF = """
+worker_processes 2;
+daemon off;
+user {user};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def serve_nginx(root: Path) -> Iterator[str]:
+    """Serve ``root`` with nginx (Debian's ``nginx-light``: ``apt-get install nginx-light``) from a
+    throw-away configuration; yields the base URL. For the loader benchmark: the web server a
+    cluster would use, fast enough that the client is what is measured."""
+    import getpass
+    import shutil
+    import tempfile
+
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx-light)")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="nginx-") as prefix:
+        conf = Path(prefix) / "nginx.conf"
+        # user: the workers must read the files this user wrote (root would otherwise switch to nobody)
+        conf.write_text(NGINX_CONF.format(user=getpass.getuser(), prefix=prefix, port=port, root=Path(root).resolve()))
+        proc = subprocess.Popen([binary, "-p", prefix, "-c", str(conf), "-e", f"{prefix}/error.log"])
+        try:
+            _wait_until_up(port, lambda: proc.poll() is None)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()  # SIGTERM: fast shutdown of the master and its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @contextlib.contextmanager

@@ -72,7 +72,11 @@ def manifest_path(shards: str | Path) -> Path:
 def read_manifest_config(shards: str | Path) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]:
     """(pipeline config JSON, {stage: code version}, build sources) recorded by ``build-shards``."""
     from ctprep.manifest import Manifest
+    from ctprep_train.shard_io import is_remote
 
+    if is_remote(shards):  # a SQLite file is opened locally, never fetched
+        raise FileNotFoundError(f"{shards}: shards read from a URL; their build manifest is not fetched: "
+                                "pass --pipeline-config PRESET_OR_YAML")
     path = manifest_path(shards)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no build manifest beside the shards (built with --work elsewhere?); "
@@ -177,8 +181,9 @@ def export_metadata(shards: str | Path, index: dict[str, Any] | None = None,
     """
     from ctprep.schema import INDEX_FILE
     from ctprep.shards import read_index_if_present
+    from ctprep_train.shard_io import as_location
 
-    shards = Path(shards)
+    shards = as_location(str(shards))  # a URL stays a string
     if index is None:
         index = read_index_if_present(shards)
         if index is None:

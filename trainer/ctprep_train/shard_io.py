@@ -50,7 +50,7 @@ from ctprep.shards import CorruptMemberError, ShardMismatchError
 
 __all__ = [
     "DEFAULT_RETRY", "REMOTE_SCHEMES", "SCAN_READAHEAD", "RetryPolicy", "ShardFile", "TransientReadError",
-    "is_remote", "join", "open_shard", "read_bytes", "read_index", "read_range", "read_range_into",
+    "as_location", "is_remote", "join", "open_shard", "read_bytes", "read_index", "read_range", "read_range_into",
     "reset_connections",
 ]
 
@@ -92,6 +92,15 @@ def _check_scheme(location: str) -> None:
     if sep and scheme.lower() not in REMOTE_SCHEMES:
         raise ValueError(f"{location}: unsupported scheme {scheme!r}; shards are read from a local path, "
                          f"or from {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+
+
+def as_location(text: str) -> str | Path:
+    """A shard folder given on a command line: a URL stays a string (``Path`` would fold its
+    ``//``), anything else is a local ``Path``."""
+    if is_remote(text):
+        return text
+    _check_scheme(text)
+    return Path(text)
 
 
 def join(root: str | os.PathLike[str], relative: str) -> str:

@@ -27,6 +27,7 @@ import torch
 
 from ctprep.schema import ABNORMALITY_LABELS, INDEX_FILE
 from ctprep.shards import ShardMismatchError
+from ctprep_train import shard_io
 from ctprep_train.data import check_tokenizer as check_tokenizer_identity
 from ctprep_train.eval import metrics, pictures
 from ctprep_train.eval.attention_maps import AttentionRecorder, slice_bias_tables
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     encoder: Path  # folder written by ctprep_train.model.save_pretrained
-    shards: Path  # `ctprep build-shards` output folder (with index.json)
+    shards: Path | str  # `ctprep build-shards` output folder (with index.json), or its http(s):// / s3:// URL
     split: str = "valid"
     out: Path = Path("eval")
     batch_size: int = 4  # cases per forward pass
@@ -92,7 +93,7 @@ def load_encoder(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def check_tokenizer(encoder: Path, shards: Path, index: dict[str, Any]) -> None:
+def check_tokenizer(encoder: Path, shards: Path | str, index: dict[str, Any]) -> None:
     """Refuse shards made with another tokenizer than the encoder's text tower (same hash = same
     tokenizer, whatever its name: ``ctprep_train.data.check_tokenizer``)."""
     from ctprep_train.export import read_tokenizer_identity
@@ -100,7 +101,7 @@ def check_tokenizer(encoder: Path, shards: Path, index: dict[str, Any]) -> None:
     mine = read_tokenizer_identity(encoder)  # tokenizer_identity.json (or an older export's tokenizer.json)
     if mine is None:  # an export that recorded no identity: nothing to compare with
         return
-    check_tokenizer_identity(str(Path(shards) / INDEX_FILE), index.get("tokenizer"), mine,
+    check_tokenizer_identity(shard_io.join(shards, INDEX_FILE), index.get("tokenizer"), mine,
                              f"Evaluate {encoder} on shards made with its tokenizer (the expected one)")
 
 
@@ -363,7 +364,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(prog="python -m ctprep_train.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", type=Path, required=True, help="runs/NAME/encoder (save_pretrained folder)")
-    p.add_argument("--shards", type=Path, required=True, help="shards folder with index.json")
+    p.add_argument("--shards", type=shard_io.as_location, required=True,
+                   help="shards folder with index.json, or its http(s):// or s3:// URL")
     p.add_argument("--split", default="valid")
     p.add_argument("--out", type=Path, required=True, help="output folder for eval.json, report.md, PNGs")
     p.add_argument("--batch-size", type=int, default=4)
