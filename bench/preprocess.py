@@ -38,6 +38,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import subprocess
 import shutil
 import statistics
@@ -409,51 +410,168 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), help="input Z Y X voxels")
     ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7), help="input z y x mm")
     ap.add_argument("--config", default="ctclip", help="pipeline preset for the target grid")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--scaling-cases", type=int, default=4, help="cases per worker-count run (0 = skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every measurement (medians are printed)")
+    ap.add_argument("--cases", type=int, default=4,
+                    help="volumes in the long build-shards run (the short one has 1; marginal = difference / (cases - 1))")
+    ap.add_argument("--quick", action="store_true",
+                    help="small and fast (a test runs it): --shape 40 128 128 --spacing 5 2.8 2.8 --cases 2 "
+                         "--repeats 1, no codec table")
+    ap.add_argument("--codecs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also print the Blosc codec table of the output")
+    ap.add_argument("--scaling-cases", type=int, default=0, help="cases per worker-count run (0 = skip)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     ap.add_argument("--big", action="store_true", help="only the 1024^2 table: time and peak RSS per worker")
     ap.add_argument("--big-shape", type=int, nargs=3, default=BIG_SHAPE, help="--big input Z Y X voxels")
     ap.add_argument("--big-spacing", type=float, nargs=3, default=BIG_SPACING, help="--big input z y x mm")
     ap.add_argument("--big-child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shape, args.spacing, args.cases, args.repeats, args.codecs = QUICK_SHAPE, QUICK_SPACING, 2, 1, False
+    if args.cases < 2:
+        ap.error("--cases must be at least 2 (the marginal time is the difference of two runs)")
+    return args
 
 
-def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> tuple[Path, Path, Path]:
-    """The floor / CT-CLIP / ours table on one phantom; returns (image, mask, our zarr)."""
-    print(f"input {tuple(args.shape)} int16 at {tuple(args.spacing)} mm (z, y, x) -> {cfg.name}: "
-          f"{cfg.resample.shape_zyx} at {cfg.resample.spacing_zyx} mm; 1 thread; median of {args.repeats}",
-          flush=True)
+# --------------------------------------------------------------------- what a user waits for
+QUICK_SHAPE = (40, 128, 128)
+QUICK_SPACING = (5.0, 2.8, 2.8)  # the whole chest in a 358 mm field of view, as at full size
+REPORTS_CSV = "radiology_text_reports/train_reports.csv"
+
+
+def case_tree(root: Path, image: Path, mask: Path, n: int) -> Path:
+    """A CT-RATE tree of ``n`` cases ``train_{i}_a_1`` whose files are hard links to ``image`` /
+    ``mask`` (copies where links fail), plus the reports CSV the source needs. Every case has its
+    own id and paths, so each is fingerprinted, resampled and written on its own."""
+    rows = ["VolumeName,ClinicalInformation_EN,Technique_EN,Findings_EN,Impressions_EN"]
+    for i in range(1, n + 1):
+        rel = Path("train") / f"train_{i}" / f"train_{i}_a" / f"train_{i}_a_1.nii.gz"
+        for src, dst in ((image, root / rel), (mask, root / "masks" / rel)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        rows.append(f"train_{i}_a_1.nii.gz,Not given.,Chest CT.,Lungs clear.,Normal.")
+    (root / REPORTS_CSV).parent.mkdir(parents=True, exist_ok=True)
+    (root / REPORTS_CSV).write_text("\n".join(rows) + "\n")
+    return root
+
+
+def ctprep_command() -> list[str]:
+    """``ctprep`` as installed beside this interpreter (what a user types), else the same app via -c."""
+    script = Path(sys.executable).with_name("ctprep")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from ctprep.cli import app; sys.argv[0] = 'ctprep'; app()"]
+
+
+def build_shards_run(src: Path, out: Path, config: str, n_cases: int) -> dict:
+    """Wall and CPU seconds (this command and every process it started: driver, Dask nanny and
+    worker) of ``ctprep build-shards --stages scan,resample --workers 1`` on a fresh ``out``."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ctprep_command() + ["build-shards", "--src", str(src), "--out", str(out), "--config", config,
+                              "--stages", "scan,resample", "--workers", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = sorted(p.name for p in (out / "work" / "zarr").glob("*.zarr")) if (out / "work" / "zarr").is_dir() else []
+    if proc.returncode != 0 or len(done) != n_cases:
+        raise RuntimeError(f"build-shards on {src} gave exit code {proc.returncode} and {len(done)} of {n_cases} "
+                           f"outputs: {proc.stderr[-2000:]}")
+    return {"wall": wall, "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+            "bytes": sum(f.stat().st_size for f in (out / "work" / "zarr").rglob("*") if f.is_file()) / n_cases,
+            "peak_rss_kb": r1.ru_maxrss}
+
+
+def read_floor_isal(image: Path, mask: Path) -> None:
+    from ctprep.sources.nifti import read_nifti
+
+    read_nifti(image)
+    read_nifti(mask)
+
+
+def measure_all(args: argparse.Namespace, cfg, tmp: Path, image: Path, mask: Path) -> dict:
+    """Every measurement, ``args.repeats`` rounds, interleaved (a load change on a shared machine
+    then hits all of them alike). Returns per-measure lists of (wall, cpu) and the byte counts."""
+    short = case_tree(tmp / "src_1", image, mask, 1)
+    long = case_tree(tmp / f"src_{args.cases}", image, mask, args.cases)
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("floor", "isal", "ctclip", "stage", "cli")}
+    ctclip_bytes = ours_stage = cli_bytes = peak_kb = None
+    for r in range(args.repeats):
+        def one(name, fn):
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = fn()
+            runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            return res
+
+        one("floor", lambda: (floor_read(image), floor_read(mask)))
+        one("isal", lambda: read_floor_isal(image, mask))
+        ctclip_bytes = one("ctclip", lambda: ctclip_way(image, tmp / "ctclip.npz", cfg.resample.spacing_zyx,
+                                                        cfg.resample.shape_zyx))
+        ours_stage = one("stage", lambda: run_ours(ours_task(image, mask, tmp / "ours" / "train_1_a_1.zarr", cfg)))
+        a = build_shards_run(short, tmp / "out_1", args.config, 1)
+        b = build_shards_run(long, tmp / f"out_{args.cases}", args.config, args.cases)
+        runs["cli"].append(((b["wall"] - a["wall"]) / (args.cases - 1), (b["cpu"] - a["cpu"]) / (args.cases - 1)))
+        runs.setdefault("cli_fixed", []).append((a["wall"] - runs["cli"][-1][0], a["cpu"] - runs["cli"][-1][1]))
+        cli_bytes, peak_kb = b["bytes"], b["peak_rss_kb"]
+        print(f"round {r + 1}/{args.repeats}: build-shards {args.cases} volumes {b['wall']:.1f} s, 1 volume "
+              f"{a['wall']:.1f} s (wall)", flush=True)
+    return {"runs": runs, "ctclip_bytes": ctclip_bytes, "stage_info": ours_stage, "cli_bytes": cli_bytes,
+            "peak_rss_kb": peak_kb, "in_bytes": image.stat().st_size + mask.stat().st_size,
+            "stage_zarr": tmp / "ours" / "train_1_a_1.zarr", "cli_zarr": tmp / f"out_{args.cases}" / "work" / "zarr"}
+
+
+def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> dict:
+    """The floor / ISA-L / CT-CLIP / resample stage / ``build-shards`` table on one phantom and
+    the ratios against the targets of issue 20; returns the figures (medians) for callers."""
+    print(f"input {tuple(args.shape)} int16 at {tuple(args.spacing)} mm (z, y, x) + uint8 label map -> "
+          f"{cfg.name}: {cfg.resample.shape_zyx} at {cfg.resample.spacing_zyx} mm; one thread, one Dask worker; "
+          f"median of {args.repeats} rounds; build-shards: marginal per volume between runs of 1 and "
+          f"{args.cases} volumes", flush=True)
     hu, lab = chest_phantom(tuple(args.shape), tuple(args.spacing))
-    image, mask = write_case(tmp / "ctrate", hu, lab, tuple(args.spacing))
+    image, mask = write_case(tmp / "phantom", hu, lab, tuple(args.spacing))
     del hu, lab
-    in_bytes = image.stat().st_size
-    floor_w, floor_t, _ = timed(lambda: floor_read(image), args.repeats)
-    ctclip_w, ctclip_t, ctclip_bytes = timed(lambda: ctclip_way(image, tmp / "ctclip.npz", cfg.resample.spacing_zyx,
-                                                                cfg.resample.shape_zyx), args.repeats)
-    out = tmp / "ours" / "train_1_a_1.zarr"
-    ours_w, ours_t, info = timed(lambda: run_ours(ours_task(image, mask, out, cfg)), args.repeats)
-    ours_bytes = info["bytes"]
-
-    # Ratios use CPU seconds: everything here is single-threaded, and on a shared machine wall
-    # time also counts other people's work; wall medians are printed beside them.
+    m = measure_all(args, cfg, tmp, image, mask)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in m["runs"].items()}
+    floor_w, floor_c = med["floor"]
+    rows = [("floor: nibabel int16 read (`dataobj`), image + mask", "floor"),
+            ("ISA-L read (`ctprep.sources.nifti.read_nifti`), image + mask", "isal"),
+            ("CT-CLIP way: float64 `get_fdata`, torch trilinear, `np.savez` (image only)", "ctclip"),
+            ("resample stage in process (`execute_case`), image + mask", "stage"),
+            ("**`ctprep build-shards --stages scan,resample --workers 1`**, marginal per volume", "cli")]
     print()
-    print("| method | CPU s / volume | wall s | x floor (CPU) | output bytes | output vs CT-CLIP |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| floor: nibabel int16 read | {floor_t:.2f} | {floor_w:.2f} | 1.00 | - | - |")
-    print(f"| CT-CLIP way (float64, interpolate, np.savez) | {ctclip_t:.2f} | {ctclip_w:.2f} | "
-          f"{ctclip_t / floor_t:.2f} | {ctclip_bytes / 1e6:.1f} MB (image) | 1.00 |")
-    print(f"| ours (resample stage: image + mask -> zarr) | {ours_t:.2f} | {ours_w:.2f} | {ours_t / floor_t:.2f} | "
-          f"{ours_bytes / 1e6:.1f} MB (image + mask) | {ours_bytes / ctclip_bytes:.3f} |")
+    print("| per volume | wall s | CPU s | wall / floor | CPU / floor |")
+    print("|---|---:|---:|---:|---:|")
+    for label, key in rows:
+        w, c = med[key]
+        print(f"| {label} | {w:.2f} | {c:.2f} | {w / floor_w:.2f} | {c / floor_c:.2f} |")
+    fixed_w, fixed_c = med["cli_fixed"]
+    cli_w, cli_c = med["cli"]
+    ct_w, ct_c = med["ctclip"]
+    out_ratio = m["cli_bytes"] / m["ctclip_bytes"]
     print()
-    print(f"ours vs CT-CLIP way: {ctclip_t / ours_t:.2f}x less CPU ({ctclip_w / ours_w:.2f}x wall); input .nii.gz "
-          f"{in_bytes / 1e6:.1f} MB; last run split (wall): read {info['seconds_read']}s, resample "
-          f"{info['seconds_resample']}s, write {info['seconds_write']}s")
-    targets = [("ours <= 2.5x floor", ours_t <= 2.5 * floor_t),
-               ("ours >= 2x faster than CT-CLIP", ctclip_t >= 2 * ours_t),
-               ("output <= 1/4 of CT-CLIP bytes", ours_bytes <= ctclip_bytes / 4)]
-    print("targets: " + "; ".join(f"{n}: {'met' if ok else 'MISSED'}" for n, ok in targets), flush=True)
-    return image, mask, out
+    print(f"build-shards fixed cost per run (start-up, Dask cluster, scan listing): {fixed_w:.1f} s wall, "
+          f"{fixed_c:.1f} s CPU; output {m['cli_bytes'] / 1e6:.1f} MB per volume (image + mask zarr), CT-CLIP "
+          f"{m['ctclip_bytes'] / 1e6:.1f} MB (image npz); input {m['in_bytes'] / 1e6:.1f} MB .nii.gz; largest "
+          f"process peak RSS {m['peak_rss_kb'] / 1e6:.2f} GB (the Dask worker)")
+    info = m["stage_info"]
+    print(f"resample stage split, last in-process run (wall): read {info['seconds_read']} s, resample "
+          f"{info['seconds_resample']} s, write {info['seconds_write']} s")
+    targets = [("build-shards wall / nibabel floor wall", cli_w / floor_w, "<= 1.5", cli_w <= 1.5 * floor_w),
+               ("CT-CLIP way wall / build-shards wall", ct_w / cli_w, ">= 3", ct_w >= 3 * cli_w),
+               ("build-shards CPU / nibabel floor CPU", cli_c / floor_c, "(<= 1.5)", cli_c <= 1.5 * floor_c),
+               ("CT-CLIP way CPU / build-shards CPU", ct_c / cli_c, "(>= 3)", ct_c >= 3 * cli_c),
+               ("output bytes / CT-CLIP bytes", out_ratio, "<= 0.25", out_ratio <= 0.25)]
+    print()
+    print("| ratio | value | target | |")
+    print("|---|---:|---|---|")
+    for name, value, target, ok in targets:
+        print(f"| {name} | {value:.2f} | {target} | {'met' if ok else 'MISSED'} |")
+    sys.stdout.flush()
+    return {"median": med, "ratios": {name: value for name, value, _, _ in targets}, **m}
 
 
 def print_codec_table(out: Path) -> None:
@@ -479,11 +597,11 @@ def print_scaling_table(image: Path, mask: Path, tmp: Path, cfg, cases: int) -> 
     print(f"| 2 | {two:.2f} | {one / two:.2f} |")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     if args.big_child:
         print(json.dumps(big_child(json.loads(args.big_child))))
-        return
+        return None
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="ctprep_bench_"))
@@ -491,11 +609,15 @@ def main() -> None:
     try:
         if args.big:
             big_table(args, tmp)
-            return
-        image, mask, out = print_method_table(args, cfg, tmp)
-        print_codec_table(out)
+            return None
+        result = print_method_table(args, cfg, tmp)
+        if args.codecs:
+            print_codec_table(result["stage_zarr"])
         if args.scaling_cases:
+            image = tmp / "phantom" / "train/train_1/train_1_a/train_1_a_1.nii.gz"
+            mask = tmp / "phantom" / "masks/train/train_1/train_1_a/train_1_a_1.nii.gz"
             print_scaling_table(image, mask, tmp, cfg, args.scaling_cases)
+        return result
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
