@@ -357,3 +357,62 @@ def test_collate_drops_region_anchors_of_a_case_without_mask():
     assert batch["region_has_text"][0].all()
     assert not batch["region_has_text"][1].any()
     assert batch["meta"][1]["has_mask"] is False
+
+
+def _masks_and_anchors(root: Path, batches: int, **kw) -> list[dict]:
+    it = _train_iter(root, batch_size=3, buffer_size=2, **kw)
+    return [next(it) for _ in range(batches)]
+
+
+def test_mask_dropout_zero_leaves_every_sample_as_packed(tmp_path):
+    write_test_shards(tmp_path, {"train": [5, 4]}, compress=())
+    plain = _masks_and_anchors(tmp_path, 3)
+    zero = _masks_and_anchors(tmp_path, 3, mask_dropout=0.0)
+    refs = {r.key: r for p in sorted((tmp_path / "train").glob("*.tar")) for r in D.scan_tar(str(p))[0]}
+    for a, b in zip(plain, zero):
+        assert a["ids"] == b["ids"]
+        for key in ("mask", "regions", "region_has_text"):
+            assert torch.equal(a[key], b[key])
+        for i, key in enumerate(b["ids"]):
+            packed = D.decode_sample(refs[key], EXPECT, TEST_TOKENIZER)
+            np.testing.assert_array_equal(b["mask"][i].numpy(), np.asarray(packed["mask"]))
+            assert b["meta"][i]["has_mask"] is True and "mask_dropout" not in b["meta"][i]
+
+
+def test_mask_dropout_one_makes_every_sample_a_case_without_mask(tmp_path):
+    write_test_shards(tmp_path, {"train": [5, 4]})
+    for batch in _masks_and_anchors(tmp_path, 3, mask_dropout=1.0):
+        assert batch["mask"].shape == (3, 8, 32, 32) and batch["mask"].dtype == torch.uint8
+        assert not batch["mask"].any()  # all background
+        assert (batch["regions"][..., 0] == 1).all() and not batch["regions"][..., 1:].any()
+        assert not batch["region_has_text"].any()  # region anchors dropped, as for has_mask: false
+        assert all(m["has_mask"] is False and m["mask_dropout"] is True for m in batch["meta"])
+        assert batch["image"].abs().sum() > 0  # the image itself is untouched
+
+
+def test_mask_dropout_half_drops_about_half_deterministically_per_global_batch(tmp_path):
+    rows = np.concatenate([D.mask_dropout_rows(0.5, 7, k, 4) for k in range(1000)])
+    assert 0.47 < rows.mean() < 0.53  # 4000 draws: the binomial sd is 0.008
+    assert not D.mask_dropout_rows(0.0, 7, 0, 4).any()
+    write_test_shards(tmp_path, {"train": [6, 6]})
+    batches = _masks_and_anchors(tmp_path, 8, mask_dropout=0.5, seed=7)
+    again = _masks_and_anchors(tmp_path, 8, mask_dropout=0.5, seed=7)
+    dropped = []
+    for k, (batch, same) in enumerate(zip(batches, again)):
+        assert batch[D.BATCH_STATS_KEY]["batch"] == k
+        rows = [not m["has_mask"] for m in batch["meta"]]
+        assert rows == D.mask_dropout_rows(0.5, 7, k, 3).tolist()  # drawn from (seed, global batch)
+        assert torch.equal(batch["mask"], same["mask"]) and rows == [not m["has_mask"] for m in same["meta"]]
+        for i, gone in enumerate(rows):
+            assert bool(batch["mask"][i].any()) != gone and bool(batch["region_has_text"][i].any()) <= (not gone)
+        dropped += rows
+    assert 0 < sum(dropped) < len(dropped)
+
+
+def test_mask_dropout_must_be_a_probability():
+    from ctprep_train.config import ConfigError, load_config
+
+    assert load_config(None).data.mask_dropout == 0.0
+    assert load_config(None, ["data.mask_dropout=0.25"]).data.mask_dropout == 0.25
+    with pytest.raises(ConfigError, match="mask_dropout"):
+        load_config(None, ["data.mask_dropout=1.5"])

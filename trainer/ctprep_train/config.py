@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctprep.schema import SCHEMA_VERSION
 from ctprep.typed_config import ConfigError, apply_override, from_dict, read_yaml_chain
 
 __all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deepspeed_config"]
@@ -47,13 +48,18 @@ class DataConfig:
     read_threads: int = 2
     seed: int = 0  # one seed on every rank: shard order, buffer, source choice
     pin_memory: bool = True  # used only when a CUDA device is present
-    schema_version: int = 2  # refuse shards written with another ctprep.schema.SCHEMA_VERSION
+    # refuse shards of another schema version (default: the installed ctprep.schema.SCHEMA_VERSION)
+    schema_version: int = SCHEMA_VERSION
     # Tokenizer identity the shards must carry: "model" = the model's text tower tokenizer
     # (ctprep.tokenizer.tokenizer_identity of model text.path), "index" = whatever index.json says
     # (only checks that all shards agree), or an explicit {"name": ..., "hash": ...}.
     tokenizer: Any = "model"
     patch_size: list[int] = field(default_factory=lambda: [4, 16, 16])  # (z, y, x) voxels
     valid_max_samples: int = 256  # cap on validation samples (0 = all)
+    # Probability, per training sample, that its anatomy mask is replaced by all background (the
+    # case then looks like one packed with has_mask: false: region anchors dropped), so that a
+    # scan without a mask is in distribution at inference (ctprep_train.data.mask_dropout).
+    mask_dropout: float = 0.0
 
 
 @dataclass
@@ -183,6 +189,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"augment.zoom must be in [0, 0.5), got {aug.zoom}")
     if cfg.data.read_threads < 1:
         raise ConfigError("data.read_threads must be >= 1")
+    if not 0.0 <= cfg.data.mask_dropout <= 1.0:
+        raise ConfigError(f"data.mask_dropout must be a probability in [0, 1], got {cfg.data.mask_dropout}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ The modules, in the order data flows:
    volumes unread (``LazyNpy``, ``CompressedNpy``) until they are written into the batch.
 4. ``collate``: ``collate_samples`` stacks samples into the batch contract.
 5. ``streams``: ``TrainBatches`` (endless, shuffled, equal steps per rank, sources mixed per
-   batch) and ``ValidBatches`` (every validation sample once over all ranks).
+   batch; ``mask_dropout`` makes some samples mask-free) and ``ValidBatches`` (every validation
+   sample once over all ranks).
 6. ``loaders``: ``BatchLoader`` and the ``build_*_loader`` functions the trainer calls.
 
 Every public name is importable from ``ctprep_train.data``. Tuning constants
@@ -55,6 +56,7 @@ from ctprep_train.data.loaders import (
     expectation_from_config,
     samples_per_epoch,
 )
+from ctprep_train.data.mask_dropout import drop_mask, mask_dropout_rows
 from ctprep_train.data.streams import (
     BATCH_STATS_KEY,
     SourceSchedule,
@@ -102,8 +104,10 @@ __all__ = [
     "decode_member",
     "decode_npy",
     "decode_sample",
+    "drop_mask",
     "expectation_from_config",
     "load_shard_index",
+    "mask_dropout_rows",
     "member_field",
     "pread_into",
     "read_member",

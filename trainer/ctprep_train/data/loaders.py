@@ -146,6 +146,7 @@ def build_train_loader(
         expect=expect,
         tokenizer=index.tokenizer,
         start_batch=start_batch,
+        mask_dropout=data_cfg.mask_dropout,
     )
     return _loader(
         dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor, data_cfg.seed, data_cfg.read_threads

@@ -30,6 +30,7 @@ from ctprep.shards import CorruptMemberError
 from ctprep_train.data.collate import collate_samples
 from ctprep_train.data.decode import CorruptVolumeError, decode_sample
 from ctprep_train.data.index import ShardExpectation, ShardInfo, warn_unverified
+from ctprep_train.data.mask_dropout import drop_mask, mask_dropout_rows
 from ctprep_train.data.tar import SampleRef, scan_tar
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,8 @@ class TrainBatches(IterableDataset):
         shards: source -> shard list (the whole split, not pre-split by rank).
         weights: source -> sampling weight.
         start_batch: micro-batches this rank already consumed (resume position).
+        mask_dropout: probability that a sample's anatomy mask is replaced by background
+            (``ctprep_train.data.mask_dropout``).
     """
 
     def __init__(
@@ -207,12 +210,13 @@ class TrainBatches(IterableDataset):
         expect: ShardExpectation,
         tokenizer: dict[str, str],
         start_batch: int = 0,
+        mask_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.shards, self.schedule = shards, SourceSchedule(weights, seed)
         self.batch_size, self.buffer_size, self.seed = batch_size, buffer_size, seed
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self.expect, self.tokenizer = expect, tokenizer
+        self.expect, self.tokenizer, self.mask_dropout = expect, tokenizer, mask_dropout
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -233,6 +237,9 @@ class TrainBatches(IterableDataset):
         while True:
             source = self.schedule(k)
             samples = streams[source].next_batch(self.batch_size)
+            dropped = mask_dropout_rows(self.mask_dropout, self.seed, k, len(samples))
+            for i in np.flatnonzero(dropped):
+                drop_mask(samples[i])
             while True:
                 try:
                     batch = collate_samples(samples, small_as_numpy=True)
@@ -242,6 +249,8 @@ class TrainBatches(IterableDataset):
                     bad = samples[exc.index]
                     log.warning("skipping corrupt sample %s in %s: %s", bad["__key__"], bad.get("__shard__"), exc)
                     samples[exc.index] = streams[source].next_sample()
+                    if dropped[exc.index]:
+                        drop_mask(samples[exc.index])
             batch[BATCH_STATS_KEY] = {"corrupt": counter.take(), "source": source, "batch": k}
             yield batch
             k += workers
