@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +61,20 @@ def run_case_stages(work: Path, case: CaseInput, seed: int, cfg) -> dict[str, St
     r_task = CaseTask("regions", case, f"g{seed}", str(work / "regions" / f"{case.case_id}.npy"), str(work), cfg, ups)
     run_regions(r_task)
     ups["regions"] = StageOutput(r_task.output_path, key=r_task.key)
-    t_key = f"t{seed}-{stable_hash(text_config_slice(cfg))}"
+    t_key = f"t{seed}-{stable_hash([text_config_slice(cfg), case.text])}"
     t_task = CaseTask("text", case, t_key, str(work / "text" / case.case_id), str(work), cfg, {})
     run_text(t_task)
     ups["text"] = StageOutput(t_task.output_path, key=t_key)
     return ups
+
+
+def with_cot_edit(case: CaseInput, note: str = "edited") -> CaseInput:
+    """The case with its first CoT step rewritten (a CoT delivery that replaces step 1)."""
+    steps = [dict(s) for s in case.text["steps"]]
+    for s in steps:
+        if s["step"] == 1:
+            s["text"] = f"{s['text']} ({note})"
+    return dataclasses.replace(case, text={**case.text, "steps": steps})
 
 
 def aggregate_task(work: Path, out: Path, cfg, entries, manifest: dict | None = None) -> AggregateTask:

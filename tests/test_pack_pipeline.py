@@ -10,6 +10,8 @@ import pytest
 
 from ctprep.config import load_config
 from ctprep.runner import build
+from ctprep.schema import TRUNCATION_KEYS
+from ctprep.shards import live_shard_urls
 from ctprep.stages.pack import check_index, read_index, tar_sample_keys
 from ctprep.tokenizer import default_tokenizer_dir
 
@@ -34,6 +36,12 @@ def shard_files(out):
 def listed_keys(out):
     index = read_index(out)
     return [k for entries in index["splits"].values() for e in entries for k in tar_sample_keys(out / e["path"])]
+
+
+def live_keys(out):
+    index = read_index(out)
+    return [k for entries in index["splits"].values() for e in entries for k in tar_sample_keys(out / e["path"])
+            if k not in e.get("superseded", [])]
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +134,28 @@ def test_changed_case_supersedes_its_sample(data, tmp_path):
     records = json.loads((src / "batch_01" / "records.json").read_text())
     records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
     (src / "batch_01" / "records.json").write_text(json.dumps(records))
+    before = shard_files(out)
     report = run([src], out)
-    # the changed case reruns text (its findings changed) and pack; its shard-mates are re-homed
-    assert ran(report) == {"resample": 0, "regions": 0, "text": 1, "pack": 3}
+    # the changed case reruns text (its findings changed) and pack, for it alone
+    assert ran(report) == {"resample": 0, "regions": 0, "text": 1, "pack": 1}
     index = read_index(out)
-    assert [r["path"] for r in index["retired"]] == [e["path"] for e in old]
-    assert sorted(listed_keys(out)) == sorted(r["id"] for r in records) and check_index(out) == []
+    changed = records[0]["id"]
+    kept, new = index["splits"]["train"][: len(old)], index["splits"]["train"][len(old):]
+    assert [e["path"] for e in kept] == [e["path"] for e in old] and index["retired"] == []
+    assert [e.get("superseded", []) for e in kept] == [[changed] if changed in e["cases"] else [] for e in old]
+    assert [list(e["cases"]) for e in new] == [[changed]] and new[0]["generation"] == 2
+    assert {p: v for p, v in shard_files(out).items() if p in before} == before  # old files untouched
+    assert index["generations"][-1]["superseded"] == {e["path"]: [changed] for e in old if changed in e["cases"]}
+    assert sorted(live_keys(out)) == sorted(r["id"] for r in records) and check_index(out) == []
+    # plain webdataset with the tombstone filter: every case once, the changed one with its new text
+    wds = pytest.importorskip("webdataset")
+    urls, live = live_shard_urls(out, "train")
+    seen = {s["__key__"]: s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).select(live).decode()}
+    assert sorted(seen) == sorted(r["id"] for r in records)
+    assert "It has grown." in seen[changed]["report_text"]
+    cut, max_steps = seen[changed]["truncated"], load_config("demo").text.max_steps
+    assert sorted(cut) == sorted(TRUNCATION_KEYS) and all(type(v) is int and v >= 0 for v in cut.values())
+    assert cut["steps_dropped"] == 0 or len(seen[changed]["steps_text"]) == max_steps
 
 
 def test_run_with_one_source_root_keeps_the_other_roots_shards(data, tmp_path):
@@ -156,3 +180,17 @@ def test_summary_counts_reports_cut_by_max_len(data, tmp_path):
     # the demo preset keeps every synthetic report whole
     whole = run([data / "ctrate"], tmp_path / "whole")
     assert whole.tallies["text"].done == 3 and "reports cut" not in whole.summary
+
+
+def test_steps_cut_by_max_steps_are_counted_in_the_summary_and_the_samples(data, tmp_path):
+    wds = pytest.importorskip("webdataset")
+    cfg = load_config("demo")
+    cfg.text.max_steps = 1
+    out = tmp_path / "shards"
+    report = run([data / "omni" / "batch_01"], out, cfg)
+    urls, live = live_shard_urls(out, "train")
+    metas = [s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).select(live).decode()]
+    dropped = sum(m["truncated"]["steps_dropped"] for m in metas)
+    assert len(metas) == 3 and all(len(m["steps_text"]) <= 1 for m in metas) and dropped > 0
+    assert report.tallies["text"].notes["CoT steps dropped at text.max_steps"] == dropped
+    assert f"{dropped} CoT steps dropped at text.max_steps" in report.summary

@@ -1,4 +1,4 @@
-"""pack: deterministic shards readable without project code, index consistency, generations."""
+"""pack: deterministic shards readable without project code, index consistency, generations, tombstones."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from ctprep.schema import NPY_MEMBERS, META_KEYS, strip_compression
+from ctprep.shards import superseded_keys, with_superseded
 from ctprep.stages.pack import check_index, read_index, run_pack, tar_sample_keys
 from tests.pack_helpers import aggregate_task, make_case, record, run_case_stages, small_config
 
@@ -107,20 +108,46 @@ def test_new_batch_appends_a_generation_and_changed_case_supersedes(tmp_path):
         assert (out / p).read_bytes() == data and (out / p).stat().st_mtime_ns == mtimes[p]
     assert check_index(out) == []
 
-    # A changed case (o2 re-processed) supersedes its sample: its shard is retired, its
-    # shard-mate o1 is re-homed, and no case is listed twice.
+    # A changed case (o2 re-processed) supersedes its sample: the new one goes into generation 3,
+    # the old one is tombstoned in its shard, which stays listed and untouched with o1 live in it.
     changed = [(c, dict(u)) for c, u in batch1 + batch2]
     changed[1][1]["regions"].key = "changed"
     results = run_pack(aggregate_task(tmp_path / "work", out, cfg, changed, manifest))
-    assert sorted(r.case_id for r in results) == ["o1", "o2"]
+    assert sorted(r.case_id for r in results) == ["o2"]
+    record(manifest, results)
     third = read_index(out)
-    listed = [e["path"] for e in third["splits"]["train"]]
-    assert before and list(before)[0] not in listed and list(before)[1] in listed
-    assert third["retired"] == [{"path": list(before)[0], "generation": 3}]
-    assert (out / list(before)[0]).read_bytes() == before[list(before)[0]]  # retired file untouched
-    keys = [k for p in listed for k in tar_sample_keys(out / p)]
-    assert sorted(keys) == [f"o{i}" for i in range(1, 8)]
+    first_shard = list(before)[0]
+    assert third["splits"]["train"][:4] == [with_superseded(second["splits"]["train"][0], ["o2"])] + second["splits"]["train"][1:]
+    assert third["splits"]["train"][4]["cases"].keys() == {"o2"} and third["splits"]["train"][4]["generation"] == 3
+    assert third["retired"] == [] and third["generations"][-1]["superseded"] == {first_shard: ["o2"]}
+    for p, data in before.items():
+        assert (out / p).read_bytes() == data and (out / p).stat().st_mtime_ns == mtimes[p]
+    assert sorted(live(out)) == [f"o{i}" for i in range(1, 8)]
     assert check_index(out) == []
+
+    # o1 changes too: nothing live is left in the first shard, so it is retired (file kept).
+    changed[0][1]["regions"].key = "changed"
+    results = run_pack(aggregate_task(tmp_path / "work", out, cfg, changed, manifest))
+    assert sorted(r.case_id for r in results) == ["o1"]
+    fourth = read_index(out)
+    assert first_shard not in [e["path"] for e in fourth["splits"]["train"]]
+    assert fourth["retired"] == [{"path": first_shard, "generation": 4}] and (out / first_shard).is_file()
+    assert sorted(live(out)) == [f"o{i}" for i in range(1, 8)] and check_index(out) == []
+
+
+def test_a_gone_case_is_tombstoned_and_its_shard_mates_stay(tmp_path):
+    cfg = small_config(shard_max_samples=3)
+    out = tmp_path / "shards"
+    entries = build(tmp_path, cfg, [("g1", 1), ("g2", 2), ("g3", 3)])
+    manifest = record({}, run_pack(aggregate_task(tmp_path / "work", out, cfg, entries)))
+    shard = read_index(out)["splits"]["train"][0]
+    data = (out / shard["path"]).read_bytes()
+    task = aggregate_task(tmp_path / "work", out, cfg, [entries[0], entries[2]], manifest)
+    task.dropped, task.gone = ["g2"], frozenset({"g2"})
+    assert run_pack(task) == []  # nothing to write
+    index = read_index(out)
+    assert index["splits"]["train"] == [with_superseded(shard, ["g2"])] and (out / shard["path"]).read_bytes() == data
+    assert sorted(live(out)) == ["g1", "g3"] and check_index(out) == []
 
 
 def test_check_index_catches_tampering(tmp_path):
@@ -207,3 +234,8 @@ def test_a_bad_case_is_quarantined_and_the_rest_packed(tmp_path):
 
 def listed(out):
     return [k for e in read_index(out)["splits"]["train"] for k in tar_sample_keys(out / e["path"])]
+
+
+def live(out):
+    return [k for e in read_index(out)["splits"]["train"] for k in tar_sample_keys(out / e["path"])
+            if k not in superseded_keys(e)]

@@ -105,9 +105,28 @@ def test_truncation_and_no_steps(tok):
         max_len_step=16, max_len_region=8, max_steps=4, no_finding_text="No significant abnormality.",
     )
     assert int(arrays["report_len"]) == 20
-    assert meta["truncated"] == {"report": 1, "steps": 0, "regions": 1}  # the lung region text is long too
+    assert meta["texts_cut"] == {"report": 1, "steps": 0, "regions": 1}  # the lung region text is long too
+    body = len(tok.tokenizer(long, add_special_tokens=False)["input_ids"])  # 5 tokens a sentence
+    assert body == 250
+    # [CLS] + 18 + [SEP] kept of the report; the lung region sentence group is the same 50 sentences
+    assert meta["truncated"] == {"steps_dropped": 0, "report_tokens": body - 18, "step_tokens": 0,
+                                 "region_tokens": body - 6}
     assert squash(long).startswith(squash(decode_ids(tok, arrays["report_ids"], 20)))
     assert arrays["steps_ids"].shape == (0, 16) and arrays["steps_len"].shape == (0,)
+
+
+def test_steps_beyond_max_steps_are_counted_not_silently_dropped(tok):
+    steps = [{"step": i, "text": f"Step {i}: look at region {i}."} for i in range(6, 0, -1)]
+    arrays, meta = tokenize_case_text(
+        {"findings": "No nodule.", "impression": "", "steps": steps}, tok, REGIONS, KEYWORDS, max_len_report=32,
+        max_len_step=6, max_len_region=16, max_steps=4, no_finding_text="No significant abnormality.",
+    )
+    assert meta["steps_text"] == [f"Step {i}: look at region {i}." for i in (1, 2, 3, 4)]  # the first 4 by number
+    per_step = [len(tok.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in meta["steps_text"]]
+    assert arrays["steps_ids"].shape == (4, 6) and (arrays["steps_len"] == 6).all()
+    assert meta["truncated"] == {"steps_dropped": 2, "report_tokens": 0, "step_tokens": sum(n - 4 for n in per_step),
+                                 "region_tokens": 0}
+    assert meta["texts_cut"] == {"report": 0, "steps": 4, "regions": 0}
 
 
 def test_truncation_counts_only_texts_over_the_limit(tok):

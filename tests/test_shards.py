@@ -115,3 +115,27 @@ def test_the_text_stage_writes_exactly_the_schema_text_members(tmp_path):
     written = {p.name for p in (tmp_path / "text" / "t_1").iterdir()}
     assert written == {f"{m}.npy" for m in schema.TEXT_MEMBERS} | {TEXT_META_FILE}
     assert meta["steps_text"] == ["Look at the lungs.", "Measure it: 3 mm."]
+
+
+def test_tombstones_skip_a_key_only_in_the_shard_that_supersedes_it(tmp_path):
+    old = shards.shard_entry("train/a-g0001-00000.tar", 3, 100, "x", "ctrate", 1, {"c1": 1, "c2": 2, "c3": 3},
+                             {"c1": "k1", "c2": "k2", "c3": "k3"})
+    new = shards.shard_entry("train/a-g0002-00000.tar", 1, 50, "y", "ctrate", 2, {"c2": 4}, {"c2": "k2b"})
+    old = shards.with_superseded(old, ["c2"])
+    assert old[schema.SUPERSEDED_KEY] == ["c2"] and shards.with_superseded(old, ["c2"]) == old
+    assert shards.live_samples(old) == 2 and shards.live_samples(new) == 1
+    assert shards.superseded_keys(new) == frozenset()
+    index = {"schema_version": schema.SCHEMA_VERSION, "splits": {"train": [old, new]}}
+    shards.write_index(tmp_path, index)
+    urls, live = shards.live_shard_urls(tmp_path, "train", base_url="http://host/shards/")
+    assert urls == ["http://host/shards/train/a-g0001-00000.tar", "http://host/shards/train/a-g0002-00000.tar"]
+    read = [(urls[0], "c1"), (urls[0], "c2"), (urls[0], "c3"), (urls[1], "c2")]  # what the tars hold
+    kept = [(u, k) for u, k in read if live({"__url__": u, "__key__": k})]
+    assert kept == [(urls[0], "c1"), (urls[0], "c3"), (urls[1], "c2")]  # c2 read once, from its new shard
+    local, _ = shards.live_shard_urls(tmp_path, "train")
+    assert local[0] == str(tmp_path / "train/a-g0001-00000.tar")
+    with pytest.raises(shards.ShardMismatchError, match="superseded"):
+        shards.superseded_keys({**old, schema.SUPERSEDED_KEY: "c2"})
+    shards.write_index(tmp_path, {**index, "schema_version": 2})
+    with pytest.raises(shards.SchemaVersionError, match="schema_version 2"):
+        shards.live_shard_urls(tmp_path, "train")

@@ -8,6 +8,7 @@ import typer
 from ctprep.inventory import inventory
 from ctprep.synth.cli import demo_data
 from ctprep.runner_cli import build_shards, status
+from ctprep.runner_cli import compact_shards
 from ctprep_train.inference_cli import classify, embed
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("demo-data")(demo_data)
 app.command("build-shards")(build_shards)
 app.command("status")(status)
+app.command("compact")(compact_shards)
 app.command("inventory")(inventory)
 app.command("embed")(embed)
 app.command("classify")(classify)

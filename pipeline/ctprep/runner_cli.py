@@ -166,3 +166,17 @@ def status(
             cfg = with_cot_files(cfg or recorded_config(work_dir_for(out, work) / MANIFEST_FILE), cot, replace=True)
         report = run_status(out, work=work, config=cfg, srcs=src or None, source=source)
     typer.echo(report.render(max_cases=max_cases))
+
+
+def compact_shards(
+    out: Path = typer.Option(..., "--out", help="Output folder of build-shards (holds index.json)."),
+    threshold: float = typer.Option(0.25, "--threshold", help="Rewrite a shard when at least this fraction of its samples is superseded (0 < t <= 1)."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Rewrite shards whose samples are mostly superseded; commits through index.json under the output lock."""
+    from ctprep.compact import compact
+
+    with reported_errors(debug, out=out):
+        if not (out / "index.json").is_file():
+            raise UserError(f"--out {out}: no index.json; is it a build-shards output folder?")
+        compact(out, threshold, log=typer.echo)

@@ -56,9 +56,16 @@ Each shard entry's ``"meta_crc32": {sample key: CRC32 of its meta.json}``
 (``INDEX_CHECKSUM_KEY``) lets readers verify ``meta.json`` itself; an entry without
 it was packed before checksums and is read unverified.
 
-``splits`` lists exactly the shards to read; a case never appears in two
-listed shards (a superseded sample's shard is dropped from the list or the
-sample is recorded as superseded, see ctprep.stages.pack).
+Tombstones (``SUPERSEDED_KEY``, schema 3; readers must honour it): a shard entry may hold
+``"superseded": [sample key, ...]``, samples of that tar that are no longer to be read (the
+case changed and its new sample is in a shard of a later generation, or the case is gone).
+The tar is never rewritten for it; ``samples`` still counts every sample in the tar, so a
+shard holds ``samples - len(superseded)`` live samples. ``ctprep.shards.superseded_keys``
+reads the list, ``ctprep.shards.live_shard_urls`` gives plain-webdataset readers the URLs and
+a ``select`` predicate that drops them.
+
+``splits`` lists exactly the shards to read; a case has a live sample in at most one listed
+shard (its older samples are superseded, or their shard is retired).
 """
 
 from __future__ import annotations
@@ -67,7 +74,9 @@ import re
 
 # 2: meta.json gained ``has_mask`` and ``plane`` (a volume packed without an anatomy mask
 #    must not look like one whose mask is all background).
-SCHEMA_VERSION = 2
+# 3: shard entries may list ``superseded`` sample keys that readers must skip (a changed case is
+#    packed into a new shard instead of repacking its old shard); meta.json gained ``truncated``.
+SCHEMA_VERSION = 3
 INDEX_FILE = "index.json"
 
 # z, y, x axis order of every stored array: RAS+ closest-canonical, transposed.
@@ -132,9 +141,15 @@ META_KEYS = (
     # entry, "meta_crc32": {sample key: int}. Readers skip a sample that fails either; a sample
     # without them was packed before checksums and cannot be verified (docs/verified-reads.md).
     "crc32",
+    # What the text stage cut to fit the config: {"steps_dropped": CoT steps beyond
+    # text.max_steps, "report_tokens": tokens cut at text.max_len_report, "step_tokens": at
+    # text.max_len_step (all steps), "region_tokens": at text.max_len_region (all regions)}.
+    "truncated",
 )
 CHECKSUM_KEY = "crc32"  # meta.json: {member name: CRC32 of its stored bytes}
 INDEX_CHECKSUM_KEY = "meta_crc32"  # index.json shard entry: {sample key: CRC32 of its meta.json bytes}
+SUPERSEDED_KEY = "superseded"  # index.json shard entry: [sample key, ...] not to be read (tombstones)
+TRUNCATION_KEYS = ("steps_dropped", "report_tokens", "step_tokens", "region_tokens")  # meta.json "truncated"
 
 # A case id is a file-name stem: letters, digits, '_', '-'; no path parts and
 # no '.', because WebDataset splits sample keys at the first '.'.

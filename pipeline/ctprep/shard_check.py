@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ctprep.shard_writer import file_sha256
-from ctprep.shards import INDEX_FILE, index_meta_crcs, read_index_if_present, verify_sample
+from ctprep.shards import INDEX_FILE, index_meta_crcs, read_index_if_present, superseded_keys, verify_sample
 
 
 def read_index(out_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -26,7 +26,7 @@ def check_index(out_dir: str | os.PathLike, index: Mapping[str, Any] | None = No
 
     Checks every listed shard exists with the recorded size (and sha256 when
     ``hashes``), that ``samples`` matches the tar's sample count, and that no
-    case is listed twice.
+    case is live in two shards (superseded samples do not count; they must be samples of the tar).
     """
     out_dir = Path(out_dir)
     index = index if index is not None else read_index(out_dir)
@@ -51,7 +51,12 @@ def check_index(out_dir: str | os.PathLike, index: Mapping[str, Any] | None = No
                 problems.append(f"{e['path']}: {len(keys)} samples in the tar, index says {e['samples']}")
             if "cases" in e and sorted(keys) != sorted(e["cases"]):
                 problems.append(f"{e['path']}: sample keys differ from the index's case list")
+            dead = superseded_keys(e)
+            if not dead <= set(keys):
+                problems.append(f"{e['path']}: superseded keys not in the tar: {sorted(dead - set(keys))}")
             for k in keys:
+                if k in dead:
+                    continue
                 if k in seen:
                     problems.append(f"case {k} listed twice: {seen[k]} and {e['path']}")
                 seen[k] = e["path"]

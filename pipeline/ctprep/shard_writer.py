@@ -15,7 +15,7 @@ import tarfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ctprep.schema import is_safe_case_id
 from ctprep.shards import meta_crc32, shard_entry
@@ -72,8 +72,28 @@ class ShardInfo:
                            self.meta_crc32, self.cases)
 
 
+class Rollover:
+    """When a shard is full: a new one starts before a sample that would take it past
+    ``max_samples`` samples or ``max_bytes`` (by :func:`tar_footprint`). Shared by
+    :class:`ShardWriter` and the parallel pack's assignment of samples to shards, so both cut
+    at the same samples."""
+
+    def __init__(self, max_bytes: int, max_samples: int):
+        self.max_bytes, self.max_samples = int(max_bytes), int(max_samples)
+        self.count = self.size = 0
+
+    def starts_new(self, need: int) -> bool:
+        """Count a sample of ``need`` bytes; True if it opens a new shard (the previous one is full)."""
+        new = self.count > 0 and (self.count >= self.max_samples or self.size + need > self.max_bytes)
+        if new:
+            self.count = self.size = 0
+        self.count += 1
+        self.size += need
+        return new
+
+
 class ShardWriter:
-    """Deterministic WebDataset tar writer with size/count rollover.
+    """Deterministic WebDataset tar writer with size/count rollover (:class:`Rollover`).
 
     Shards are named ``<prefix>-<n:05d>.tar`` under ``out_dir`` (``prefix`` may
     hold a folder, e.g. ``train/ctrate-g0001``), written to a temporary name
@@ -84,30 +104,27 @@ class ShardWriter:
         prefix: shard name prefix relative to ``out_dir``.
         max_bytes: start a new shard before a sample would push the tar past this.
         max_samples: at most this many samples per shard.
+        first_seq: number ``n`` of the first shard.
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str, *, max_bytes: int, max_samples: int,
-                 source: str = "", generation: int = 0):
+                 source: str = "", generation: int = 0, first_seq: int = 0):
         self.out_dir, self.prefix = Path(out_dir), prefix
-        self.max_bytes, self.max_samples = int(max_bytes), int(max_samples)
+        self.rollover = Rollover(max_bytes, max_samples)
         self.source, self.generation = source, generation
         self.shards: list[ShardInfo] = []
-        self._seq = 0
+        self._seq = int(first_seq)
         self._tar: tarfile.TarFile | None = None
         self._file = None
         self._hash: _HashingFile | None = None
         self._tmp: Path | None = None
         self._cases: dict[str, str] = {}
         self._meta_crc: dict[str, int] = {}
-        self._size = 0
 
     def write(self, key: str, members: Mapping[str, bytes], sample_key: str = "") -> None:
         if not is_safe_case_id(key):
             raise ValueError(f"unsafe sample key {key!r}")
-        need = tar_footprint(members)
-        if self._tar is not None and self._cases and (
-            len(self._cases) >= self.max_samples or self._size + need > self.max_bytes
-        ):
+        if self.rollover.starts_new(tar_footprint(members)) and self._tar is not None:
             self._finish()
         if self._tar is None:
             self._open()
@@ -118,7 +135,6 @@ class ShardWriter:
         self._cases[key] = sample_key
         if (crc := meta_crc32(members)) is not None:
             self._meta_crc[key] = crc
-        self._size += need
 
     def _open(self) -> None:
         final = self.out_dir / f"{self.prefix}-{self._seq:05d}.tar"
@@ -127,7 +143,7 @@ class ShardWriter:
         self._file = open(self._tmp, "wb")
         self._hash = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
-        self._cases, self._meta_crc, self._size = {}, {}, 0
+        self._cases, self._meta_crc = {}, {}
 
     def _finish(self) -> None:
         assert self._tar is not None and self._file is not None and self._hash is not None and self._tmp
@@ -155,6 +171,26 @@ class ShardWriter:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._hash = self._tmp = None
+
+
+def write_shard(out_dir: str | os.PathLike, prefix: str, seq: int, keys: Sequence[str], sample_keys: Sequence[str],
+                source: str, generation: int, *members: Mapping[str, bytes]) -> ShardInfo:
+    """Write exactly these samples, in this order, as one shard ``<prefix>-<seq:05d>.tar``: the
+    worker's task of a parallel pack (the driver decided which samples go together).
+
+    Args:
+        keys: sample keys; ``sample_keys`` their pack keys; ``members`` their members, in order.
+    """
+    writer = ShardWriter(out_dir, prefix, max_bytes=1 << 62, max_samples=1 << 62, source=source,
+                         generation=generation, first_seq=seq)
+    try:
+        for key, sample_key, sample in zip(keys, sample_keys, members, strict=True):
+            writer.write(key, sample, sample_key)
+    except BaseException:
+        writer.abort()
+        raise
+    (shard,) = writer.close()
+    return shard
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

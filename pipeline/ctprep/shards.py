@@ -38,6 +38,7 @@ from ctprep.schema import (
     META_KEYS,
     NPY_MEMBERS,
     SCHEMA_VERSION,
+    SUPERSEDED_KEY,
     strip_compression,
 )
 
@@ -46,8 +47,9 @@ __all__ = [
     "META_MEMBER", "NPY_MEMBERS", "SCHEMA_VERSION", "CorruptMemberError", "MetaChecksumError", "SchemaVersionError",
     "ShardMismatchError", "check_member", "check_meta", "check_schema_version", "compress", "crc32",
     "decode_member", "decode_npy", "decode_sample", "decompress", "encode_sample", "index_meta_crcs",
-    "json_bytes", "member_field", "meta_crc32", "npy_bytes", "npy_header", "read_index", "read_index_if_present",
-    "shard_entry", "verify_sample", "write_index",
+    "json_bytes", "live_samples", "live_shard_urls", "member_field", "meta_crc32", "npy_bytes", "npy_header",
+    "read_index", "read_index_if_present", "shard_entry", "SkipSuperseded", "superseded_keys", "verify_sample",
+    "with_superseded", "write_index",
 ]
 
 META_MEMBER = "meta.json"
@@ -434,3 +436,67 @@ def index_meta_crcs(entry: Mapping[str, Any]) -> dict[str, int] | None:
     if not isinstance(crcs, dict):
         raise ShardMismatchError(f"{entry.get('path')}: index {INDEX_CHECKSUM_KEY} is not a mapping")
     return {str(k): int(v) for k, v in crcs.items()}
+
+
+# --------------------------------------------------------------------------- tombstones
+
+
+def superseded_keys(entry: Mapping[str, Any]) -> frozenset[str]:
+    """The sample keys of a shard entry that are not to be read (``SUPERSEDED_KEY``; empty if none).
+
+    Raises:
+        ShardMismatchError: the field is not a list of strings.
+    """
+    keys = entry.get(SUPERSEDED_KEY, [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ShardMismatchError(f"{entry.get('path')}: index {SUPERSEDED_KEY} is not a list of sample keys")
+    return frozenset(keys)
+
+
+def live_samples(entry: Mapping[str, Any]) -> int:
+    """Samples of a shard entry that are to be read: ``samples`` minus the superseded ones."""
+    return int(entry["samples"]) - len(superseded_keys(entry))
+
+
+def with_superseded(entry: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """A copy of a shard entry whose ``SUPERSEDED_KEY`` also lists ``keys`` (sorted, no repeats)."""
+    out = dict(entry)
+    dead = sorted(superseded_keys(entry) | set(keys))
+    if dead:
+        out[SUPERSEDED_KEY] = dead
+    return out
+
+
+class SkipSuperseded:
+    """``webdataset`` ``select`` predicate: False for a sample superseded in the shard it was read
+    from (matched by the sample's ``__url__`` and ``__key__``). A picklable class, not a closure,
+    so DataLoader workers can take it.
+
+    Args:
+        dead: shard URL -> its superseded keys, URLs spelled exactly as given to the reader.
+    """
+
+    def __init__(self, dead: Mapping[str, Iterable[str]]):
+        self.dead = {url: frozenset(keys) for url, keys in dead.items() if keys}
+
+    def __call__(self, sample: Mapping[str, Any]) -> bool:
+        return sample.get("__key__") not in self.dead.get(sample.get("__url__"), ())
+
+
+def live_shard_urls(root: str | os.PathLike[str], split: str, base_url: str | None = None
+                    ) -> tuple[list[str], SkipSuperseded]:
+    """The listed shards of ``split`` and the predicate that drops their superseded samples, for a
+    plain ``webdataset`` reader: ``wds.WebDataset(urls).select(live)``.
+
+    Args:
+        root: the local shard folder (holds ``index.json``).
+        split: e.g. ``"train"``.
+        base_url: where the same folder is served (``http://host/shards``); default: local paths.
+    """
+    index = read_index(root)
+    entries = index.get("splits", {}).get(split, [])
+    if base_url is None:
+        urls = [str(Path(root) / e["path"]) for e in entries]
+    else:
+        urls = [f"{base_url.rstrip('/')}/{e['path']}" for e in entries]
+    return urls, SkipSuperseded({url: superseded_keys(e) for url, e in zip(urls, entries)})

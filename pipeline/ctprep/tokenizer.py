@@ -163,7 +163,8 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LoadedTokenizer:
     return LoadedTokenizer(_load(str(folder)), {"name": name, "hash": tokenizer_files_hash(folder)}, folder)
 
 
-def encode_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_padded_counted(tok: LoadedTokenizer, texts: Sequence[str], max_len: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids with special tokens, truncated to ``max_len``, padded with the pad id, from one
     tokenizer pass.
 
@@ -173,15 +174,15 @@ def encode_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> t
     ``truncation=True, max_length=max_len`` call (tested), and the untruncated lengths come free.
 
     Returns:
-        ids int32 (N, max_len), lengths int32 (N,) (real tokens incl. [CLS]/[SEP]) and how many of
-        ``texts`` lost their tail (a report cut before its lung findings trains the model on text
+        ids int32 (N, max_len), lengths int32 (N,) (real tokens incl. [CLS]/[SEP]) and the tokens
+        each text lost, int32 (N,) (a report cut before its lung findings trains the model on text
         that no longer describes the image, so the build summary counts these). N may be 0.
     """
     if max_len < 2:
         raise ValueError(f"max_len must leave room for the special tokens, got {max_len}")
     ids = np.full((len(texts), max_len), tok.pad_id, dtype=np.int32)
     lens = np.zeros((len(texts),), dtype=np.int32)
-    n_cut = 0
+    cut = np.zeros((len(texts),), dtype=np.int32)
     if texts:
         hf = tok.tokenizer
         head, tail = tok.special_frame
@@ -191,12 +192,18 @@ def encode_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> t
         bodies = hf(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         for i, body in enumerate(bodies):
             if len(body) > room:
-                n_cut += 1
+                cut[i] = len(body) - room
                 body = body[len(body) - room:] if hf.truncation_side == "left" else body[:room]
             row = [*head, *body, *tail]
             ids[i, : len(row)] = row
             lens[i] = len(row)
-    return ids, lens, n_cut
+    return ids, lens, cut
+
+
+def encode_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`encode_padded_counted` with how many of ``texts`` lost their tail instead of how much."""
+    ids, lens, cut = encode_padded_counted(tok, texts, max_len)
+    return ids, lens, int(np.count_nonzero(cut))
 
 
 def tokenize_padded(tok: LoadedTokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:

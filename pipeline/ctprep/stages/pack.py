@@ -31,19 +31,24 @@ Generations (append-only)
 the schema's ``path, samples, bytes, sha256, source, generation``, the pack
 key of every sample in it (``cases: {case_id: key}``). On a rerun:
 
-* a listed shard whose samples all still have their current key stays listed,
-  untouched (same file, same sha256);
-* a listed shard holding any sample that changed, disappeared or was
-  quarantined upstream is *retired*: dropped from ``splits`` (recorded under
-  ``retired``; the file stays on disk for readers of the previous index), and
-  its still-current samples are packed again;
-* new, changed and re-homed samples go into new shards of a new generation
-  ``g`` (``<split>/<source>-g<g>-<n>.tar``).
+* a listed sample whose case still has that key stays live, untouched (same file, same sha256);
+* a listed sample whose case changed, disappeared or was quarantined upstream is *superseded*:
+  its key is added to the entry's ``superseded`` list (``ctprep.schema.SUPERSEDED_KEY``) and
+  readers skip it; the tar is not rewritten and its shard-mates are not repacked. A shard
+  whose samples are all superseded is *retired*: dropped from ``splits`` (recorded under
+  ``retired``; the file stays on disk for readers of the previous index);
+* a whole shard is retired, and its live samples packed again, only when its file is missing
+  or has another size, or when the index was written for another schema, tokenizer, patch
+  grid or region list;
+* new and changed samples go into new shards of a new generation ``g``
+  (``<split>/<source>-g<g>-<n>.tar``), written in process or by the Dask workers
+  (``ctprep.stages.pack_write``, same bytes either way).
 
-So a new OmniAbnorm batch writes only its own cases into new shards, and no
-case is ever listed twice. Shards are written to a temporary name, hashed
-and renamed; the index is written last (temporary name, then rename), so a
-crash leaves either the old index or the new one, never a listed half shard.
+So editing the CoT of k cases writes k samples' bytes, a new OmniAbnorm batch writes only its
+own cases, and no case is ever live twice. ``ctprep compact`` (``ctprep.compact``) rewrites
+shards that are mostly tombstones. Shards are written to a temporary name, hashed and
+renamed; the index is written last (temporary name, then rename), so a crash leaves either
+the old index or the new one, never a listed half shard.
 """
 
 from __future__ import annotations
@@ -52,13 +57,13 @@ import datetime as _dt
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ctprep import __version__ as PIPELINE_VERSION
 from ctprep.config import PipelineConfig, to_jsonable
-from ctprep.schema import SCHEMA_VERSION
+from ctprep.schema import SCHEMA_VERSION, TRUNCATION_KEYS
 from ctprep.shard_check import (  # noqa: F401 (re-exported: the tools of a shard folder)
     check_index,
     prune_retired,
@@ -67,8 +72,9 @@ from ctprep.shard_check import (  # noqa: F401 (re-exported: the tools of a shar
     tar_sample_keys,
 )
 from ctprep.shard_writer import ShardInfo, ShardWriter, file_sha256, tar_footprint  # noqa: F401 (re-exported)
-from ctprep.shards import encode_sample, write_index
+from ctprep.shards import encode_sample, live_samples, superseded_keys, with_superseded, write_index
 from ctprep.stages.base import AggregateCase, AggregateTask, CaseResult, aggregate_stage, remove_temp_debris
+from ctprep.stages.pack_write import ShardTarget, write_group
 from ctprep.stages.regions import read_regions
 from ctprep.stages.resample import read_case_zarr
 from ctprep.stages.text import read_case_text
@@ -130,6 +136,7 @@ def build_sample(job: dict[str, Any]) -> dict[str, bytes]:
         "region_texts": text["region_texts"],
         "has_mask": bool(attrs.get("has_mask", True)),
         "plane": str(attrs.get("plane", "axial")),
+        "truncated": {k: int(text["truncated"][k]) for k in TRUNCATION_KEYS},
     }
     return encode_sample(arrays, meta, job["compression"], job["zstd_level"])
 
@@ -145,6 +152,7 @@ def pack_config_slice(config: PipelineConfig) -> dict[str, Any]:
 def _sample_job(c: AggregateCase, config: PipelineConfig) -> dict[str, Any]:
     return {
         "case_id": c.case.case_id,
+        "pack_key": c.key,
         "source": c.case.source,
         "split": c.case.split,
         "labels": [int(v) for v in c.case.labels],
@@ -156,34 +164,6 @@ def _sample_job(c: AggregateCase, config: PipelineConfig) -> dict[str, Any]:
         "compression": config.pack.compression,
         "zstd_level": int(config.pack.zstd_level),
     }
-
-
-def _encoded(jobs: list[dict[str, Any]], client: Any, window: int) -> Iterator[tuple[dict[str, Any], Any]]:
-    """(job, members or exception) in job order; with a Dask client, ``window`` encodes in flight."""
-    if client is None:
-        for job in jobs:
-            try:
-                yield job, build_sample(job)
-            except Exception as e:  # noqa: BLE001 - a bad case is quarantined, not fatal
-                yield job, e
-        return
-    pending: list[tuple[dict[str, Any], Any]] = []
-    it = iter(jobs)
-    for job in it:
-        pending.append((job, client.submit(build_sample, job, pure=False)))
-        if len(pending) >= window:
-            break
-    while pending:
-        job, fut = pending.pop(0)
-        try:
-            result = fut.result()
-        except Exception as e:  # noqa: BLE001
-            result = e
-        fut.release()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt, client.submit(build_sample, nxt, pure=False)))
-        yield job, result
 
 
 def index_header(config: PipelineConfig) -> dict[str, Any]:
@@ -199,17 +179,18 @@ def index_header(config: PipelineConfig) -> dict[str, Any]:
 
 @dataclass
 class PackPlan:
-    """What a pack run keeps, retires and writes (see the module docstring)."""
+    """What a pack run keeps, supersedes, retires and writes (see the module docstring)."""
 
-    keep: dict[str, list[dict[str, Any]]]  # split -> listed shard entries kept as they are
+    keep: dict[str, list[dict[str, Any]]]  # split -> listed shard entries kept (tombstones added)
     retire: list[str]  # shard paths dropped from the index now
+    superseded: dict[str, list[str]]  # shard path -> sample keys tombstoned now
     todo: list[AggregateCase]  # cases to write into the new generation
-    placed: dict[str, str]  # case id -> kept shard path (already packed with the current key)
+    placed: dict[str, str]  # case id -> kept shard path holding its live sample with the current key
 
 
 def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], header: Mapping[str, Any],
               out_dir: Path, absent: set[str] | frozenset[str] = frozenset()) -> PackPlan:
-    """Decide which listed shards stay valid and which cases must be (re)written.
+    """Decide which listed samples stay live and which cases must be (re)written.
 
     Args:
         index: the current ``index.json`` (None before the first run).
@@ -218,16 +199,14 @@ def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], heade
         out_dir: the shard root.
         absent: ids of cases that are gone (removed from their source, or quarantined upstream).
             A listed case that is neither eligible nor absent (its source root was not part of
-            this run, or its upstream stages were not run) keeps its shard.
+            this run, or its upstream stages were not run) keeps its sample.
     """
     current = {c.case.case_id: c for c in cases}
-    keep: dict[str, list[dict[str, Any]]] = {}
-    retire: list[str] = []
-    placed: dict[str, str] = {}
+    plan = PackPlan({}, [], {}, [], {})
     compatible = index is not None and all(index.get(k) == v for k, v in header.items() if k != "pipeline_version")
 
     def still_valid(cid: str, key: str, split: str) -> bool:
-        if cid in placed:
+        if cid in plan.placed:
             return False
         if cid in current:
             return current[cid].key == key and current[cid].case.split == split
@@ -237,101 +216,112 @@ def plan_pack(index: Mapping[str, Any] | None, cases: list[AggregateCase], heade
         for e in entries:
             members = e.get("cases")
             path = out_dir / e["path"]
-            valid = (
-                compatible
-                and isinstance(members, dict)
-                and path.is_file()
-                and path.stat().st_size == e["bytes"]
-                and all(still_valid(cid, key, split) for cid, key in members.items())
-            )
-            if valid:
-                keep.setdefault(split, []).append(e)
-                placed.update({cid: e["path"] for cid in members})
-            else:
-                retire.append(e["path"])
-    todo = [c for c in cases if c.case.case_id not in placed]
-    return PackPlan(keep, retire, todo, placed)
+            if not (compatible and isinstance(members, dict) and path.is_file() and path.stat().st_size == e["bytes"]):
+                plan.retire.append(e["path"])  # its live samples are written again (todo)
+                continue
+            dead = superseded_keys(e)
+            live = {cid: key for cid, key in members.items() if cid not in dead}
+            now_dead = sorted(cid for cid, key in live.items() if not still_valid(cid, key, split))
+            if len(now_dead) == len(live):
+                plan.retire.append(e["path"])  # nothing left to read in it
+                continue
+            plan.placed.update({cid: e["path"] for cid in live if cid not in now_dead})
+            if now_dead:
+                plan.superseded[e["path"]] = now_dead
+            plan.keep.setdefault(split, []).append(with_superseded(e, now_dead))
+    plan.todo = [c for c in cases if c.case.case_id not in plan.placed]
+    return plan
+
+
+def _remove_debris(out_dir: Path, splits: set[str], generation: int) -> None:
+    """Drop what a killed run left: ``*.tmp-*`` files, and shards of the generation about to be
+    written (never listed: that number is only used once its index is written)."""
+    remove_temp_debris(out_dir)
+    for split in splits:
+        remove_temp_debris(out_dir / split)
+        for stray in (out_dir / split).glob(f"*-g{generation:04d}-*.tar"):
+            stray.unlink()
+
+
+def write_generation(cases: list[AggregateCase], config: PipelineConfig, out_dir: Path, generation: int,
+                     client: Any = None) -> tuple[dict[str, list[dict[str, Any]]], list[CaseResult]]:
+    """Write ``cases`` into new shards ``<split>/<source>-g<generation>-<n>.tar``.
+
+    Returns the new index entries per split and one result per case (done, or quarantined when
+    its sample cannot be encoded). In process or on the workers of ``client``: the same bytes.
+    """
+    groups: dict[tuple[str, str], list[AggregateCase]] = {}
+    for c in cases:
+        groups.setdefault((c.case.split, c.case.source), []).append(c)
+    entries: dict[str, list[dict[str, Any]]] = {}
+    results: list[CaseResult] = []
+    for (split, source) in sorted(groups):
+        group = sorted(groups[(split, source)], key=lambda c: c.case.case_id)
+        by_id = {c.case.case_id: c for c in group}
+        target = ShardTarget(out_dir, f"{split}/{source}-g{generation:04d}", source, generation,
+                             config.pack.shard_max_bytes, config.pack.shard_max_samples)
+        # build_sample looked up here (not bound at import) so a test can stand in for it
+        written = write_group([_sample_job(c, config) for c in group], build_sample, target, client)
+        for job, e in written.failed:
+            results.append(CaseResult.quarantined(by_id[job["case_id"]], "pack", "stage_error",
+                                                  f"pack: {type(e).__name__}: {e}"))
+        for shard in written.shards:
+            entries.setdefault(split, []).append(shard.to_json())
+            for cid in shard.cases:
+                results.append(CaseResult.done(by_id[cid], "pack", shard.path,
+                                               {"generation": generation, "sha256": shard.sha256}))
+    return entries, results
+
+
+def next_index(index: Mapping[str, Any] | None, header: Mapping[str, Any], plan: PackPlan,
+               new_entries: Mapping[str, list[dict[str, Any]]], generation: int) -> dict[str, Any]:
+    """The index that commits a pack run: kept entries (with their new tombstones), then the new
+    generation's shards; the retired shards and this generation's record appended."""
+    splits = {split: plan.keep.get(split, []) + list(new_entries.get(split, []))
+              for split in sorted(set(plan.keep) | set(new_entries))}
+    record = {"generation": generation, "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "shards": [e["path"] for entries in new_entries.values() for e in entries],
+              "retired": list(plan.retire)}
+    if plan.superseded:
+        record["superseded"] = dict(sorted(plan.superseded.items()))
+    out = dict(header)
+    out["generations"] = list((index or {}).get("generations", [])) + [record]
+    out["splits"] = splits
+    out["retired"] = list((index or {}).get("retired", [])) + [{"path": p, "generation": generation}
+                                                               for p in plan.retire]
+    return out
+
+
+def next_generation(index: Mapping[str, Any] | None) -> int:
+    """The number of the next generation (1 for the first)."""
+    return 1 + max((g["generation"] for g in (index or {}).get("generations", [])), default=0)
 
 
 # version 2: 0-d members (report_len) stay 0-d; shards packed by version 1 must be rebuilt.
 # version 3: per-member checksums (meta.json crc32, index meta_crc32, zstd frame checksums);
 #            samples packed before are repacked so that every listed sample can be verified.
-@aggregate_stage("pack", upstream=("resample", "regions", "text"), version="3",
+# version 4: schema 3: meta.json "truncated"; a changed case supersedes its old sample instead
+#            of retiring its shard.
+@aggregate_stage("pack", upstream=("resample", "regions", "text"), version="4",
                  config_slice=pack_config_slice, case_fields=("labels", "split"))
 def run_pack(task: AggregateTask) -> list[CaseResult]:
-    """Write new shards for new/changed cases and commit them in ``index.json``."""
+    """Write new shards for new/changed cases, tombstone their old samples, commit ``index.json``."""
     config, out_dir = task.config, Path(task.out_dir)
     header = index_header(config)
     index = read_index(out_dir)
-    # A killed run leaves *.tmp-* shards / indexes: never listed, safe to drop.
-    remove_temp_debris(out_dir)
-    for split in {c.case.split for c in task.cases} | set((index or {}).get("splits", {})):
-        remove_temp_debris(out_dir / split)
+    generation = next_generation(index)
+    _remove_debris(out_dir, {c.case.split for c in task.cases} | set((index or {}).get("splits", {})), generation)
     absent = set(task.dropped) if task.gone is None else set(task.gone)
     plan = plan_pack(index, task.cases, header, out_dir, absent)
-    results: list[CaseResult] = []
-    # Cases already in a kept shard with their current key: only the manifest may lag (crash after
-    # the index was written); re-record them, nothing to write.
-    for c in task.cases:
-        if c.case.case_id in plan.placed and c.changed:
-            results.append(CaseResult.done(c, "pack", plan.placed[c.case.case_id], {"reused": True}))
-    if not plan.todo and not plan.retire and index is not None:
+    # Cases already live in a kept shard with their current key: only the manifest may lag (crash
+    # after the index was written, or a compaction moved them); re-record them, nothing to write.
+    results = [CaseResult.done(c, "pack", plan.placed[c.case.case_id], {"reused": True})
+               for c in task.cases if c.case.case_id in plan.placed and c.changed]
+    if not plan.todo and not plan.retire and not plan.superseded and index is not None:
         return results
-
-    prev_generations = list((index or {}).get("generations", []))
-    generation = 1 + max((g["generation"] for g in prev_generations), default=0)
-    # Shards of this generation number on disk can only be leftovers of a run killed before its
-    # index was written (never listed): remove them so a shorter rerun leaves no stray files.
-    for split_dir in {out_dir / c.case.split for c in plan.todo}:
-        for stray in split_dir.glob(f"*-g{generation:04d}-*.tar"):
-            stray.unlink()
-    groups: dict[tuple[str, str], list[AggregateCase]] = {}
-    for c in plan.todo:
-        groups.setdefault((c.case.split, c.case.source), []).append(c)
-
-    new_entries: dict[str, list[dict[str, Any]]] = {}
-    written: list[str] = []
-    window = 2 * max(1, len(task.client.scheduler_info().get("workers", {}))) if task.client is not None else 1
-    for (split, source) in sorted(groups):
-        group = sorted(groups[(split, source)], key=lambda c: c.case.case_id)
-        by_id = {c.case.case_id: c for c in group}
-        writer = ShardWriter(out_dir, f"{split}/{source}-g{generation:04d}", max_bytes=config.pack.shard_max_bytes,
-                             max_samples=config.pack.shard_max_samples, source=source, generation=generation)
-        jobs = [_sample_job(c, config) for c in group]
-        try:
-            for job, members in _encoded(jobs, task.client, window):
-                c = by_id[job["case_id"]]
-                if isinstance(members, Exception):
-                    results.append(CaseResult.quarantined(c, "pack", "stage_error",
-                                                          f"pack: {type(members).__name__}: {members}"))
-                    continue
-                writer.write(c.case.case_id, members, c.key)
-        except BaseException:
-            writer.abort()
-            raise
-        for shard in writer.close():
-            new_entries.setdefault(split, []).append(shard.to_json())
-            written.append(shard.path)
-            for cid in shard.cases:
-                results.append(CaseResult.done(by_id[cid], "pack", shard.path,
-                                               {"generation": generation, "sha256": shard.sha256}))
-
-    splits: dict[str, list[dict[str, Any]]] = {}
-    for split in sorted(set(plan.keep) | set(new_entries)):
-        splits[split] = plan.keep.get(split, []) + new_entries.get(split, [])
-    retired = list((index or {}).get("retired", []))
-    retired += [{"path": p, "generation": generation} for p in plan.retire]
-    new_index = dict(header)
-    new_index["generations"] = prev_generations + [{
-        "generation": generation,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "shards": written,
-        "retired": list(plan.retire),
-    }]
-    new_index["splits"] = splits
-    new_index["retired"] = retired
-    write_index(out_dir, new_index)
-    return results
+    new_entries, written = write_generation(plan.todo, config, out_dir, generation, task.client)
+    write_index(out_dir, next_index(index, header, plan, new_entries, generation))
+    return results + written
 
 
 # --------------------------------------------------------------------------- check
@@ -348,10 +338,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = ap.parse_args(list(argv) if argv is not None else None)
     problems = check_index(args.check)
     index = read_index(args.check) or {}
-    n = sum(e["samples"] for entries in index.get("splits", {}).values() for e in entries)
+    entries = [e for listed in index.get("splits", {}).values() for e in listed]
+    n, dead = sum(live_samples(e) for e in entries), sum(len(superseded_keys(e)) for e in entries)
     for p in problems:
         print(p)
-    print(f"{args.check}: {n} samples in {sum(len(v) for v in index.get('splits', {}).values())} listed shards, "
+    print(f"{args.check}: {n} samples ({dead} superseded) in {len(entries)} listed shards, "
           f"{len(index.get('generations', []))} generations, {len(problems)} problems")
     if args.prune_retired and not problems:
         print("removed:", prune_retired(args.check))

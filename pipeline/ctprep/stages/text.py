@@ -23,9 +23,9 @@ import numpy as np
 from ctprep.config import to_jsonable
 from ctprep.quarantine import MISSING_REPORT, QuarantineError
 from ctprep.region_text import region_texts, step_regions
-from ctprep.schema import TEXT_MEMBERS
+from ctprep.schema import TEXT_MEMBERS, TRUNCATION_KEYS
 from ctprep.stages.base import NOTES_KEY, CaseTask, atomic_path, case_stage
-from ctprep.tokenizer import LoadedTokenizer, encode_padded, load_tokenizer, tokenizer_identity
+from ctprep.tokenizer import LoadedTokenizer, encode_padded_counted, load_tokenizer, tokenizer_identity
 
 # CT-RATE writes a missing report section as this string.
 NOT_GIVEN = "not given."
@@ -98,16 +98,22 @@ def tokenize_case_text(
             ``region_text_ids`` int32 (R, max_len_region), ``region_text_len`` int32 (R,),
             ``region_has_text`` uint8 (R,) - padded with the tokenizer's pad id.
         meta: ``report_text``, ``steps_text``, ``step_regions``, ``region_texts``,
-            ``tokenizer`` (the strings exactly as tokenized; see ``ctprep.schema.META_KEYS``).
+            ``tokenizer`` (the strings exactly as tokenized; see ``ctprep.schema.META_KEYS``),
+            ``truncated`` (what was cut to fit, ``TRUNCATION_KEYS``: steps beyond ``max_steps``,
+            tokens beyond each ``max_len_*``; recorded in the sample's ``meta.json``) and
+            ``texts_cut`` (how many reports / steps / region texts lost their tail).
     """
     report = report_text(text)
-    steps = ordered_steps(text.get("steps"), max_steps)
+    all_steps = ordered_steps(text.get("steps"))
+    steps = all_steps[:max_steps]
     findings = clean_section(text.get("findings")) or report
     regions, has_text = region_texts(findings, region_names, region_keywords, no_finding_text)
 
-    report_ids, report_len, report_cut = encode_padded(tok, [report], max_len_report)
-    steps_ids, steps_len, steps_cut = encode_padded(tok, steps, max_len_step)
-    region_ids, region_len, regions_cut = encode_padded(tok, regions, max_len_region)
+    report_ids, report_len, report_cut = encode_padded_counted(tok, [report], max_len_report)
+    steps_ids, steps_len, steps_cut = encode_padded_counted(tok, steps, max_len_step)
+    region_ids, region_len, regions_cut = encode_padded_counted(tok, regions, max_len_region)
+    truncated = dict(zip(TRUNCATION_KEYS, (len(all_steps) - len(steps), int(report_cut.sum()),
+                                           int(steps_cut.sum()), int(regions_cut.sum()))))
     arrays = {
         "report_ids": report_ids[0],
         "report_len": np.asarray(report_len[0], dtype=np.int32),
@@ -123,7 +129,9 @@ def tokenize_case_text(
         "step_regions": step_regions(steps, region_names, region_keywords),
         "region_texts": regions,
         "tokenizer": dict(tok.identity),
-        "truncated": {"report": report_cut, "steps": steps_cut, "regions": regions_cut},
+        "truncated": truncated,
+        "texts_cut": {"report": int(np.count_nonzero(report_cut)), "steps": int(np.count_nonzero(steps_cut)),
+                      "regions": int(np.count_nonzero(regions_cut))},
     }
     return arrays, meta
 
@@ -140,7 +148,8 @@ def text_config_slice(config) -> dict:
             "regions": list(config.regions.names)}
 
 
-@case_stage("text", upstream=(), version="1", config_slice=text_config_slice,
+# version 2: text.json records what was cut ("truncated": steps dropped, tokens cut; "texts_cut").
+@case_stage("text", upstream=(), version="2", config_slice=text_config_slice,
             output=lambda case_id: f"text/{case_id}", case_fields=("text",))
 def run_text(task: CaseTask) -> dict:
     """Writer: folder ``text/<case>/`` with ``text.json`` (strings as tokenized) and one ``.npy`` per array."""
@@ -159,11 +168,13 @@ def run_text(task: CaseTask) -> dict:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
         (tmp / TEXT_META_FILE).write_text(json.dumps(meta, ensure_ascii=False, sort_keys=True))
-    cut = meta["truncated"]
+    notes = {TRUNCATION_NOTES[k]: v for k, v in meta["texts_cut"].items() if v}
+    if meta["truncated"]["steps_dropped"]:
+        notes[STEPS_DROPPED_NOTE] = meta["truncated"]["steps_dropped"]
     return {"steps": len(meta["steps_text"]), "report_tokens": int(arrays["report_len"]),
-            "regions_with_text": int(arrays["region_has_text"].sum()),
-            # counted by the build summary ("notes"): raise text.max_len_* when these are common
-            NOTES_KEY: {TRUNCATION_NOTES[k]: v for k, v in cut.items() if v}}
+            "regions_with_text": int(arrays["region_has_text"].sum()), "truncated": dict(meta["truncated"]),
+            # counted by the build summary ("notes"): raise text.max_* when these are common
+            NOTES_KEY: notes}
 
 
 TEXT_ARRAYS = TEXT_MEMBERS  # the arrays run_text writes (= tokenize_case_text's), one .npy each
@@ -184,3 +195,4 @@ def read_case_text(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray],
 # Build-summary wording of the truncation counts (what to raise is in the text).
 TRUNCATION_NOTES = {"report": "reports cut at text.max_len_report", "steps": "CoT steps cut at text.max_len_step",
                     "regions": "region texts cut at text.max_len_region"}
+STEPS_DROPPED_NOTE = "CoT steps dropped at text.max_steps"
