@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from ctprep import shards
 from ctprep_train import data as D
 from ctprep_train.data import collate as data_collate
 from ctprep_train.data import decode as data_decode
 from ctprep_train.config import DataConfig
-from ctprep_train.testing import TEST_TOKENIZER, make_sample, write_shard, write_test_shards
+from ctprep_train.testing import TEST_TOKENIZER, make_sample, shard_entry, write_shard, write_test_shards
 
 EXPECT = D.ShardExpectation(tokenizer=TEST_TOKENIZER, patch_size=(4, 16, 16))
 
@@ -357,6 +358,83 @@ def test_collate_drops_region_anchors_of_a_case_without_mask():
     assert batch["region_has_text"][0].all()
     assert not batch["region_has_text"][1].any()
     assert batch["meta"][1]["has_mask"] is False
+
+
+def _with_tombstones(root: Path) -> tuple[set[str], set[str], set[str]]:
+    """Train shards of 4, 4, 4, 2 samples and valid 3; one sample of each 4-shard and one valid
+    sample superseded, the 2-shard wholly superseded (its cases are gone), and a generation-1
+    shard with the new samples of the three changed train cases (report text "new version").
+
+    Returns:
+        (live train keys, keys whose old sample is superseded but a new one is live, gone keys)
+    """
+    index = write_test_shards(root, {"train": [4, 4, 4, 2], "valid": [3]})
+    train = index["splits"]["train"]
+    keys = [[f"ctrate_train_0_{n:05d}" for n in range(start, start + size)]
+            for start, size in ((0, 4), (4, 4), (8, 4), (12, 2))]
+    changed = {keys[0][1], keys[1][2], keys[2][0]}
+    gone = set(keys[3])
+    for entry, shard_keys in zip(train, keys):
+        entry["superseded"] = sorted((changed | gone) & set(shard_keys))
+    rng = np.random.default_rng(9)
+    renewed = []
+    for key in sorted(changed):
+        sample = make_sample(key, rng=rng)
+        sample["meta"]["report_text"] = "new version"
+        renewed.append(sample)
+    train.append(shard_entry(root, "train/ctrate-g0001-000000.tar", renewed, generation=1))
+    index["splits"]["valid"][0]["superseded"] = ["ctrate_valid_0_00015"]
+    shards.write_index(root, index)
+    live = {k for shard_keys in keys for k in shard_keys} - gone
+    return live, changed, gone
+
+
+def _assert_current(batch: dict, changed: set[str], gone: set[str]) -> None:
+    for key, meta in zip(batch["ids"], batch["meta"]):
+        assert key not in gone, f"{key}: superseded sample read"
+        assert key not in changed or meta["report_text"] == "new version", f"{key}: old sample read"
+
+
+def test_superseded_samples_are_never_read_and_not_counted(tmp_path):
+    live, changed, gone = _with_tombstones(tmp_path)
+    index = D.load_shard_index(tmp_path, EXPECT)
+    listed = index.shards("train")["ctrate"]
+    assert len(listed) == 4 and sorted(s.live_samples for s in listed) == [3, 3, 3, 3]  # the 2-shard: nothing left
+    cfg = _cfg(tmp_path, batch_size=2, buffer_size=3)
+    assert D.samples_per_epoch(index, cfg) == len(live) == 12
+    steps = D.samples_per_epoch(index, cfg) // (cfg.batch_size * 2)  # the trainer's equal-steps rule
+    per_rank = []
+    for rank in range(2):
+        it = _train_iter(tmp_path, rank=rank, world=2, batch_size=2, buffer_size=3)
+        batches = [next(it) for _ in range(steps)]
+        for batch in batches:
+            _assert_current(batch, changed, gone)
+        per_rank.append([k for b in batches for k in b["ids"]])
+    assert [len(ids) for ids in per_rank] == [steps * 2] * 2  # equal steps per rank
+    for ids in per_rank:
+        assert len(ids) == len(set(ids)), f"a sample read twice in one epoch: {ids}"
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == live  # every live sample, once
+    resumed = _train_iter(tmp_path, rank=0, world=2, start=2, batch_size=2, buffer_size=3)
+    assert [k for _ in range(steps - 2) for k in next(resumed)["ids"]] == per_rank[0][4:]
+    # validation: the superseded valid sample is not read, positions cover the 2 live ones
+    valid = [list(D.build_valid_loader(cfg, index, EXPECT, rank=r, world_size=2)) for r in range(2)]
+    assert len(valid[0]) == len(valid[1])
+    assert {p for batches in valid for b in batches for p in b[D.BATCH_STATS_KEY]["positions"]} == {0, 1}
+    assert {k for batches in valid for b in batches for k in b["ids"]} == {"ctrate_valid_0_00014", "ctrate_valid_0_00016"}
+
+
+def test_evaluation_reads_each_live_sample_once_and_never_a_superseded_one(tmp_path):
+    from ctprep_train.eval.data import iter_split, split_shards
+
+    live, changed, gone = _with_tombstones(tmp_path)
+    assert len(split_shards(tmp_path, "train")) == 4
+    samples = list(iter_split(tmp_path, "train"))
+    ids = [s["__key__"] for s in samples]
+    assert sorted(ids) == sorted(live)
+    for sample in samples:
+        assert sample["__key__"] not in changed or sample["meta"]["report_text"] == "new version"
+    assert [s["__key__"] for s in iter_split(tmp_path, "valid")] == ["ctrate_valid_0_00014", "ctrate_valid_0_00016"]
 
 
 def _masks_and_anchors(root: Path, batches: int, **kw) -> list[dict]:

@@ -18,6 +18,7 @@ from typing import Any
 from ctprep import schema, shards
 from ctprep.shards import INDEX_CHECKSUM_KEY, ShardMismatchError
 from ctprep_train import shard_io
+from ctprep_train.data.tar import SampleRef
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,29 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ShardInfo:
     path: str  # absolute path of the tar, or its http(s):// / s3:// URL
-    samples: int
+    samples: int  # samples in the tar, superseded ones included (index.json "samples")
     source: str
     bytes: int = 0
     # sample key -> CRC32 of its meta.json, from the index; None: packed before checksums
     meta_crc32: Mapping[str, int] | None = field(default=None, compare=False, hash=False, repr=False)
+    # keys of samples in the tar that are not to be read (index.json "superseded": tombstones)
+    superseded: frozenset[str] = field(default=frozenset(), compare=False, hash=False, repr=False)
+
+    @classmethod
+    def from_entry(cls, path: str, entry: Mapping[str, Any]) -> ShardInfo:
+        """The shard of an ``index.json`` shard entry, found at ``path``."""
+        return cls(path=path, samples=int(entry["samples"]), source=str(entry.get("source", "ctrate")),
+                   bytes=int(entry.get("bytes", 0)), meta_crc32=shards.index_meta_crcs(entry),
+                   superseded=shards.superseded_keys(entry))
+
+    @property
+    def live_samples(self) -> int:
+        """Samples to be read: the tar's minus the superseded ones."""
+        return self.samples - len(self.superseded)
+
+    def live(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+        """``refs`` of this shard without its superseded samples (every reader drops them here)."""
+        return [ref for ref in refs if ref.key not in self.superseded]
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,11 @@ class ShardIndex:
         return list(self.raw.get("region_names", []))
 
     def shards(self, split: str, sources: Sequence[str] | None = None) -> dict[str, list[ShardInfo]]:
-        """Shards of ``split`` grouped by source (only ``sources`` if given, in that order)."""
+        """Shards of ``split`` grouped by source (only ``sources`` if given, in that order).
+
+        A shard whose samples are all superseded is left out: it has nothing to read, and a rank
+        slot holding only such shards could produce no batch.
+        """
         entries = self.raw.get("splits", {}).get(split)
         if entries is None:
             raise ShardMismatchError(
@@ -68,14 +91,9 @@ class ShardIndex:
             )
         grouped: dict[str, list[ShardInfo]] = {}
         for entry in entries:
-            info = ShardInfo(
-                path=shard_io.join(self.root, entry["path"]),
-                samples=int(entry["samples"]),
-                source=str(entry.get("source", "ctrate")),
-                bytes=int(entry.get("bytes", 0)),
-                meta_crc32=shards.index_meta_crcs(entry),
-            )
-            grouped.setdefault(info.source, []).append(info)
+            info = ShardInfo.from_entry(shard_io.join(self.root, entry["path"]), entry)
+            if info.live_samples > 0:
+                grouped.setdefault(info.source, []).append(info)
         if sources is None:
             return grouped
         missing = [s for s in sources if s not in grouped]

@@ -177,7 +177,7 @@ def build_valid_loader(
 
 
 def samples_per_epoch(index: ShardIndex, data_cfg) -> int:
-    """Training samples of the weighted sources (from index sample counts)."""
+    """Training samples of the weighted sources (index sample counts, superseded samples excluded)."""
     weights = [k for k, v in data_cfg.sources.items() if float(v) > 0]
-    return sum(s.samples for shards in index.shards(data_cfg.train_split, weights).values() for s in shards)
+    return sum(s.live_samples for shards in index.shards(data_cfg.train_split, weights).values() for s in shards)
 

@@ -108,6 +108,7 @@ class SourceStream:
                         refs, error = scan_tar(shard.path)
                     except OSError as exc:
                         refs, error = [], f"{type(exc).__name__}: {exc}"
+                    refs = shard.live(refs)
                     self._scanned[shard.path] = refs
                     if shard.meta_crc32 is None and self.expect.verify_checksums:
                         warn_unverified(shard)
@@ -290,6 +291,7 @@ class ValidBatches(IterableDataset):
             crcs = {shard.path: shard.meta_crc32 for shard in shard_list}
             for shard in sorted(shard_list, key=lambda s: s.path):
                 found, error = scan_tar(shard.path)
+                found = shard.live(found)
                 if error:
                     counter.corrupt += 1
                     log.warning("%s: %s", shard.path, error)

@@ -40,15 +40,14 @@ def read_index(shards_root: str | Path) -> dict[str, Any]:
 
 
 def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
-    """The shards ``index.json`` lists for ``split``, in index order, with their checksums."""
+    """The shards ``index.json`` lists for ``split``, in index order, with their checksums and
+    superseded keys (a shard with no live sample left is left out)."""
     index = read_index(shards_root)
     splits = index.get("splits", {})
     if split not in splits:
         raise KeyError(f"split {split!r} not in {Path(shards_root) / INDEX_FILE}; available: {sorted(splits)}")
-    return [ShardInfo(path=str(Path(shards_root) / entry["path"]), samples=int(entry["samples"]),
-                      source=str(entry.get("source", "ctrate")), bytes=int(entry.get("bytes", 0)),
-                      meta_crc32=shards.index_meta_crcs(entry))
-            for entry in splits[split]]
+    listed = [ShardInfo.from_entry(str(Path(shards_root) / entry["path"]), entry) for entry in splits[split]]
+    return [shard for shard in listed if shard.live_samples > 0]
 
 
 def _expectation(index: dict[str, Any]) -> ShardExpectation:
@@ -74,6 +73,7 @@ def iter_shard_samples(shard: ShardInfo, expect: ShardExpectation, skipped: list
             log.warning("skipping damaged sample %s in %s: %s", key, shard.path, error)
 
     refs, error = scan_tar(shard.path)
+    refs = shard.live(refs)  # superseded samples are not the case's current sample: never evaluated
     if shard.meta_crc32 is None:
         warn_unverified(shard)
     tokenizer = dict(expect.tokenizer or {})
