@@ -310,3 +310,58 @@ def test_train_py_streams_its_shards_over_http_with_the_same_samples_as_from_dis
     assert local_valid and len(remote_valid) == len(local_valid)
     for a, b in zip(local_valid, remote_valid):
         assert b["pool_size"] == a["pool_size"] and b["image_to_text/R@1"] == pytest.approx(a["image_to_text/R@1"])
+
+
+# --------------------------------------------------------------------------- evaluation on remote shards
+
+
+def test_evaluation_reads_a_split_over_http_and_s3_as_from_disk(folder, http, s3):
+    from ctprep_train.eval.data import iter_split
+
+    def samples(root: str) -> list[tuple[str, str]]:
+        return [(s["__key__"], hashlib.sha256(np.ascontiguousarray(s["image"]).tobytes()
+                                              + np.ascontiguousarray(s["mask"]).tobytes()).hexdigest())
+                for s in iter_split(root, "valid", skipped=[])]
+
+    local = samples(str(folder))
+    assert len(local) == 7
+    assert samples(http.url) == local
+    assert samples(s3[1]) == local
+
+
+def test_evaluate_command_on_shards_served_over_http_equals_the_local_run(tmp_path):
+    import json
+
+    import torch
+
+    from ctprep_train.eval.run import main, parse_args
+    from ctprep_train.model import create_model, save_pretrained
+
+    shards_dir = tmp_path / "shards"
+    write_test_shards(shards_dir, {"train": [2], "valid": [5, 4]}, seed=1)
+    torch.manual_seed(0)
+    save_pretrained(create_model("tiny", **{"vision.depth": 2, "vision.out_indices": [0, 1]}), tmp_path / "encoder")
+    with serve_http(shards_dir) as server:
+        assert parse_args(["--encoder", "e", "--shards", server.url + "/", "--out", "o"]).shards == server.url + "/"
+        results = {}
+        for name, where in (("local", str(shards_dir)), ("http", server.url)):
+            main(["--encoder", str(tmp_path / "encoder"), "--shards", where, "--split", "valid",
+                  "--out", str(tmp_path / name), "--picture-cases", "0", "--ks", "1,5"])
+            results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    local, remote = results["local"], results["http"]
+    assert remote["n_cases"] == local["n_cases"] == 9
+    assert remote["retrieval"] == local["retrieval"] and remote["zero_shot"] == local["zero_shot"]
+    assert remote["shards"] == server.url
+
+
+def test_loader_bench_remote_row_pairs_http_with_the_local_file(tmp_path):
+    from tests.bench_helpers import load_bench
+
+    bench = load_bench("loader")
+    result = bench.main(["--cases", "4", "--src", "8", "32", "32", "--grid", "8", "32", "32", "--batch-size", "2",
+                         "--workers", "1", "--repeats", "1", "--passes", "2", "--skip-ctclip", "--remote", "uvicorn",
+                         "--work", str(tmp_path / "w")])
+    rows = {r["method"]: r for r in result["rows"]}
+    local, http = rows["stream shards, local file"], rows["stream shards, HTTP from uvicorn on 127.0.0.1"]
+    assert local["samples_s"] > 0 and http["samples_s"] > 0 and 0 < http["vs_raw"]
+    assert http["vs_local"] == pytest.approx(http["samples_s"] / local["samples_s"])  # one pair: the ratio itself

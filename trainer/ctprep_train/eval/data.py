@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ctprep import shards
 from ctprep.schema import INDEX_FILE, SCHEMA_VERSION
+from ctprep_train import shard_io
 from ctprep_train.data import (
     LAZY_FIELDS,
     CorruptMemberError,
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def read_index(shards_root: str | Path) -> dict[str, Any]:
-    """``index.json`` of a shard folder; refused unless it is of this trainer's schema version."""
-    return shards.read_index(shards_root, SCHEMA_VERSION)
+    """``index.json`` of a shard folder (or its http(s):// / s3:// URL); refused unless it is of this
+    trainer's schema version."""
+    return shard_io.read_index(shards_root, SCHEMA_VERSION)
 
 
 def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
@@ -45,8 +46,9 @@ def split_shards(shards_root: str | Path, split: str) -> list[ShardInfo]:
     index = read_index(shards_root)
     splits = index.get("splits", {})
     if split not in splits:
-        raise KeyError(f"split {split!r} not in {Path(shards_root) / INDEX_FILE}; available: {sorted(splits)}")
-    listed = [ShardInfo.from_entry(str(Path(shards_root) / entry["path"]), entry) for entry in splits[split]]
+        raise KeyError(f"split {split!r} not in {shard_io.join(shards_root, INDEX_FILE)}; "
+                       f"available: {sorted(splits)}")
+    listed = [ShardInfo.from_entry(shard_io.join(shards_root, entry["path"]), entry) for entry in splits[split]]
     return [shard for shard in listed if shard.live_samples > 0]
 
 
