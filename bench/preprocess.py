@@ -1,21 +1,30 @@
-"""Benchmark the resample stage on real-size volumes against the read floor and the CT-CLIP way.
+"""Per-volume preprocessing time as a user waits for it, against the read floor and the CT-CLIP way.
 
 Per volume (300 x 512 x 512 int16 ``.nii.gz``, 0.7 x 0.7 x 1.25 mm, chest phantom with CT-like
-noise, a TotalSegmentator-style label map beside it), with the ``ctclip`` preset
-(1.5 x 0.75 x 0.75 mm, 240 x 480 x 480), one thread:
+noise, a TotalSegmentator-style uint8 label map beside it), with the ``ctclip`` preset
+(1.5 x 0.75 x 0.75 mm, 240 x 480 x 480), one thread, all in one command, interleaved in rounds
+(``--repeats``, medians printed) so that a load change on a shared machine hits every row alike:
 
-* **floor**: ``nibabel.load(path).dataobj`` into an int16 array (zlib inflate + copy): the least
-  any reader of this file has to do.
+* **floor**: ``nibabel.load(path).dataobj`` into an int16 array, image + mask (zlib inflate +
+  copy): the least any reader of these files has to do.
+* **ISA-L read**: ``ctprep.sources.nifti.read_nifti`` of image + mask (the reader we use).
 * **ct-clip way**: CT-CLIP's recipe: ``get_fdata()`` (float64), slope/intercept, HU clip, torch
   trilinear ``interpolate`` in float64 to the target spacing, /1000 to float32, centre crop/pad,
   ``np.savez`` (image only).
-* **ours**: the resample stage as a worker runs it (``ctprep.runner.execute_case``): ISA-L
-  inflate, zero-copy int16 view, v1/v2 detection, canonical reorientation, z-slab resample of the
-  image (linear) *and* the mask (nearest + region remap), checks, zarr v3 write (Blosc zstd +
-  bitshuffle) to a temp name + rename.
+* **resample stage in process**: ``ctprep.runner.execute_case`` on one case: ISA-L inflate,
+  v1/v2 detection, canonical reorientation, z-slab resample of the image (linear) *and* the mask
+  (nearest + region remap), checks, zarr v3 write (Blosc zstd) to a temp name + rename.
+* **what the user waits for**: ``ctprep build-shards --src ... --stages scan,resample --config
+  ctclip --workers 1`` as a subprocess (one Dask worker process with one thread), on a fresh
+  output folder, once with 1 volume and once with ``--cases`` volumes (hard links of the phantom
+  under their own case ids, inputs in the page cache): the marginal wall / CPU seconds per volume
+  is the difference over ``cases - 1``; CPU counts the command and every process it started.
 
-Then output bytes per case, codec measurements behind the zarr compressor choice, and
-wall time per case with 1 vs 2 Dask worker processes (LocalCluster, started before timing).
+Then the ratios against issue 20's targets, the output bytes against CT-CLIP's, the worker's
+peak RSS, and the Blosc codec table of the output.
+
+``--scaling-cases N`` adds wall time per case with 1 vs 2 Dask worker processes (LocalCluster,
+started before timing).
 
 With ``--big``, instead: CT-RATE's largest volumes (1024 x 1024 x 450 int16, 0.34 x 0.34 x 0.8 mm;
 0.94 GB as int16), as a v2 file (int16 HU, real header) and a v1 file (raw HU + 1024, blank header,
@@ -26,9 +35,10 @@ measurement runs in its own child process, which reports its wall and CPU second
 with the generator's anatomy (``ctprep.synth.anatomy``) and streamed to disk (never whole in memory).
 
 Usage:
-    OMP_NUM_THREADS=1 python bench/preprocess.py                  # full table (a few minutes, ~3 GB RAM)
-    python bench/preprocess.py --shape 120 256 256 --repeats 2    # quicker
-    python bench/preprocess.py --big                              # 1024^2 table (~5 min, < 2 GB per child)
+    OMP_NUM_THREADS=1 python bench/preprocess.py                  # full table (~10 min on 2 cores, ~3 GB RAM)
+    python bench/preprocess.py --quick --config demo              # end-to-end smoke run (tests run it)
+    python bench/preprocess.py --workdir /tmp/pp                  # keep (and reuse) the phantom files
+    python bench/preprocess.py --big                              # 1024^2 table (~10 min, < 2 GB per child)
 """
 
 from __future__ import annotations
@@ -524,6 +534,19 @@ def measure_all(args: argparse.Namespace, cfg, tmp: Path, image: Path, mask: Pat
             "stage_zarr": tmp / "ours" / "train_1_a_1.zarr", "cli_zarr": tmp / f"out_{args.cases}" / "work" / "zarr"}
 
 
+def phantom_files(tmp: Path, shape_zyx, spacing_zyx) -> tuple[Path, Path]:
+    """The phantom's (image, mask) files under ``tmp``, written unless a previous run with the same
+    ``--workdir``, shape and spacing left them there."""
+    root = tmp / ("phantom_" + "x".join(map(str, shape_zyx)) + "_" + "x".join(f"{s:g}" for s in spacing_zyx))
+    image = root / "train/train_1/train_1_a/train_1_a_1.nii.gz"
+    mask = root / "masks/train/train_1/train_1_a/train_1_a_1.nii.gz"
+    if not (image.exists() and mask.exists() and (root / "complete").exists()):
+        hu, lab = chest_phantom(shape_zyx, spacing_zyx)
+        image, mask = write_case(root, hu, lab, spacing_zyx)
+        (root / "complete").write_text("")
+    return image, mask
+
+
 def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> dict:
     """The floor / ISA-L / CT-CLIP / resample stage / ``build-shards`` table on one phantom and
     the ratios against the targets of issue 20; returns the figures (medians) for callers."""
@@ -531,9 +554,7 @@ def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> dict:
           f"{cfg.name}: {cfg.resample.shape_zyx} at {cfg.resample.spacing_zyx} mm; one thread, one Dask worker; "
           f"median of {args.repeats} rounds; build-shards: marginal per volume between runs of 1 and "
           f"{args.cases} volumes", flush=True)
-    hu, lab = chest_phantom(tuple(args.shape), tuple(args.spacing))
-    image, mask = write_case(tmp / "phantom", hu, lab, tuple(args.spacing))
-    del hu, lab
+    image, mask = phantom_files(tmp, tuple(args.shape), tuple(args.spacing))
     m = measure_all(args, cfg, tmp, image, mask)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in m["runs"].items()}
     floor_w, floor_c = med["floor"]
@@ -574,9 +595,10 @@ def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> dict:
     return {"median": med, "ratios": {name: value for name, value, _, _ in targets}, **m}
 
 
-def print_codec_table(out: Path) -> None:
-    """Bytes and encode time of our zarr's arrays under each Blosc codec."""
-    from ctprep.stages.resample import read_case_zarr
+def print_codec_table(out: Path, cfg, repeats: int) -> None:
+    """Bytes and encode time of our zarr's arrays under each Blosc codec, then the whole zarr write
+    (``write_case_zarr``: image + mask, the configured codec) for a few chunk shapes."""
+    from ctprep.stages.resample import ResampledCase, read_case_zarr, write_case_zarr
 
     img_out, mask_out, _ = read_case_zarr(out)
     print()
@@ -584,6 +606,24 @@ def print_codec_table(out: Path) -> None:
     print("|---|---|---:|---:|")
     for name, codec, n, dt in codec_table(img_out, mask_out):
         print(f"| {name} | {codec} | {n / 1e6:.2f} | {dt:.2f} |")
+    case = ResampledCase(img_out, mask_out, np.eye(4), tuple(cfg.resample.spacing_zyx), 1.0)
+    r = cfg.resample
+    print()
+    print(f"| zarr chunks (z, y, x) | files | MB (image + mask) | write CPU s (median of {repeats}) |")
+    print("|---|---:|---:|---:|")
+    shape = img_out.shape
+    for chunks in ((32, shape[1] // 2, shape[2] // 2), (32, shape[1], shape[2]), tuple(r.chunk_zyx)):
+        dest = out.parent / "chunks.zarr"
+        cpu = []
+        for _ in range(repeats):
+            shutil.rmtree(dest, ignore_errors=True)
+            c0 = time.process_time()
+            nbytes = write_case_zarr(dest, case, {}, chunks, r.compressor, r.clevel, r.shuffle)
+            cpu.append(time.process_time() - c0)
+        files = sum(len(f) for _, _, f in os.walk(dest))
+        mark = " (configured)" if tuple(chunks) == tuple(r.chunk_zyx) else ""
+        print(f"| {chunks}{mark} | {files} | {nbytes / 1e6:.2f} | {statistics.median(cpu):.2f} |")
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def print_scaling_table(image: Path, mask: Path, tmp: Path, cfg, cases: int) -> None:
@@ -612,10 +652,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
         result = print_method_table(args, cfg, tmp)
         if args.codecs:
-            print_codec_table(result["stage_zarr"])
+            print_codec_table(result["stage_zarr"], cfg, args.repeats)
         if args.scaling_cases:
-            image = tmp / "phantom" / "train/train_1/train_1_a/train_1_a_1.nii.gz"
-            mask = tmp / "phantom" / "masks/train/train_1/train_1_a/train_1_a_1.nii.gz"
+            image, mask = phantom_files(tmp, tuple(args.shape), tuple(args.spacing))
             print_scaling_table(image, mask, tmp, cfg, args.scaling_cases)
         return result
     finally:
