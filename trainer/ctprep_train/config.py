@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ctprep.schema import SCHEMA_VERSION
-from ctprep.typed_config import ConfigError, apply_override, from_dict, read_yaml_chain
+from ctprep.typed_config import ConfigError, apply_override, from_dict, look_up_option, read_yaml_chain
+from ctprep_train.tracking import REPORT_TO
 
 __all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deepspeed_config"]
 
@@ -119,6 +120,12 @@ class TrainConfig:
     # micro-batch by default, as DDP does. true: torch.nn.SyncBatchNorm over all ranks (GPU ranks
     # only: torch syncs BN statistics for CUDA tensors, not over gloo/CPU). No-op on one rank.
     sync_batchnorm: bool = False
+    # Tracking sinks beside metrics.jsonl (ctprep_train.tracking.REPORT_TO): tensorboard, mlflow.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # MLflow store when report_to has mlflow; "" = sqlite:///<folder above train.output>/mlflow.db
+    # (offline, no server). Any MLflow tracking URI works (another sqlite file, http://host:5000).
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "ctprep"  # MLflow experiment the run is filed under
 
 
 @dataclass
@@ -191,6 +198,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("data.read_threads must be >= 1")
     if not 0.0 <= cfg.data.mask_dropout <= 1.0:
         raise ConfigError(f"data.mask_dropout must be a probability in [0, 1], got {cfg.data.mask_dropout}")
+    for sink in cfg.train.report_to:
+        look_up_option(sink, REPORT_TO, "train.report_to entry")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,42 +1,41 @@
-"""What a training run tells its user: metrics.jsonl, TensorBoard scalars, a progress bar.
+"""What a training run tells its user: metrics.jsonl, tracking sinks, a progress bar.
 
 Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per logged step (append mode, so
-a resumed run continues the same file; each row carries ``step``), TensorBoard gets the same
-numbers as scalars under ``train/`` and ``valid/``.
+a resumed run continues the same file; each row carries ``step``); the sinks of
+``train.report_to`` (TensorBoard by default, MLflow on request: ``ctprep_train.tracking``) get
+the same numbers as scalars under ``train/`` and ``valid/``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _scalar(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+from ctprep_train.tracking import Sink, flatten, scalar
 
 
 class RunLog:
-    """Rank-0 sink for training metrics; a no-op on other ranks."""
+    """Rank-0 sink for training metrics; a no-op on other ranks.
 
-    def __init__(self, output: Path, *, enabled: bool, total_steps: int, start_step: int, progress_bar: bool) -> None:
+    Args:
+        open_sinks: called once on rank 0 (after the run folder exists) to open the tracking
+            sinks (``ctprep_train.tracking.open_sinks``); None = metrics.jsonl only.
+    """
+
+    def __init__(self, output: Path, *, enabled: bool, total_steps: int, start_step: int, progress_bar: bool,
+                 open_sinks: Callable[[], Sequence[Sink]] | None = None) -> None:
         self.enabled = enabled
         self._jsonl = None
-        self._tb = None
+        self._sinks: list[Sink] = []
         self._bar = None
         if not enabled:
             return
         output.mkdir(parents=True, exist_ok=True)
         self._jsonl = (output / "metrics.jsonl").open("a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=start_step + 1)
+        self._sinks = list(open_sinks()) if open_sinks is not None else []
         if progress_bar:
             from tqdm import tqdm
 
@@ -48,10 +47,9 @@ class RunLog:
             return
         row = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
         self._jsonl.write(json.dumps(row, default=float) + "\n")
-        for key, value in _flatten(values).items():
-            number = _scalar(value)
-            if number is not None:
-                self._tb.add_scalar(f"{kind}/{key}", number, step)
+        numbers = {k: n for k, n in ((k, scalar(v)) for k, v in flatten(values).items()) if n is not None}
+        for sink in self._sinks:
+            sink.log_scalars(kind, step, numbers)
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self._bar is not None:
@@ -61,19 +59,8 @@ class RunLog:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
         if self._jsonl is not None:
             self._jsonl.close()
 
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}/"))
-        else:
-            out[name] = value
-    return out

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ctprep_train import checkpoint as ckpt
 from ctprep_train import data as data_lib
+from ctprep_train import tracking
 from ctprep_train.augment import augment_batch
 from ctprep_train.config import Config, ConfigError, load_config, load_deepspeed_config
 from ctprep_train.export import export_metadata
@@ -421,7 +422,9 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     batches = batches_for_training(train_loader, cfg.train.overfit_batches)
 
     runlog = RunLog(output, enabled=is_main, total_steps=cfg.train.steps, start_step=start_step,
-                    progress_bar=cfg.train.progress_bar)
+                    progress_bar=cfg.train.progress_bar, open_sinks=lambda: tracking.open_sinks(
+                        cfg.train.report_to, output, start_step=start_step, params=cfg.to_dict(),
+                        mlflow_uri=cfg.train.mlflow_uri, mlflow_experiment=cfg.train.mlflow_experiment))
     if resume_dir is not None:
         runlog.write("resume", start_step, {"checkpoint": str(resume_dir)})
 
