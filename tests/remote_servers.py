@@ -120,20 +120,26 @@ def static_app(root: Path):
 
 
 @contextlib.contextmanager
-def serve_http(root: Path) -> Iterator[HTTPServer]:
-    """Serve ``root`` over HTTP with Range support, in a thread, until the block exits."""
+def serve_http(root: Path, tls: tuple[Path, Path] | None = None) -> Iterator[HTTPServer]:
+    """Serve ``root`` over HTTP with Range support, in a thread, until the block exits.
+
+    Args:
+        tls: (certificate, key) PEM files: serve HTTPS instead.
+    """
     import uvicorn
 
     faults = Faults()
     port = _free_port()
+    certfile, keyfile = (str(tls[0]), str(tls[1])) if tls else (None, None)
     config = uvicorn.Config(_faulty(static_app(root), faults), host="127.0.0.1", port=port,
-                            log_level="critical", access_log=False, lifespan="off", timeout_keep_alive=30)
+                            log_level="critical", access_log=False, lifespan="off", timeout_keep_alive=30,
+                            ssl_certfile=certfile, ssl_keyfile=keyfile)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-http-server", daemon=True)
     thread.start()
     try:
         _wait_until_up(port, lambda: server.started)
-        yield HTTPServer(f"http://127.0.0.1:{port}", faults)
+        yield HTTPServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}", faults)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -242,6 +248,15 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, valid one day, made with the ``openssl`` command."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ctprep_train import shard_io
 from ctprep_train.config import DataConfig
 from ctprep_train.shard_io import CorruptMemberError, RetryPolicy, TransientReadError
 from ctprep_train.testing import TEST_TOKENIZER, write_test_shards
-from tests.remote_servers import serve_http, serve_plain_http, serve_s3
+from tests.remote_servers import self_signed_certificate, serve_http, serve_plain_http, serve_s3
 from tests.trainer_helpers import STAND_IN, launch, read_metrics
 
 pytestmark = pytest.mark.multiprocess  # starts servers
@@ -365,3 +365,18 @@ def test_loader_bench_remote_row_pairs_http_with_the_local_file(tmp_path):
     local, http = rows["stream shards, local file"], rows["stream shards, HTTP from uvicorn on 127.0.0.1"]
     assert local["samples_s"] > 0 and http["samples_s"] > 0 and 0 < http["vs_raw"]
     assert http["vs_local"] == pytest.approx(http["samples_s"] / local["samples_s"])  # one pair: the ratio itself
+
+
+def test_https_reads_trust_the_system_store_and_refuse_an_unknown_certificate(folder, tmp_path, monkeypatch):
+    certificate = self_signed_certificate(tmp_path)
+    local = (folder / "blob.bin").read_bytes()
+    with serve_http(folder, tls=certificate) as server:
+        assert server.url.startswith("https://")
+        with pytest.raises(OSError, match=rf"{server.url}/blob.bin: TLS: .*CERTIFICATE_VERIFY_FAILED"):
+            shard_io.read_range(server.url + "/blob.bin", 0, 10)  # refused at once: not retried
+        assert not any(path == "/blob.bin" for path, _ in server.faults.requests)
+        shard_io.reset_connections()  # the next pool's TLS context reads SSL_CERT_FILE
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        assert shard_io.read_range(server.url + "/blob.bin", 1234, 100_000) == local[1234:101_234]
+        assert shard_io.read_index(server.url, schema.SCHEMA_VERSION) == shards.read_index(folder)
+    shard_io.reset_connections()

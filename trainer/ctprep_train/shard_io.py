@@ -265,6 +265,8 @@ class HTTPFile(_RemoteFile):
         except urllib3.exceptions.MaxRetryError as exc:
             if isinstance(exc.reason, urllib3.exceptions.ResponseError):  # too many redirects
                 raise OSError(f"{self.location}: {exc.reason}") from exc
+            if isinstance(exc.reason, urllib3.exceptions.SSLError):  # an untrusted certificate stays untrusted
+                raise OSError(f"{self.location}: TLS: {exc.reason} (a private CA: point SSL_CERT_FILE at it)") from exc
             raise TransientReadError(f"{self.location}: {type(exc.reason).__name__}: {exc.reason}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise TransientReadError(f"{self.location}: {type(exc).__name__}: {exc}") from exc
