@@ -380,3 +380,23 @@ def test_https_reads_trust_the_system_store_and_refuse_an_unknown_certificate(fo
         assert shard_io.read_range(server.url + "/blob.bin", 1234, 100_000) == local[1234:101_234]
         assert shard_io.read_index(server.url, schema.SCHEMA_VERSION) == shards.read_index(folder)
     shard_io.reset_connections()
+
+
+def test_a_shard_the_server_fails_to_list_is_tried_again_next_pass(folder, http):
+    # Every try of the first tar scan of one shard gets a 503: that pass goes on without the shard
+    # (counted, as an unreadable local file), the next pass reads it.
+    index = shards.read_index(folder)
+    rel = next(e["path"] for e in index["splits"]["train"] if e["source"] == "ctrate" and e["samples"] == 4)
+    failed_keys = {ref.key for ref in D.scan_tar(str(folder / rel))[0]}
+    all_keys = {ref.key for e in index["splits"]["train"] if e["source"] == "ctrate"
+                for ref in D.scan_tar(str(folder / e["path"]))[0]}
+    http.faults.path_suffix = "/" + rel
+    http.faults.status[:] = [503] * shard_io.DEFAULT_RETRY.attempts
+    cfg = _cfg(http.url, sources={"ctrate": 1.0}, buffer_size=1)
+    loader = D.build_train_loader(cfg, D.load_shard_index(http.url, EXPECT), EXPECT, rank=0, world_size=1)
+    rows = [_row(b) for b in itertools.islice(loader, 6)]  # batches of 2: 4 samples in pass 1, 8 in pass 2
+    first, second = [k for r in rows[:2] for k in r[0]], [k for r in rows[2:] for k in r[0]]
+    assert not http.faults.status  # every try reached the server
+    assert len(set(first)) == 4 and not set(first) & failed_keys
+    assert sorted(second) == sorted(all_keys) and len(all_keys) == 8
+    assert sum(r[2] for r in rows) == 1  # the failed scan, counted once

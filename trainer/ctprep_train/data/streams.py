@@ -106,12 +106,12 @@ class SourceStream:
                 else:
                     try:
                         refs, error = scan_tar(shard.path)
-                    except OSError as exc:
+                    except OSError as exc:  # unreadable now (a server down): not remembered, tried next pass
                         refs, error = [], f"{type(exc).__name__}: {exc}"
-                    refs = shard.live(refs)
-                    self._scanned[shard.path] = refs
-                    if shard.meta_crc32 is None and self.expect.verify_checksums:
-                        warn_unverified(shard)
+                    else:
+                        refs = self._scanned[shard.path] = shard.live(refs)
+                        if shard.meta_crc32 is None and self.expect.verify_checksums:
+                            warn_unverified(shard)
                 if error:
                     self.counter.corrupt += 1
                     log.warning("%s: %s; reading the %d sample(s) before it", shard.path, error, len(refs))
