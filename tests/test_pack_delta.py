@@ -136,7 +136,7 @@ def test_compaction_refuses_to_copy_a_damaged_sample(tmp_path):
         compact(out, threshold=0)
 
 
-def test_compact_command(tmp_path):
+def test_compact_command(tmp_path, capsys):
     from typer.testing import CliRunner
 
     from ctprep.cli import app
@@ -145,6 +145,8 @@ def test_compact_command(tmp_path):
     out = tmp_path / "s"
     manifest = record({}, run_pack(aggregate_task(tmp_path / "work", out, cfg, stage_outputs(tmp_path, cfg, 4))))
     run_pack(aggregate_task(tmp_path / "work", out, cfg, stage_outputs(tmp_path, cfg, 4, {"c00"}), manifest))
+    assert pack.main(["--check", str(out)]) == 0
+    assert f"{out}: 4 samples (1 superseded) in 3 listed shards, 2 generations, 0 problems" in capsys.readouterr().out
     result = CliRunner().invoke(app, ["compact", "--out", str(out), "--threshold", "0.5"])
     assert result.exit_code == 0, result.output
     assert "1 shard(s) rewritten as 1" in result.output and "1 live samples copied, 1 superseded" in result.output
