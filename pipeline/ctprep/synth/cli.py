@@ -38,6 +38,9 @@ def demo_data(
     layout: str = typer.Option("", "--layout", help="On-disk layout: ctrate flat | release | release-fixed (default flat); "
                                "omniabnorm release | batches (default release)."),
     workers: int = typer.Option(0, "--workers", min=0, help="CT-RATE: processes rendering volumes (0 = one per CPU core); files are identical for any value."),
+    wording: str = typer.Option("default", "--wording", help="CT-RATE report and CoT wording: default | anatomy "
+                                "(findings named by side, lobe, cranio-caudal zone and extent, one template per "
+                                "statement; same volumes as default; docs/synthetic-data.md)."),
 ) -> None:
     """Write synthetic chest CTs with matching reports, labels, masks and CoT steps."""
     if source not in SOURCES:
@@ -48,12 +51,18 @@ def demo_data(
     if layout not in LAYOUTS[source]:
         raise typer.BadParameter(f"unknown {source} layout {layout!r}; choose one of: {', '.join(LAYOUTS[source])}",
                                  param_hint="--layout")
+    from ctprep.synth.reports import WORDINGS
+
+    if wording not in WORDINGS:
+        raise typer.BadParameter(f"unknown wording {wording!r}; choose one of: {', '.join(WORDINGS)}", param_hint="--wording")
+    if source != "ctrate" and wording != "default":
+        raise typer.BadParameter("only --source ctrate has another wording", param_hint="--wording")
     t0 = time.perf_counter()
     if source == "ctrate":
         from ctprep.synth.ctrate import write_ctrate
 
         res = write_ctrate(out, cases=cases, grid=grid, seed=seed, faults=faults,
-                           workers=workers or _usable_cpus(), layout=layout)
+                           workers=workers or _usable_cpus(), layout=layout, wording=wording)
         n = len(res["volumes"])
         what = f"{n} volumes"
     else:

@@ -49,7 +49,7 @@ from ctprep.synth.finding_kinds import KINDS
 from ctprep.synth.findings import labels_vector, sample_findings
 from ctprep.synth.grids import GridPreset, get_grid, sample_recon_geometry
 from ctprep.synth.nifti import RAW_INTERCEPT, canonical_to_nifti, nifti_gz, write_bytes
-from ctprep.synth.reports import NOT_GIVEN, compose_text
+from ctprep.synth.reports import NOT_GIVEN, WORDINGS, compose_text
 
 SPLITS = ("train", "valid")
 METADATA_CSV = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
@@ -133,16 +133,20 @@ def _fmt_list(v) -> str:
 
 
 def _scan(seed: int, split: str, pid: int, sidx: int, n_recons: int, preset: GridPreset, normal=None,
-          big: bool = False) -> Scan:
+          big: bool = False, wording: str = "default") -> Scan:
     """Sample anatomy, findings, text and reconstruction geometries of one scan.
 
     ``big``: the first reconstruction gets a ``BIG_MATRIX``-square matrix over the same field of view.
+    ``wording``: ``ctprep.synth.reports.WORDINGS``; the default text is composed (and its RNG draws
+    made) either way, so the volumes of a seed are the same in every wording.
     """
     rng = np.random.default_rng([seed, SPLITS.index(split), pid, sidx])
     t = float(rng.uniform(-80, 40))  # table position of the lung apex, mm
     a = sample_anatomy(rng, z_apex=t)
     a.findings = sample_findings(a, rng, normal=normal)
     text = compose_text(a, rng)
+    if wording != "default":
+        text = compose_text(a, rng, wording)  # draws nothing from rng
     labels = labels_vector(a.findings, ABNORMALITY_LABELS)
     z_hi = a.z_apex + float(rng.uniform(15, 30))
     z_lo = a.z_base - float(rng.uniform(30, 55))
@@ -360,12 +364,18 @@ def _cot_record(name: str, text: dict, as_objects: bool) -> dict:
     return {"VolumeName": name, "steps": steps, "findings": text["findings"], "impression": text["impression"]}
 
 
-def plan_scans(cases: int, grid: str = "demo", seed: int = 0) -> list[Scan]:
+def _check_wording(wording: str) -> None:
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown report wording {wording!r}; choose one of: {', '.join(WORDINGS)}")
+
+
+def plan_scans(cases: int, grid: str = "demo", seed: int = 0, wording: str = "default") -> list[Scan]:
     """The normal scans ``write_ctrate`` writes (anatomy, findings, text, volumes): the ground truth."""
     if cases < 0:
         raise ValueError("cases must be >= 0")
+    _check_wording(wording)
     preset = get_grid(grid)
-    return [_scan(seed, sp, pid, s, n, preset) for sp, pid, s, n in _plan(cases, seed)]
+    return [_scan(seed, sp, pid, s, n, preset, wording=wording) for sp, pid, s, n in _plan(cases, seed)]
 
 
 def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, int, int, int], layout: str = "flat",
@@ -382,7 +392,7 @@ def _write_scan_volumes(out: Path, seed: int, grid: str, plan_row: tuple[str, in
 
 
 def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, faults: bool = False,
-                 workers: int = 1, layout: str = "flat") -> dict:
+                 workers: int = 1, layout: str = "flat", wording: str = "default") -> dict:
     """Write a synthetic CT-RATE dataset.
 
     Args:
@@ -394,6 +404,9 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
         workers: processes rendering the volumes (each volume has its own seed, so the files are
             byte-identical for any number of workers).
         layout: "flat" | "release" | "release-fixed" (see the module docstring).
+        wording: report and CoT wording, ``ctprep.synth.reports.WORDINGS``: "default" (``make demo``'s)
+            or "anatomy" (findings named by side, lobe, cranio-caudal zone and extent; the same
+            volumes, masks and labels as "default" for the same seed).
 
     Returns:
         {"volumes": [relpath, ...], "faults": [fault records]}: relpaths of the image files
@@ -405,9 +418,10 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
         raise ValueError(f"cases must be >= 0 and workers >= 1, got cases={cases}, workers={workers}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    _check_wording(wording)
     plan = _plan(cases, seed)
     bigs = [layout != "flat" and grid == "full" and i == 0 for i in range(len(plan))]
-    scans = [_scan(seed, *row, preset, big=b) for row, b in zip(plan, bigs)]
+    scans = [_scan(seed, *row, preset, big=b, wording=wording) for row, b in zip(plan, bigs)]
     if workers == 1:
         for row, b in zip(plan, bigs):
             _write_scan_volumes(out, seed, grid, row, layout, b)
@@ -433,7 +447,7 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
             rows[vol.split]["labels"].append({"VolumeName": vol.name, **dict(zip(ABNORMALITY_LABELS, scan.labels))})
             cot.append(_cot_record(vol.name, scan.text, as_objects=scan.pid % 2 == 0))
     written += twins
-    fault_records = _write_faults(out, seed, preset, scans, rows, cot, written, layout) if faults else []
+    fault_records = _write_faults(out, seed, preset, scans, rows, cot, written, layout, wording) if faults else []
     columns = METADATA_COLUMNS if layout == "flat" else RELEASE_METADATA_COLUMNS
     for sp in SPLITS:
         _write_csv(out / METADATA_CSV[sp], columns, [{c: m.get(c, "") for c in columns} for m in rows[sp]["meta"]])
@@ -444,17 +458,20 @@ def write_ctrate(out: Path, cases: int = 40, grid: str = "demo", seed: int = 0, 
     manifest = {"seed": seed, "grid": grid, "cases": cases, "layout": layout, "faults": fault_records}
     if layout == "flat":  # keep the flat layout's faults.json byte-identical to earlier versions
         del manifest["layout"]
+    if wording != "default":  # likewise: only a non-default wording is recorded
+        manifest["wording"] = wording
     (out / FAULTS_JSON).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return {"volumes": written, "faults": fault_records}
 
 
-def _write_faults(out, seed, preset, scans, rows, cot, written, layout: str = "flat") -> list[dict]:
+def _write_faults(out, seed, preset, scans, rows, cot, written, layout: str = "flat",
+                  wording: str = "default") -> list[dict]:
     """Append one case per fault kind to the train split (deterministic for ``seed``)."""
     base = max([s.pid for s in scans if s.split == "train"], default=0)
     records = []
     for i, kind in enumerate(FAULT_KINDS):
         pid = base + 1 + i
-        scan = _scan(seed, "train", pid, 0, 1, preset, normal=False)
+        scan = _scan(seed, "train", pid, 0, 1, preset, normal=False, wording=wording)
         vol = scan.volumes[0]
         if kind in ("missing_metadata", "implausible_spacing"):
             vol = dataclasses.replace(vol, style="v1", orient="lps")

@@ -6,6 +6,15 @@ mostly distinct and image <-> text retrieval is learnable. A report's findings
 section is a fixed list of statements (``SECTIONS``); each finding kind
 (``ctprep.synth.finding_kinds``) writes its sentence into one of them, and a
 statement no finding speaks in gets its normal wording.
+
+Two wordings (``WORDINGS``). ``default`` (``make demo``'s data, pinned byte for byte by
+``tests/test_synth_identity.py``) draws one of several templates per statement. ``anatomy``
+(opt-in, ``ctprep demo-data --wording anatomy``) is built so that each part of the encoder has
+something only it can read: every statement takes its first template (no template noise), and a
+localized finding (focal lung lesions, atelectasis, pleural effusion) is described by side, lobe,
+cranio-caudal zone, extent and height above the lung base (``FindingKind.anatomy_sentence``), so
+two reports of the same finding kinds differ only in where; the lobe steps of the CoT name side
+and lobe ("Right lung, right upper lobe: ...").
 """
 
 from __future__ import annotations
@@ -20,10 +29,18 @@ from ctprep.synth.finding_kinds import KINDS, kind_of
 from ctprep.synth.finding_kinds.base import capitalized, cardiothoracic_ratio, pick
 
 NOT_GIVEN = "Not given."
+WORDINGS = ("default", "anatomy")
 COT_LOBE_ORDER = (12, 13, 14, 10, 11)  # right upper, middle, lower, left upper, lower: one reasoning step each
 LOOK = ["Assess", "Examine", "Check", "Evaluate"]
 
 Wording = Callable[[Anatomy, np.random.Generator], str]
+
+
+class FirstTemplate:
+    """Stands in for the RNG of the wording choices: ``pick`` then always takes the first template."""
+
+    def integers(self, n: int) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -93,13 +110,14 @@ if _unknown:
     raise ValueError(f"finding kinds name report sections that do not exist: {_unknown}")
 
 
-def _statement(sec: Section, a: Anatomy, rng: np.random.Generator, lobe_text: dict[int, list[str]]) -> str:
+def _statement(sec: Section, a: Anatomy, rng: np.random.Generator, lobe_text: dict[int, list[str]],
+               anatomy: bool = False) -> str:  # fmt: skip
     """The text of one statement; lung findings also go into the reasoning step of their lobes."""
     parts = [sec.lead(a, rng)] if sec.lead else []
     found = [f for f in a.findings if kind_of(f.kind).section == sec.name]
     for f in found:
         kind = kind_of(f.kind)
-        s = kind.report_sentence(a, f, rng)
+        s = (anatomy and kind.anatomy_sentence(a, f)) or kind.report_sentence(a, f, rng)
         parts.append(s)
         for lobe in kind.cot_lobes(f):
             lobe_text[lobe].append(s)
@@ -117,14 +135,16 @@ def _impression(a: Anatomy, rng: np.random.Generator) -> str:
 
 
 def _cot_steps(said: dict[str, str], lobe_text: dict[int, list[str]], impression: str,
-               rng: np.random.Generator) -> list[str]:  # fmt: skip
+               rng: np.random.Generator, anatomy: bool = False) -> list[str]:  # fmt: skip
     """The reasoning steps: airways, each lobe, pleura, heart, aorta, mediastinum, ..., conclusion."""
     steps = [f"{pick(rng, LOOK)} the airways: {said['airways']}"]
     for lobe in COT_LOBE_ORDER:
         body = " ".join(lobe_text[lobe]) or pick(
             rng, ["no nodule, consolidation or emphysema.", "clear, normally aerated.", "no focal abnormality."]
         )
-        steps.append(f"{LOBE_NAMES[lobe].capitalize()}: {body}")
+        name = LOBE_NAMES[lobe]
+        head = f"{name.split()[0].capitalize()} lung, {name}" if anatomy else name.capitalize()
+        steps.append(f"{head}: {body}")
     steps.append(f"{pick(rng, LOOK)} the pleura: {said['pleura']}")
     coronary = said["coronary"]
     steps.append(f"Heart and pericardium: {said['heart']} {said['pericardium']}" + (f" {coronary}" if coronary else ""))
@@ -138,17 +158,25 @@ def _cot_steps(said: dict[str, str], lobe_text: dict[int, list[str]], impression
     return steps
 
 
-def compose_text(a: Anatomy, rng: np.random.Generator) -> dict:
+def compose_text(a: Anatomy, rng: np.random.Generator, wording: str = "default") -> dict:
     """Report sections + CoT steps for one scan.
+
+    Args:
+        wording: one of ``WORDINGS`` (module docstring). ``anatomy`` draws nothing from ``rng``.
 
     Returns:
         {"clinical", "technique", "findings", "impression", "steps": [str]}.
     """
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown report wording {wording!r}; choose one of: {', '.join(WORDINGS)}")
+    anatomy = wording == "anatomy"
+    if anatomy:
+        rng = FirstTemplate()  # type: ignore[assignment]
     lobe_text: dict[int, list[str]] = {lobe: [] for lobe in LUNG_IDS}
-    said = {sec.name: _statement(sec, a, rng, lobe_text) for sec in SECTIONS}
+    said = {sec.name: _statement(sec, a, rng, lobe_text, anatomy) for sec in SECTIONS}
     findings_text = " ".join(s for s in said.values() if s)
     impression = _impression(a, rng)
-    steps = _cot_steps(said, lobe_text, impression, rng)
+    steps = _cot_steps(said, lobe_text, impression, rng, anatomy)
     clinical = pick(rng, ["Cough.", "Shortness of breath.", "Chest pain.", "Follow-up.", "Fever and cough.",
                           "Screening.", NOT_GIVEN])  # fmt: skip
     technique = pick(rng, ["Non-contrast thin-section chest CT.", "Axial CT images of the thorax without contrast.",

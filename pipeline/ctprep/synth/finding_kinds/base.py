@@ -53,6 +53,17 @@ def capitalized(phrase: str) -> str:
     return phrase[0].upper() + phrase[1:]
 
 
+def lung_zone(a: Anatomy, z: float) -> str:
+    """Cranio-caudal third of the lungs at height ``z`` mm: upper, middle or lower."""
+    h = (z - a.z_base) / a.lung_h
+    return "upper" if h >= 2 / 3 else "middle" if h >= 1 / 3 else "lower"
+
+
+def cm_above_base(a: Anatomy, z: float) -> int:
+    """Height ``z`` as whole centimetres above the lung base (the slice position a report states)."""
+    return max(int(round((z - a.z_base) / 10.0)), 0)
+
+
 class FindingKind:
     """One kind of finding. Subclasses set the class attributes and override the hooks they use."""
 
@@ -92,6 +103,12 @@ class FindingKind:
     def report_sentence(self, a: Anatomy, f: Finding, rng: np.random.Generator) -> str:
         """Its sentence in the findings section of a report (statement ``section``)."""
         raise NotImplementedError
+
+    def anatomy_sentence(self, a: Anatomy, f: Finding) -> str | None:
+        """Its sentence in the ``anatomy`` wording (``ctprep.synth.reports.WORDINGS``): side, lobe,
+        cranio-caudal zone and extent, no template choice. None: the kind is not localized to a
+        side or lobe; the report then uses the first of its ``report_sentence`` templates."""
+        return None
 
     def cot_lobes(self, f: Finding) -> tuple[int, ...] | list[int]:
         """Lobes whose reasoning step repeats its report sentence (lung kinds)."""

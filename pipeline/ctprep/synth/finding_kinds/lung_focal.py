@@ -16,7 +16,7 @@ from ctprep.synth.anatomy import (
     fill,
     sphere_box,
 )
-from ctprep.synth.finding_kinds.base import Drawn, FindingKind, SamplingContext, pick
+from ctprep.synth.finding_kinds.base import Drawn, FindingKind, SamplingContext, cm_above_base, lung_zone, pick
 from ctprep.synth.finding_kinds.placement import lobe_choice, place_in_lobe
 
 
@@ -65,6 +65,17 @@ class FocalLungLesion(FindingKind):
     def cot_lobes(self, f: Finding) -> list[int]:
         return [f.params["lobe"]]
 
+    def anatomy_noun(self, p: dict) -> str:
+        """What it is, without place (the anatomy wording puts the place first)."""
+        raise NotImplementedError
+
+    def anatomy_sentence(self, a: Anatomy, f: Finding) -> str:
+        p = f.params
+        lobe, z = p["lobe"], float(p["center"][0])
+        side = "right" if lobe in RIGHT_LOBES else "left"
+        return (f"{side.capitalize()} lung, {LOBE_NAMES[lobe]}, {lung_zone(a, z)} zone: {self.anatomy_noun(p)}, "
+                f"cranio-caudal extent {p['size_mm']} mm, centred {cm_above_base(a, z)} cm above the lung base.")
+
     def focus(self, a: Anatomy, params: dict) -> tuple[float, float]:
         return float(params["center"][0]), float(params["center"][1])
 
@@ -105,6 +116,9 @@ class Nodule(FocalLungLesion):
     def impression_phrase(self, f):
         return f"{f.params['size_mm']} mm nodule in the {LOBE_NAMES[f.params['lobe']]}"
 
+    def anatomy_noun(self, p):
+        return f"{'solid' if p['solid'] else 'part-solid'} nodule"
+
 
 class Consolidation(FocalLungLesion):
     name = "consolidation"
@@ -128,6 +142,9 @@ class Consolidation(FocalLungLesion):
     def impression_phrase(self, f):
         return f"consolidation in the {LOBE_NAMES[f.params['lobe']]}, consistent with pneumonia"
 
+    def anatomy_noun(self, p):
+        return "consolidation"
+
 
 class Opacity(FocalLungLesion):
     name = "opacity"
@@ -149,6 +166,9 @@ class Opacity(FocalLungLesion):
 
     def impression_phrase(self, f):
         return f"ground-glass opacity in the {LOBE_NAMES[f.params['lobe']]}"
+
+    def anatomy_noun(self, p):
+        return "ground-glass opacity"
 
 
 class Atelectasis(FindingKind):
@@ -189,6 +209,13 @@ class Atelectasis(FindingKind):
 
     def cot_lobes(self, f):
         return [f.params["lobe"]]
+
+    def anatomy_sentence(self, a, f):
+        lobe = f.params["lobe"]
+        side = "right" if lobe in RIGHT_LOBES else "left"
+        top = cm_above_base(a, f.params["z_top"])
+        return (f"{side.capitalize()} lung, {LOBE_NAMES[lobe]}, lower zone: plate-like atelectasis, "
+                f"from the lung base up to {top} cm above it.")
 
     def impression_phrase(self, f):
         return f"atelectasis in the {LOBE_NAMES[f.params['lobe']]}"

@@ -51,6 +51,11 @@ class PleuralEffusion(FindingKind):
             f"There is a {effusion_size(depth)} {SIDE_NAMES[int(side)]}-sided pleural effusion.",
         ])  # fmt: skip
 
+    def anatomy_sentence(self, a, f):
+        parts = [f"{SIDE_NAMES[int(side)].capitalize()} pleural space, lower zone: {effusion_size(depth)} pleural "
+                 f"effusion, maximum depth {int(round(depth))} mm." for side, depth in sorted(f.params["sides"].items(), reverse=True)]
+        return " ".join(parts)
+
     def impression_phrase(self, f):
         sides = f.params["sides"]
         if len(sides) == 2:
