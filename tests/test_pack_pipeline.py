@@ -194,3 +194,29 @@ def test_steps_cut_by_max_steps_are_counted_in_the_summary_and_the_samples(data,
     assert len(metas) == 3 and all(len(m["steps_text"]) <= 1 for m in metas) and dropped > 0
     assert report.tallies["text"].notes["CoT steps dropped at text.max_steps"] == dropped
     assert f"{dropped} CoT steps dropped at text.max_steps" in report.summary
+
+
+def test_compaction_then_prune_then_build_writes_nothing(data, tmp_path):
+    import json
+
+    from ctprep.compact import compact
+    from ctprep.runner import status
+    from ctprep.stages.pack import prune_retired
+
+    src = tmp_path / "omni"
+    shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
+    out = tmp_path / "shards"
+    run([src], out)
+    records = json.loads((src / "batch_01" / "records.json").read_text())
+    records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
+    (src / "batch_01" / "records.json").write_text(json.dumps(records))
+    run([src], out)
+    moved = compact(out, threshold=0.01)
+    assert moved.compacted and moved.samples >= 1 and check_index(out) == []
+    compacted = read_index(out)
+    assert prune_retired(out) == moved.compacted
+    assert status(out).stages["pack"].stale["output missing"] == moved.samples
+    again = run([src], out)  # re-records the moved cases; writes nothing
+    assert ran(again) == {"resample": 0, "regions": 0, "text": 0, "pack": moved.samples}
+    assert read_index(out)["splits"] == compacted["splits"] and check_index(out) == []
+    assert status(out).stages["pack"].stale == {} and sum(ran(run([src], out)).values()) == 0
