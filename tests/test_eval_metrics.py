@@ -191,3 +191,41 @@ def test_cot_alignment_mass_and_chance():
     assert out["per_region"]["a"]["mean_chance"] == pytest.approx(chance)
     assert out["per_region"]["a"]["frac_above_chance"] == 0.5  # uniform attention is not above chance
     assert out["overall"]["steps"] == 2 and "b" not in out["per_region"]
+
+
+def test_cot_alignment_on_constructed_step_and_evidence_embeddings():
+    """Where the right answer is known: evidence token k attends only to region k and a step's
+    embedding is the token of the region it names -> all its mass there (ratio = 1 / chance);
+    pointed at another region's token -> none; random attention maps -> chance."""
+    import torch
+    import torch.nn.functional as F
+
+    from ctprep_train.eval.metrics import CoTAlignment
+    from ctprep_train.losses import step_patch_attention
+
+    rng = np.random.default_rng(0)
+    r, p, e = 3, 40, 8
+    names = ["a", "b", "c"]
+    aligned, wrong, rand = CoTAlignment(names), CoTAlignment(names), CoTAlignment(names)
+    basis = torch.eye(e)[:r]  # evidence token k = unit vector k
+    for _ in range(50):
+        region_of = rng.integers(0, r + 1, size=p)  # 0 = background
+        region_of[: r + 1] = np.arange(r + 1)  # every region present
+        frac = np.eye(r + 1)[region_of]  # (P, R+1) one-hot fractions
+        attn = torch.tensor(frac[:, 1:].T / frac[:, 1:].sum(0)[:, None], dtype=torch.float32)  # (K=R, P)
+        named = rng.integers(0, r, size=4)
+        steps = basis[named]  # (S, E): each step is its region's evidence token
+        maps = step_patch_attention(steps[None], basis[None], attn[None])[0].numpy()
+        aligned.add(maps, named.tolist(), frac)
+        maps_wrong = step_patch_attention(basis[(named + 1) % r][None], basis[None], attn[None])[0].numpy()
+        wrong.add(maps_wrong, named.tolist(), frac)
+        random_attn = torch.softmax(torch.randn(r, p) * 2, dim=-1)
+        random_steps = F.normalize(torch.randn(4, e), dim=-1)
+        rand.add(step_patch_attention(random_steps[None], basis[None], random_attn[None])[0].numpy(), named.tolist(), frac)
+    a, w, x = (c.summary()["overall"] for c in (aligned, wrong, rand))
+    assert a["steps"] == w["steps"] == x["steps"] == 200
+    assert a["mean_mass"] > 0.999 and a["frac_above_chance"] == 1.0
+    assert a["mean_ratio"] == pytest.approx(np.mean([1 / c for c in [rec[2] for rec in aligned.records]]), rel=1e-3)
+    assert a["mean_ratio"] > 3.0
+    assert w["mean_mass"] < 0.001 and w["frac_above_chance"] == 0.0
+    assert 0.85 < x["mean_ratio"] < 1.15

@@ -1,4 +1,5 @@
-"""Pretraining losses: CLIP InfoNCE (gathered across ranks), region-text, CoT step alignment, labels.
+"""Pretraining losses: CLIP InfoNCE (gathered across ranks), region-text, CoT step alignment and
+grounding, labels.
 
 Every loss takes the ``CTCLIP.forward`` outputs and the batch (``ctprep_train.data.collate_samples`` contract) and
 never lets padding leak in: padded steps, regions without text and unknown labels (-1) are
@@ -22,6 +23,9 @@ class LossConfig:
     clip: float = 1.0  # weight: global image <-> report InfoNCE
     region: float = 0.5  # weight: region embedding <-> region sentence contrastive
     step: float = 0.5  # weight: CoT step <-> step-head evidence alignment
+    # weight: a CoT step that names a region (step_regions >= 0) puts its evidence attention there.
+    # Off by default: the contrastive step term alone leaves that attention uniform (docs/evaluation.md).
+    step_grounding: float = 0.0
     labels: float = 0.1  # weight: auxiliary 18-label BCE (0 = off)
     gather_with_grad: bool = True  # gathered features keep gradients (exact full-batch gradient)
     step_pool_scale: float = 10.0  # unitless sharpness of a step's attention over evidence tokens
@@ -166,6 +170,64 @@ def region_text_loss(region_embed: torch.Tensor, region_present: torch.Tensor,
     return 0.5 * (losses[0] + losses[1])
 
 
+def step_pool_weights(steps: torch.Tensor, evidence: torch.Tensor, pool_scale: float) -> torch.Tensor:
+    """softmax(pool_scale * step . evidence_k) over the K evidence tokens: how a step pools its volume.
+
+    Shapes: steps (..., E), evidence (..., K, E) broadcast over the leading dims -> (..., K).
+    """
+    return torch.softmax(pool_scale * torch.einsum("...e,...ke->...k", steps, evidence), dim=-1)
+
+
+def step_patch_attention(step_embed: torch.Tensor, step_evidence: torch.Tensor, evidence_attn: torch.Tensor,
+                         pool_scale: float = 10.0) -> torch.Tensor:
+    """(B, S, P) where each step looks among its own volume's patches (rows sum to 1).
+
+    The step pools the K evidence tokens (:func:`step_pool_weights`, the step loss's pooling) and each
+    evidence token is a softmax over the P patches, so the step's patch map is the mixture
+    ``sum_k w_k * evidence_attn[k]``. Evaluation's CoT alignment scores this map; the grounding term
+    trains it.
+
+    Shapes: step_embed (B, S, E), step_evidence (B, K, E) normalized; evidence_attn (B, K, P).
+    """
+    w = step_pool_weights(step_embed, step_evidence[:, None], pool_scale)  # (B, S, K)
+    return torch.einsum("bsk,bkp->bsp", w, evidence_attn.to(w.dtype))
+
+
+def step_grounding_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step_evidence: torch.Tensor,
+                        evidence_attn: torch.Tensor, step_regions: torch.Tensor, regions: torch.Tensor,
+                        pool_scale: float = 10.0) -> torch.Tensor:
+    """Mean of -log(attention mass a step puts in the region it names).
+
+    Why: the contrastive step term scores a step against pooled evidence, and with the evidence
+    tokens' attention uniform over patches (as it starts) all K tokens are the same vector, so that
+    term is met by a global match and gives the attention no reason to move. This term uses what
+    the pipeline already records: the region a step's text names (``step_regions``, keyword match)
+    and each patch's voxel fraction of that region (``regions``).
+
+    Rows: valid steps with ``step_regions`` >= 0 whose region has voxels in the volume (a volume
+    without a label map, e.g. a mask-dropout sample, has none); no such step -> a zero loss still
+    attached to the graph.
+
+    Shapes: step_embed (B, S, E), step_evidence (B, K, E) normalized; step_valid (B, S) bool;
+    evidence_attn (B, K, P); step_regions (B, S) int64 (index into the region names, -1 = none);
+    regions (B, P, R+1) patch fractions, column 0 = background.
+    """
+    b, s = step_valid.shape
+    r1 = regions.shape[-1]
+    named = step_regions.to(step_valid.device).long()
+    ok = step_valid.bool() & (named >= 0) & (named + 1 < r1)
+    col = (named + 1).clamp(0, r1 - 1)  # (B, S) region column
+    frac = regions.to(evidence_attn.device, torch.float32)  # (B, P, R+1)
+    target = torch.gather(frac, 2, col[:, None, :].expand(b, frac.shape[1], s)).transpose(1, 2)  # (B, S, P)
+    ok = ok & (target.sum(-1) > 0)
+    if not bool(ok.any()):
+        return _zero(step_embed, step_evidence, evidence_attn)
+    steps = step_embed.float().masked_fill(~ok[..., None], 0.0)  # padding cannot reach the arithmetic
+    maps = step_patch_attention(steps, step_evidence.float(), evidence_attn.float(), pool_scale)  # (B, S, P)
+    mass = (maps * target)[ok].sum(-1)
+    return -torch.log(mass.clamp_min(1e-6)).mean()
+
+
 def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step_evidence: torch.Tensor,
                         logit_scale: torch.Tensor, pool_scale: float = 10.0,
                         gather_with_grad: bool = True, step_key: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,7 +250,7 @@ def step_alignment_loss(step_embed: torch.Tensor, step_valid: torch.Tensor, step
     evidence = gather_features(step_evidence, gather_with_grad)  # (B*world, K, E)
     if steps.shape[0] == 0:
         return _zero(step_embed, step_evidence) + _zero(evidence)
-    attn = torch.softmax(pool_scale * torch.einsum("me,vke->mvk", steps, evidence), dim=-1)
+    attn = step_pool_weights(steps[:, None], evidence[None], pool_scale)  # (M, V, K)
     pooled = F.normalize(torch.einsum("mvk,vke->mve", attn, evidence), dim=-1)
     logits = logit_scale * torch.einsum("me,mve->mv", steps, pooled)
     drop = None
@@ -217,10 +279,10 @@ class MultiTaskLoss:
     """Weighted sum of the terms; a term with weight 0 or whose outputs are absent is skipped.
 
     ``__call__(outputs, batch) -> (total, {term: detached value})``; term names: clip, region, step,
-    labels. Rank and world size come from torch.distributed when it is initialized.
+    step_grounding, labels. Rank and world size come from torch.distributed when it is initialized.
     """
 
-    TERMS = ("clip", "region", "step", "labels")
+    TERMS = ("clip", "region", "step", "step_grounding", "labels")
 
     def __init__(self, cfg: LossConfig | dict | None = None):
         if cfg is None:
@@ -251,6 +313,11 @@ class MultiTaskLoss:
             terms["step"] = step_alignment_loss(out["step_embed"], out["step_valid"], out["step_evidence"],
                                                 out["step_logit_scale"], cfg.step_pool_scale, cfg.gather_with_grad,
                                                 step_key)
+        if (cfg.step_grounding and "step_embed" in out and "evidence_attn" in out
+                and "step_regions" in batch and "regions" in batch):
+            terms["step_grounding"] = step_grounding_loss(
+                out["step_embed"], out["step_valid"], out["step_evidence"], out["evidence_attn"],
+                batch["step_regions"], batch["regions"], cfg.step_pool_scale)
         if cfg.labels and "label_logits" in out and "labels" in batch:
             terms["labels"] = label_loss(out["label_logits"], batch["labels"].to(out["label_logits"].device))
         return terms

@@ -13,7 +13,8 @@ materialises it, so the maps are *recomputed* here from what forward hooks captu
   (``evidence_attn`` (B, K, P) from ``CTCLIP.forward``). A step attends over evidence tokens
   with ``softmax(step_pool_scale * step . evidence_k)`` (the step-alignment loss's pooling,
   ``ctprep_train.losses.LossConfig.step_pool_scale``); its patch map is the mixture
-  ``sum_k w_k * evidence_attn[k]`` (rows sum to 1).
+  ``sum_k w_k * evidence_attn[k]`` (rows sum to 1): ``ctprep_train.losses.step_patch_attention``, the
+  map the grounding term (``LossConfig.step_grounding``) trains.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctprep_train.losses import step_patch_attention
 from ctprep_train.model.region_attention import RegionAwareAttention
 from ctprep_train.model.slice_attention import SliceAwareAttention, slice_distance_index
 
@@ -109,7 +111,7 @@ class AttentionRecorder:
             valid = out["step_valid"][0]
             steps = out["step_embed"][0][valid].float()  # (S, E)
             if steps.shape[0]:
-                ev = out["step_evidence"][0].float()  # (K, E)
-                w = torch.softmax(self.step_pool_scale * steps @ ev.T, dim=-1)  # (S, K)
-                maps["steps"] = (w @ out["evidence_attn"][0].float()).cpu().numpy()  # (S, P)
+                maps["steps"] = step_patch_attention(steps[None], out["step_evidence"][:1].float(),
+                                                     out["evidence_attn"][:1].float(),
+                                                     self.step_pool_scale)[0].cpu().numpy()  # (S, P)
         return maps

@@ -92,6 +92,11 @@ class VisionConfig:
     # what encoders saved before this option were built with; tiny keeps it (README, "make demo").
     head_norm: str = "none"
     num_evidence_tokens: int = 16  # learned queries of the step head (evidence tokens per volume)
+    # Init std of those queries (unitless). At 0.02 (the ViT token init) their attention logits are
+    # ~0.01, so every evidence token starts as the mean patch and Adam needs hundreds of steps to
+    # make them differ; 1.0 (CoCa's attentional pooler: randn queries) lets the step head look at
+    # places from the start (docs/evaluation.md, CoT alignment). 0.02: what saved encoders used.
+    evidence_query_std: float = 0.02
     num_labels: int = 18  # auxiliary abnormality head outputs; 0 disables it
     # Where the label head looks: "global" = one linear layer on the pooled feature; "lse" =
     # the same layer on every patch token, then log-mean-exp over patches with sharpness

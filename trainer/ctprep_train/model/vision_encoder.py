@@ -21,10 +21,10 @@ from .slice_attention import SliceAwareAttention
 class EvidencePool(nn.Module):
     """K learned queries attend over patch tokens -> K evidence tokens (what CoT steps look at)."""
 
-    def __init__(self, dim: int, num_tokens: int, num_heads: int):
+    def __init__(self, dim: int, num_tokens: int, num_heads: int, query_std: float = 0.02):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(1, num_tokens, dim))
-        nn.init.trunc_normal_(self.queries, std=0.02)
+        nn.init.trunc_normal_(self.queries, std=query_std)  # cut at +-2 (absolute), as before
         self.num_heads = num_heads
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -88,7 +88,7 @@ class VisionEncoder3D(nn.Module):
         self.head_norm = nn.BatchNorm1d(width) if cfg.head_norm == "batch" else nn.Identity()
         self.head_global = nn.Linear(width, embed_dim, bias=False)
         self.head_local = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
-        self.evidence = EvidencePool(width, cfg.num_evidence_tokens, cfg.num_heads)
+        self.evidence = EvidencePool(width, cfg.num_evidence_tokens, cfg.num_heads, cfg.evidence_query_std)
         self.head_step = nn.Linear(width, embed_dim, bias=False)
         self.head_labels = nn.Linear(width, cfg.num_labels) if cfg.num_labels > 0 else None
         if self.head_labels is not None:
