@@ -110,17 +110,20 @@ def _write_on_workers(jobs: list[dict[str, Any]], encode: Encode, target: ShardT
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     rollover = Rollover(target.max_bytes, target.max_samples)
     shard: list[tuple[dict[str, Any], Any]] = []  # (job, members future) of the open shard
-    writes: list[Any] = []
+    writes: list[Any] = []  # one future per shard, in shard order
+    in_flight: deque = deque()
 
     def flush() -> None:
         keys = [job["case_id"] for job, _ in shard]
         pack_keys = [job["pack_key"] for job, _ in shard]
         writes.append(client.submit(write_shard, str(target.out_dir), target.prefix, len(writes), keys, pack_keys,
                                     target.source, target.generation, *[m for _, m in shard], pure=False))
+        in_flight.append(writes[-1])
         shard.clear()
-        busy = [w for w in writes if not w.done()]
-        if len(busy) > workers:  # bound the shards held in memory while being written
-            busy[0].result()
+        while in_flight and in_flight[0].done():
+            in_flight.popleft()
+        if len(in_flight) > workers:  # bound the shards held in memory while being written
+            in_flight.popleft().result()
 
     try:
         for job, members, size in _encoded_on_workers(jobs, encode, client, 2 * workers):
