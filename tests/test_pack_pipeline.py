@@ -220,3 +220,25 @@ def test_compaction_then_prune_then_build_writes_nothing(data, tmp_path):
     assert ran(again) == {"resample": 0, "regions": 0, "text": 0, "pack": moved.samples}
     assert read_index(out)["splits"] == compacted["splits"] and check_index(out) == []
     assert status(out).stages["pack"].stale == {} and sum(ran(run([src], out)).values()) == 0
+
+
+def test_trainer_reads_each_case_once_after_a_delta_build(data, tmp_path):
+    """The contract with the trainer after a changed case: its old sample is skipped, its new one read."""
+    import json
+
+    tdata = pytest.importorskip("ctprep_train.data")
+    src = tmp_path / "omni"
+    shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
+    out = tmp_path / "shards"
+    run([src], out)
+    records = json.loads((src / "batch_01" / "records.json").read_text())
+    records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
+    (src / "batch_01" / "records.json").write_text(json.dumps(records))
+    run([src], out)
+    expect = tdata.ShardExpectation(tokenizer=read_index(out)["tokenizer"])
+    index = tdata.load_shard_index(out, expect)
+    read = [(shard.path, ref.key) for shard in index.shards("train")["omniabnorm"]
+            for ref in shard.live(tdata.scan_tar(shard.path)[0])]
+    assert sorted(k for _, k in read) == sorted(r["id"] for r in records)  # each case once
+    assert [p for p, k in read if k == records[0]["id"]] == [str(out / e["path"]) for e in read_index(out)["splits"]["train"]
+                                                             if e["generation"] == 2]
