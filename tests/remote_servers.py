@@ -141,7 +141,9 @@ def serve_http(root: Path, tls: tuple[Path, Path] | None = None) -> Iterator[HTT
         _wait_until_up(port, lambda: server.started)
         yield HTTPServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}", faults)
     finally:
-        server.should_exit = True
+        # force_exit: do not wait for the client's idle keep-alive connections (a TLS one would
+        # hold the shutdown for asyncio's 30 s close-notify timeout)
+        server.should_exit = server.force_exit = True
         thread.join(timeout=30)
 
 
