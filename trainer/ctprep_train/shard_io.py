@@ -71,6 +71,10 @@ class RetryPolicy:
     connect_timeout_s: float = 10.0  # to open a connection
     read_timeout_s: float = 60.0  # without a byte arriving before the read counts as failed
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+
 
 DEFAULT_RETRY = RetryPolicy()
 
@@ -191,8 +195,8 @@ class _RemoteFile(ShardFile):
         self._size: int | None = None
         self._block: tuple[int, bytes] = (0, b"")  # read-ahead: (offset, bytes) of the last block
 
-    # Each transport: the object's size, and one attempt at reading a range into target
-    # (returning how many bytes arrived before the stream ended or failed).
+    # Each transport: the object's size, and one attempt at reading a range into target that
+    # adds every byte it puts there to progress[0] (so a retry asks only for the rest).
     def _stat(self) -> int:
         raise NotImplementedError
 
