@@ -269,6 +269,77 @@ def test_parallel_read_of_a_truncated_file_is_a_corrupt_member_error(tmp_path, m
     np.testing.assert_array_equal(out.numpy().reshape(2, -1), np.tile(np.arange(8, 200, dtype=np.uint8), (2, 1)))
 
 
+def test_crc32_combine_fallback_joins_pieces_as_zlib_does():
+    import zlib
+
+    rng = np.random.default_rng(0)
+    for sizes in ([0, 5], [1, 1], [7, 0, 300, 4096], [70_001, 3, 1 << 16]):
+        pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+        whole = zlib.crc32(b"".join(pieces))
+        for combine in (data_decode._crc32_combine_py, data_decode.crc32_combine):
+            crc = 0
+            for piece in pieces:
+                crc = combine(crc, zlib.crc32(piece), len(piece))
+            assert crc == whole
+
+
+def test_decode_reads_the_headers_of_large_volumes_never_their_data(tmp_path, monkeypatch):
+    """The worker's reads of a sample skip the volumes' data (read once, into the batch), even
+    where a small member (labels.npy) lies between image.npy and mask.npy in the tar."""
+    from ctprep_train import shard_io
+
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
+    write_test_shards(tmp_path, {"train": [2]}, shape_zyx=(16, 128, 128), compress=())
+    refs, _ = D.scan_tar(str(tmp_path / "train" / "ctrate-0-000000.tar"))
+    names = [name for name, _, _ in refs[0].members]
+    assert names.index("image.npy") < names.index("labels.npy") < names.index("mask.npy")
+    reads: list[int] = []
+    real = shard_io.LocalFile.pread
+    monkeypatch.setattr(shard_io.LocalFile, "pread", lambda self, offset, n: reads.append(n) or real(self, offset, n))
+    index = D.load_shard_index(tmp_path, EXPECT)
+    crcs = index.shards("train")["ctrate"][0].meta_crc32
+    sample = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER, crcs)
+    small = sum(size for name, _, size in refs[0].members if name not in ("image.npy", "mask.npy"))
+    assert len(reads) == 3  # image header | labels + mask header | meta.json .. the last member
+    # each member may add its tar header and padding to a read; the mask alone is 256 KiB
+    assert sum(reads) <= small + 2 * data_decode.NPY_HEAD_BYTES + len(names) * 2 * D.TAR_BLOCK < (256 << 10) // 8
+    assert isinstance(sample["image"], D.LazyNpy) and sample["image"].crc is not None
+    assert sample["meta"]["id"] == refs[0].key
+
+
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_volume_crc_joined_from_unaligned_chunks_and_pieces_finds_one_flipped_byte(tmp_path, monkeypatch, read_threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(data_decode, "CRC_PIECE", 333)  # pieces and chunks at odd, unaligned offsets
+    monkeypatch.setattr(data_collate, "READ_CHUNK", 1000)
+    write_test_shards(tmp_path, {"train": [2]}, shape_zyx=(4, 32, 32), compress=())
+    path = tmp_path / "train" / "ctrate-0-000000.tar"
+    refs, _ = D.scan_tar(str(path))
+    crcs = D.load_shard_index(tmp_path, EXPECT).shards("train")["ctrate"][0].meta_crc32
+
+    def images(executor, failed=None):
+        parts = [D.decode_sample(ref, EXPECT, TEST_TOKENIZER, crcs)["image"] for ref in refs]
+        return D.LazyVolumes(parts, torch.int16).materialize(executor=executor, failed=failed)
+
+    with ThreadPoolExecutor(read_threads) as pool:
+        executor = pool if read_threads > 1 else None
+        intact = images(executor)
+        _, offset, size = next(m for m in refs[1].members if m[0] == "image.npy")
+        raw = bytearray(path.read_bytes())
+        raw[offset + size - 1500] ^= 0x01  # inside a middle chunk and piece of the second image
+        path.write_bytes(bytes(raw))
+        with pytest.raises(D.CorruptMemberError, match="image.npy: crc32"):
+            images(executor)
+        failed: dict[int, str] = {}
+        damaged = images(executor, failed)
+    assert list(failed) == [1] and "crc32" in failed[1]
+    assert torch.equal(damaged[0], intact[0])
+    eager = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER)["image"]
+    np.testing.assert_array_equal(intact[0].numpy(), np.asarray(eager))
+
+
 @pytest.mark.parametrize("read_threads", [1, 3])
 def test_volume_failing_while_read_into_the_batch_is_replaced_not_fatal(tmp_path, monkeypatch, read_threads):
     """A shard cut after it was scanned: the reader thread's short read skips that sample, counted."""

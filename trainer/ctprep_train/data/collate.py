@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ctprep.shards import CorruptMemberError
-from ctprep_train.data.decode import CompressedNpy, CorruptVolumeError, LazyNpy
+from ctprep_train.data.decode import CompressedNpy, CorruptVolumeError, LazyNpy, crc32_combine
 
 
 def _pad_stack(arrays: list[np.ndarray], shape: tuple[int, ...], fill: int, dtype) -> np.ndarray:
@@ -38,9 +38,10 @@ class LazyVolumes:
 
     DataLoader workers hand batches to the trainer process through shared memory, which costs
     a fresh shared mapping, its page faults and one more copy per volume; a worker therefore
-    sends only where the bytes are, and the trainer process reads them with one ``preadv``
-    per volume straight into the (pinned) batch tensor, in a background thread (preadv releases
-    the GIL).
+    sends only where the bytes are, and the trainer process reads them with ``preadv`` straight
+    into the (pinned) batch tensor, in background threads (``preadv`` and ISA-L's CRC32 release
+    the GIL). Each ``decode.CRC_PIECE`` read is checksummed right away, while it is in the CPU
+    cache, so verification adds no second pass over the volume in memory.
     """
 
     parts: list[LazyNpy]
@@ -50,7 +51,8 @@ class LazyVolumes:
         self, pin: bool = False, pool: BufferPool | None = None, executor: Executor | None = None,
         failed: dict[int, str] | None = None,
     ) -> torch.Tensor:
-        """The stacked batch tensor; with ``executor``, read in ``READ_CHUNK`` pieces in parallel.
+        """The stacked batch tensor, verified; with ``executor``, read in ``READ_CHUNK`` pieces in
+        parallel (the pieces' CRC32s are joined with ``crc32_combine``).
 
         A volume that cannot be read (the shard was truncated or changed after it was scanned)
         raises ``CorruptMemberError``, or, with ``failed``, is recorded there as
@@ -62,43 +64,48 @@ class LazyVolumes:
         else:
             out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         view = out.numpy()
-        jobs: list[tuple[int, Any]] = []
+        bad: dict[int, Exception] = {}  # batch index -> its first read or checksum failure
         if executor is None:
             for i, part in enumerate(self.parts):
-                jobs.append((i, lambda part=part, i=i: part.read_into(view[i])))  # reads, then verifies
+                _record(bad, i, lambda part=part, i=i: part.read_into(view[i]))  # reads, verifying as it goes
         else:
+            chunks = []  # (batch index, part, [(future -> the chunk's CRC32, chunk bytes)])
             for i, part in enumerate(self.parts):
                 target = memoryview(view[i].reshape(-1).view(np.uint8))
-                jobs += [(i, executor.submit(_read_chunk, part, target, start))
-                         for start in range(0, part.nbytes, READ_CHUNK)]
-        bad = self._run(jobs, failed)
-        if executor is not None:  # whole volumes read: verify them (CRC32 releases the GIL)
-            checks = [(i, executor.submit(part.verify, view[i])) for i, part in enumerate(self.parts)
-                      if part.crc is not None and i not in bad]
-            self._run(checks, failed)
+                chunks.append((i, part, [(executor.submit(_read_chunk, part, target, start),
+                                          min(READ_CHUNK, part.nbytes - start))
+                                         for start in range(0, part.nbytes, READ_CHUNK)]))
+            # Every future is awaited, failed or not: none may still write into the batch after this.
+            for i, part, futures in chunks:
+                crcs = [_record(bad, i, future.result) for future, _ in futures]
+                if i not in bad:  # the chunks' CRC32s, joined in order = the data's
+                    data_crc = 0
+                    for crc, n in zip(crcs, (n for _, n in futures)):
+                        data_crc = crc32_combine(data_crc, crc, n)
+                    _record(bad, i, lambda part=part, c=data_crc: part.check(c))
+        if bad and failed is None:
+            raise next(iter(bad.values()))
+        for i, exc in bad.items():
+            failed.setdefault(i, f"{type(exc).__name__}: {exc}")
         return out
 
-    @staticmethod
-    def _run(jobs: list[tuple[int, Any]], failed: dict[int, str] | None) -> set[int]:
-        """Run / await the jobs; batch indices that failed (recorded in ``failed``, or raised)."""
-        bad: set[int] = set()
-        for i, job in jobs:
-            try:
-                job() if callable(job) else job.result()
-            except (CorruptMemberError, OSError) as exc:
-                if failed is None:
-                    raise
-                failed.setdefault(i, f"{type(exc).__name__}: {exc}")
-                bad.add(i)
-        return bad
+
+def _record(bad: dict[int, Exception], i: int, job) -> Any:
+    """``job()``; a read or checksum failure is kept as ``bad[i]`` (the first one per index)."""
+    try:
+        return job()
+    except (CorruptMemberError, OSError) as exc:
+        bad.setdefault(i, exc)
+        return None
 
 
 READ_CHUNK = 4 << 20  # bytes per parallel read: small enough to balance threads, large enough to stream
 
 
-def _read_chunk(part: LazyNpy, target: memoryview, start: int) -> None:
-    """Copy bytes [start, start + READ_CHUNK) of ``part``'s data into the same range of ``target``."""
-    part.read_range_into(target, start, min(start + READ_CHUNK, part.nbytes))
+def _read_chunk(part: LazyNpy, target: memoryview, start: int) -> int:
+    """Copy bytes [start, start + READ_CHUNK) of ``part``'s data into the same range of ``target``;
+    their CRC32 (0 when the part is not verified)."""
+    return part.read_range_into(target, start, min(start + READ_CHUNK, part.nbytes))
 
 
 class BufferPool:

@@ -2,8 +2,8 @@
 
 Large uncompressed ``.npy`` volume members become ``LazyNpy`` (header parsed, data read later
 straight into the batch tensor); compressed ones become ``CompressedNpy`` (decompressed straight
-into the batch); the small members are read with one ``pread`` and decoded by
-``ctprep.shards.decode_member``. Never pickle: ``.npy`` headers are parsed with
+into the batch); the small members and the volume headers are read with a few ``pread``s of
+adjacent byte spans (never across a volume's data) and decoded by ``ctprep.shards.decode_member``. Never pickle: ``.npy`` headers are parsed with
 ``numpy.lib.format`` and object dtypes are refused.
 
 Verified reads (docs/verified-reads.md): a sample's ``meta.json`` is checked against the CRC32 its
@@ -11,7 +11,8 @@ shard's index entry holds (``meta_crc32``), every other member against the CRC32
 holds (``crc32``) - ``ctprep.shards.check_meta`` / ``check_member``, the checks
 ``ctprep.stages.pack.check_index`` runs too - each where its bytes are read: small members in
 ``decode_sample``, compressed volumes before they are decompressed into the batch, uncompressed
-volumes after ``preadv`` put them there. A mismatch is a ``CorruptMemberError`` (the sample is
+volumes piece by piece as ``preadv`` puts them there (each ``CRC_PIECE`` is checksummed while it
+is still in the CPU cache; the pieces' CRCs are joined with ``crc32_combine``). A mismatch is a ``CorruptMemberError`` (the sample is
 skipped and counted by the streams). A shard whose index entry has no ``meta_crc32`` was packed
 before checksums: its samples are read unverified, with one warning per shard.
 """
@@ -36,14 +37,62 @@ from ctprep.shards import (
     member_field,
 )
 from ctprep.shards import npy_header as _npy_header
+from ctprep_train import shard_io
 from ctprep_train.data.index import ShardExpectation, check_identity
-from ctprep_train.data.tar import SampleRef, pread_into, read_member
+from ctprep_train.data.tar import SampleRef, pread_into
 
 REQUIRED_MEMBERS = (*schema.NPY_MEMBERS, member_field(shards.META_MEMBER))
 
 
 LAZY_MIN_BYTES = 1 << 20  # uncompressed volume members above this are read straight into the batch
 LAZY_FIELDS = ("image", "mask")  # the (Z, Y, X) volumes; everything else is small
+NPY_HEAD_BYTES = 4096  # bytes read to parse a lazy volume's .npy header
+SPAN_GAP = 64 << 10  # member reads closer than this many bytes are merged into one pread
+# Bytes read and then checksummed at once: the CRC runs over data still in the CPU cache (a
+# second pass over a whole volume would read it back from memory at a third of the speed).
+CRC_PIECE = 512 << 10
+
+
+def _crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
+    """zlib's ``crc32_combine``: the CRC32 of A + B from crc(A), crc(B) and len(B) (GF(2) matrices)."""
+
+    def times(mat: list[int], vec: int) -> int:
+        out, i = 0, 0
+        while vec:
+            if vec & 1:
+                out ^= mat[i]
+            vec >>= 1
+            i += 1
+        return out
+
+    def square(mat: list[int]) -> list[int]:
+        return [times(mat, mat[n]) for n in range(32)]
+
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = square(odd)  # two zero bits
+    odd = square(even)  # four zero bits
+    while True:  # apply len2 zero bytes to crc1, one bit of len2 at a time
+        even = square(odd)
+        if len2 & 1:
+            crc1 = times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = square(even)
+        if len2 & 1:
+            crc1 = times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+try:  # ISA-L's (C); the same function as the fallback
+    from isal.isal_zlib import crc32_combine
+except ImportError:  # pragma: no cover - isal is a dependency; older releases lack crc32_combine
+    crc32_combine = _crc32_combine_py
 
 
 class LazyNpy:
@@ -66,21 +115,32 @@ class LazyNpy:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def read_into(self, out: np.ndarray) -> None:
-        """Fill the C-contiguous ``out`` (same shape) from the file, then verify it."""
-        pread_into(self.path, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
-        self.verify(out)
+        """Fill the C-contiguous ``out`` (same shape) from the file, verifying it as it is read."""
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        self.check(self.read_range_into(target, 0, len(target)))
         if self.fortran:  # rare: stored column-major; reorder in place via a copy
             out[...] = out.reshape(-1).reshape(self.shape[::-1]).T
 
-    def read_range_into(self, target: memoryview, start: int, end: int) -> None:
-        """Copy bytes [start, end) of the data into the same range of ``target`` (not verified: ``verify``)."""
-        pread_into(self.path, self.offset + start, target[start:end])
+    def read_range_into(self, target: memoryview, start: int, end: int) -> int:
+        """Copy bytes [start, end) of the data into the same range of ``target``; returns their
+        CRC32 (0 when not verified), computed piece by piece while each piece is in the cache.
+        The caller joins the ranges' CRCs and calls ``check``."""
+        if self.crc is None:
+            pread_into(self.path, self.offset + start, target[start:end])
+            return 0
+        crc = 0
+        for at in range(start, end, CRC_PIECE):
+            piece = target[at : min(at + CRC_PIECE, end)]
+            pread_into(self.path, self.offset + at, piece)
+            crc = crc32(piece, crc)
+        return crc
 
-    def verify(self, out: np.ndarray) -> None:
-        """Raise ``CorruptMemberError`` if the bytes read into ``out`` (stored order) fail the CRC32."""
+    def check(self, data_crc: int) -> None:
+        """Raise ``CorruptMemberError`` unless header + data, the data's CRC32 being ``data_crc``,
+        match the member's CRC32 (no-op when not verified)."""
         if self.crc is None:
             return
-        found = crc32(out.reshape(-1).view(np.uint8), self.head_crc)
+        found = crc32_combine(self.head_crc, data_crc, self.nbytes)
         if found != self.crc:
             raise CorruptMemberError(f"{self.where}: crc32 {found} != {self.crc} in meta.json")
 
@@ -90,10 +150,13 @@ class LazyNpy:
         return out if dtype is None else out.astype(dtype)
 
 
-def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None:
-    if not name.endswith(".npy") or size < LAZY_MIN_BYTES:
-        return None
-    head = read_member(path, offset, min(size, 4096))
+def _is_lazy(name: str, size: int) -> bool:
+    """An uncompressed volume member big enough to be read straight into the batch later."""
+    return member_field(name) in LAZY_FIELDS and name.endswith(".npy") and size >= LAZY_MIN_BYTES
+
+
+def _lazy_member(path: str, name: str, offset: int, size: int, head: memoryview) -> LazyNpy:
+    """The ``LazyNpy`` of a member whose first bytes (``NPY_HEAD_BYTES`` at most) are ``head``."""
     shape, fortran, dtype, data_at = _npy_header(head)
     if dtype.hasobject:
         raise CorruptMemberError(f"{name}: object arrays are refused (would need pickle)")
@@ -101,6 +164,26 @@ def _lazy_member(path: str, name: str, offset: int, size: int) -> LazyNpy | None
     if data_at + lazy.nbytes > size:
         raise CorruptMemberError(f"{name}: npy data truncated ({size - data_at} < {lazy.nbytes} bytes)")
     return lazy
+
+
+def _read_spans(path: str, wanted: list[tuple[int, int, str]]) -> dict[str, memoryview]:
+    """{name: its bytes} for ``(offset, size, name)`` ranges of one shard, sorted by offset; ranges
+    less than ``SPAN_GAP`` apart share one ``pread`` (one Range request remotely); each name's bytes
+    are a zero-copy slice of its read."""
+    out: dict[str, memoryview] = {}
+    with shard_io.open_shard(path) as shard:
+        i = 0
+        while i < len(wanted):
+            start, j = wanted[i][0], i
+            end = start + wanted[i][1]
+            while j + 1 < len(wanted) and wanted[j + 1][0] - end <= SPAN_GAP:
+                j += 1
+                end = max(end, wanted[j][0] + wanted[j][1])
+            blob = memoryview(shard.pread(start, end - start))
+            for offset, size, name in wanted[i : j + 1]:
+                out[name] = blob[offset - start : offset - start + size]
+            i = j + 1
+    return out
 
 
 class CompressedNpy:
@@ -195,8 +278,9 @@ def decode_sample(
     """Read, verify and decode one sample; raises CorruptMemberError or ShardMismatchError.
 
     Large uncompressed ``.npy`` members become ``LazyNpy`` (header parsed, data read later
-    straight into the batch). The other members are contiguous in the tar and are fetched with
-    one ``pread``; each is then a zero-copy slice of it.
+    straight into the batch). The other members and those headers are fetched with one ``pread``
+    per run of adjacent members (``_read_spans``: a volume's data between two members splits the
+    run, so it is not read twice); each member is then a zero-copy slice of its read.
 
     Args:
         meta_crcs: the shard's ``meta_crc32`` from the index (``ShardInfo.meta_crc32``); None
@@ -205,39 +289,32 @@ def decode_sample(
     """
     where = f"{ref.shard} sample {ref.key}"
     sample: dict[str, Any] = {"__key__": ref.key, "__shard__": ref.shard}
-    lazy: dict[str, LazyNpy] = {}  # member name -> volume read later
-    small = []
+    # Every member's bytes but the lazy volumes' data (only their npy header), in as few reads as
+    # the tar order allows: a volume's data is never read here (it goes straight into the batch).
+    lazy_names = {name for name, _, size in ref.members if _is_lazy(name, size)}
+    blobs = _read_spans(ref.shard, sorted(
+        (offset, min(size, NPY_HEAD_BYTES) if name in lazy_names else size, name) for name, offset, size in ref.members))
+    meta, sums = _member_checksums(where, blobs.get(shards.META_MEMBER), ref, expect, tokenizer, meta_crcs)
     for name, offset, size in ref.members:
         field_name = member_field(name)
+        data = blobs[name]
         try:
-            member = _lazy_member(ref.shard, name, offset, size) if field_name in LAZY_FIELDS else None
+            if name in lazy_names:
+                member = _lazy_member(ref.shard, name, offset, size, data)
+                member.crc, member.where = sums.get(name), f"{where} {name}"
+                sample[field_name] = member
+                continue
+            base, suffix = schema.strip_compression(name)
+            if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
+                # verified when it is decompressed into the batch
+                sample[field_name] = CompressedNpy(data, suffix, sums.get(name), name)
+                continue
         except CorruptMemberError:
             raise
         except Exception as exc:
             raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
-        if member is not None:
-            lazy[name], sample[field_name] = member, member
-        else:
-            small.append((field_name, name, offset, size))
-    blobs: dict[str, memoryview] = {}
-    if small:
-        start = min(offset for _, _, offset, _ in small)
-        end = max(offset + size for _, _, offset, size in small)
-        blob = memoryview(read_member(ref.shard, start, end - start))
-        blobs = {name: blob[offset - start : offset - start + size] for _, name, offset, size in small}
-    sums = _member_checksums(where, blobs.get(shards.META_MEMBER), ref, expect, tokenizer, meta_crcs)
-    for name, member in lazy.items():
-        member.crc, member.where = sums.get(name), f"{where} {name}"
-    for field_name, name, offset, size in small:
-        data = blobs[name]
-        base, suffix = schema.strip_compression(name)
-        if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
-            try:  # verified when it is decompressed into the batch
-                sample[field_name] = CompressedNpy(bytes(data), suffix, sums.get(name), name)
-            except CorruptMemberError:
-                raise
-            except Exception as exc:
-                raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
+        if name == shards.META_MEMBER and meta is not None:
+            sample[field_name] = meta  # already parsed (and verified) by check_meta
             continue
         shards.check_member(name, data, sums)
         sample[field_name] = decode_member(name, data)
@@ -254,8 +331,9 @@ def decode_sample(
 def _member_checksums(
     where: str, raw_meta: memoryview | bytes | None, ref: SampleRef, expect: ShardExpectation,
     tokenizer: dict[str, str], meta_crcs: Mapping[str, int] | None,
-) -> dict[str, int]:
-    """Verify ``meta.json`` against the index and return its {member: CRC32} ({}: nothing to verify).
+) -> tuple[dict[str, Any] | None, dict[str, int]]:
+    """Verify ``meta.json`` against the index; (the parsed meta, its {member: CRC32}), or
+    (None, {}) when verification is off or there is no ``meta.json``.
 
     Raises CorruptMemberError when the sample cannot be trusted: ``meta.json`` fails the
     index's CRC32, or a schema member has no checksum although the shard was packed with them.
@@ -265,11 +343,11 @@ def _member_checksums(
     run then stops with the file named rather than silently skipping a whole foreign shard).
     """
     if not expect.verify_checksums or raw_meta is None:
-        return {}  # no meta.json: decode_sample reports the missing member
+        return None, {}  # no meta.json: decode_sample reports the missing member
     names = [name for name, _, _ in ref.members]
     want = None if meta_crcs is None else meta_crcs.get(ref.key)
     try:
-        _, sums = shards.check_meta(raw_meta, names, want, recorded=meta_crcs is not None)
+        meta, sums = shards.check_meta(raw_meta, names, want, recorded=meta_crcs is not None)
     except MetaChecksumError as exc:
         if exc.meta is not None:
             try:
@@ -278,4 +356,4 @@ def _member_checksums(
                 raise ShardMismatchError(f"{mismatch} (its meta.json does not match the index's checksum either: "
                                          "was the shard replaced after index.json was written?)") from None
         raise
-    return sums
+    return meta, sums
