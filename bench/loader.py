@@ -9,6 +9,10 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
            collate into the Batch contract; volumes copied by ``--read-threads`` threads).
 * ctclip : what CT-CLIP does per sample: nibabel load .nii.gz, get_fdata (float64), apply
            slope/intercept, torch trilinear resample to the same grid, clip, per case.
+* webdataset : stock ``webdataset.WebDataset(tar paths)`` over the same shards: ``decode`` with
+           explicit handlers (.npy via numpy's reader, .npy.zst via zstandard, .json; never
+           pickle), ``batched`` with image/mask/regions/labels stacked into tensors, in the same
+           DataLoader setup (no checksums, no token padding: less work than the stream rows).
 
 MB/s is always counted in shard-tar bytes per sample so the three are comparable.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import resource
 import statistics
@@ -165,6 +170,49 @@ def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, 
     return elapsed, samples
 
 
+def _wds_decode(key: str, data: bytes):
+    """The handler given to ``WebDataset.decode``: the shard's member types only (no pickle)."""
+    if key.endswith(".npy.zst"):
+        import zstandard
+
+        data, key = zstandard.ZstdDecompressor().decompress(data), key[: -len(".zst")]
+    if key.endswith(".npy"):
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    if key.endswith(".json"):
+        return json.loads(data)
+    return None
+
+
+def _wds_fields(sample: dict) -> dict:
+    return {shards.member_field(k): v for k, v in sample.items() if not k.startswith("__")}
+
+
+def _wds_collate(samples: list[dict]) -> dict:
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("image", "mask", "regions", "labels")}
+    batch["ids"] = [s["meta"]["id"] for s in samples]
+    batch["other"] = [{k: v for k, v in s.items() if k not in batch} for s in samples]
+    return batch
+
+
+def measure_webdataset(tars: list[str], cases: int, workers: int, batch_size: int, n_batches: int) -> tuple[float, int]:
+    """Stock webdataset over the same tars; seconds for ``n_batches`` after the first, samples counted."""
+    import webdataset as wds
+
+    passes = -(-(n_batches + 1) * batch_size // cases) + 1
+    dataset = (wds.WebDataset(tars * passes, shardshuffle=False, empty_check=False)
+               .decode(_wds_decode).map(_wds_fields).batched(batch_size, collation_fn=_wds_collate, partial=False))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    samples = 0
+    for _ in range(n_batches):
+        samples += len(next(it)["ids"])
+    elapsed = time.perf_counter() - start
+    del it
+    return elapsed, samples
+
+
 class NiftiCases(Dataset):
     def __init__(self, paths: list[str], grid: tuple[int, int, int]):
         self.paths, self.grid = paths, grid
@@ -203,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compress", choices=("none", "zst"), default="none", help="image/mask members")
     parser.add_argument("--work", help="folder for the generated inputs (default: a temp folder)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--skip-ctclip", action="store_true", help="only raw read and the streaming loader")
+    parser.add_argument("--skip-ctclip", action="store_true", help="no ctclip nii.gz rows")
+    parser.add_argument("--skip-webdataset", action="store_true", help="no plain webdataset rows")
     parser.add_argument("--verify-cost", action="store_true",
                         help="also measure the loader (1 worker) with checksum verification on and off")
     parser.add_argument("--remote", choices=("nginx", "uvicorn"),
@@ -277,6 +326,12 @@ class Bench:
                 row["vs_ctclip"] = row["samples_s"] / ctclip[w]
             rows.append(row)
         return rows
+
+    def webdataset_rows(self) -> list[dict]:
+        a = self.args
+        return [self.row("webdataset", w, self.paired(
+            lambda: measure_webdataset(self.inputs["tars"], a.cases, w, a.batch_size, self.n_batches)))
+            for w in a.workers]
 
     def verify_rows(self) -> list[dict]:
         """The loader with 1 worker, checksums verified and off, measured in alternation (drifting
@@ -353,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args, prepared_inputs(args))
     ctclip = [] if args.skip_ctclip else bench.ctclip_rows()
     rows = ctclip + bench.stream_rows({r["workers"]: r["samples_s"] for r in ctclip})
+    rows += [] if args.skip_webdataset else bench.webdataset_rows()
     verify_rows = bench.verify_rows() if args.verify_cost else []
     remote_rows = bench.remote_rows() if args.remote else []
     raw_mbs = statistics.median(bench.raw_all)

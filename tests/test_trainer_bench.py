@@ -15,7 +15,7 @@ def test_loader_bench_runs_every_method_and_pairs_ratios(tmp_path, capsys):
                          "--json", str(out)])
     rows = {(r["method"], r["workers"]): r for r in result["rows"]}
     assert set(rows) == {("raw read", "-"), ("ctclip nii.gz", 0), ("ctclip nii.gz", 1),
-                         ("stream shards", 0), ("stream shards", 1)}
+                         ("stream shards", 0), ("stream shards", 1), ("webdataset", 0), ("webdataset", 1)}
     for key, row in rows.items():
         assert row["samples_s"] > 0 and row["mb_s"] > 0, key
     for workers in (0, 1):
@@ -24,11 +24,11 @@ def test_loader_bench_runs_every_method_and_pairs_ratios(tmp_path, capsys):
         assert 0 < stream["vs_raw"]
     assert json.loads(out.read_text())["rows"] == result["rows"]
     table = capsys.readouterr().out
-    assert table.count("| stream shards |") == 2 and "| raw read |" in table
+    assert table.count("| stream shards |") == 2 and table.count("| webdataset |") == 2 and "| raw read |" in table
     # A second run reuses the prepared inputs instead of writing them again.
     first_nii = tmp_path / "w" / "nii" / "case_0000.nii.gz"
     written = first_nii.stat().st_mtime_ns
     again = bench.main(["--cases", "4", "--src", "8", "32", "32", "--grid", "8", "32", "32", "--workers", "0",
-                        "--repeats", "1", "--passes", "1", "--skip-ctclip", "--work", str(tmp_path / "w")])
+                        "--repeats", "1", "--passes", "1", "--skip-ctclip", "--skip-webdataset", "--work", str(tmp_path / "w")])
     assert [r["method"] for r in again["rows"]] == ["raw read", "stream shards"]
     assert first_nii.stat().st_mtime_ns == written
