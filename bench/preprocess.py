@@ -371,8 +371,15 @@ def big_table(args, tmp: Path) -> None:
     print(f"input {shape} int16 at {spacing} mm (z, y, x) = {raw_bytes / 1e9:.2f} GB as int16; one thread per "
           f"process; each cell a fresh child process; median of {args.repeats} (peak: max)", flush=True)
     t0 = time.perf_counter()
-    paths = write_big_phantom(tmp / "ctrate_big", shape, spacing)
-    print(f"phantom written in {time.perf_counter() - t0:.0f} s (wall): " + ", ".join(
+    root = tmp / ("ctrate_big_" + "x".join(map(str, shape)) + "_" + "x".join(f"{s:g}" for s in spacing))
+    if (root / "complete").exists():  # a previous run with this --workdir, shape and spacing
+        paths = {"v2": root / "train_fixed/train_1/train_1_a/train_1_a_1.nii.gz",
+                 "v1": root / "train/train_1/train_1_a/train_1_a_2.nii.gz",
+                 "mask": root / "masks/train_fixed/train_1/train_1_a/train_1_a_1.nii.gz"}
+    else:
+        paths = write_big_phantom(root, shape, spacing)
+        (root / "complete").write_text("")
+    print(f"phantom ready in {time.perf_counter() - t0:.0f} s (wall): " + ", ".join(
         f"{k} {p.stat().st_size / 1e6:.0f} MB" for k, p in paths.items()), flush=True)
     meta = {"v2": {}, "v1": big_meta(shape, spacing)}
     rows = []
@@ -452,6 +459,7 @@ def case_tree(root: Path, image: Path, mask: Path, n: int) -> Path:
     """A CT-RATE tree of ``n`` cases ``train_{i}_a_1`` whose files are hard links to ``image`` /
     ``mask`` (copies where links fail), plus the reports CSV the source needs. Every case has its
     own id and paths, so each is fingerprinted, resampled and written on its own."""
+    shutil.rmtree(root, ignore_errors=True)
     rows = ["VolumeName,ClinicalInformation_EN,Technique_EN,Findings_EN,Impressions_EN"]
     for i in range(1, n + 1):
         rel = Path("train") / f"train_{i}" / f"train_{i}_a" / f"train_{i}_a_1.nii.gz"

@@ -224,3 +224,20 @@ def test_direct_chunk_writer_matches_zarr_byte_for_byte(tmp_path, monkeypatch, c
     assert got == want
     img, msk, attrs = read_case_zarr(direct)
     assert np.array_equal(img, image) and np.array_equal(msk, mask) and attrs["case_id"] == "a"
+
+
+@pytest.mark.parametrize("n,h,w,scale", [(5, 37, 41, (1 / 1.0714285714285714, 1 / 1.0714285714285714)),
+                                          (3, 20, 30, (2.5, 0.4)), (7, 512, 512, (0.7 / 0.75, 0.7 / 0.75))])
+def test_bilinear_into_buffer_is_f_interpolate(n, h, w, scale):
+    import torch
+    import torch.nn.functional as F
+
+    from ctprep.stages.resample import _bilinear
+
+    slab = torch.from_numpy(np.random.default_rng(n).normal(0, 500, (n, h, w)).astype(np.float32))
+    ref = F.interpolate(slab[None], scale_factor=scale, mode="bilinear", align_corners=False,
+                        recompute_scale_factor=False)[0]
+    got, buf = _bilinear(slab, scale, None, 8)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    again, buf2 = _bilinear(slab[: n - 1], scale, buf, 8)  # a shorter last slab reuses the buffer
+    assert buf2 is buf and torch.equal(again, ref[: n - 1])
