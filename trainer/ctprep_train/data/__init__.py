@@ -30,7 +30,7 @@ from ctprep.shards import (
     decode_npy,
     member_field,
 )
-from ctprep_train.data.collate import READ_CHUNK, BufferPool, LazyVolumes, collate_samples
+from ctprep_train.data.collate import READ_CHUNK, BufferPool, LazyVolumes, PendingVolumes, collate_samples
 from ctprep_train.data.decode import (
     LAZY_FIELDS,
     LAZY_MIN_BYTES,
@@ -85,6 +85,7 @@ __all__ = [
     "CorruptVolumeError",
     "LazyNpy",
     "LazyVolumes",
+    "PendingVolumes",
     "MetaChecksumError",
     "SampleRef",
     "ShardExpectation",

@@ -55,39 +55,60 @@ class LazyVolumes:
         parallel (the pieces' CRC32s are joined with ``crc32_combine``).
 
         A volume that cannot be read (the shard was truncated or changed after it was scanned)
-        raises ``CorruptMemberError``, or, with ``failed``, is recorded there as
+        or fails its CRC32 raises ``CorruptMemberError``, or, with ``failed``, is recorded there as
         ``{batch index: message}`` and its slot left unspecified (``BatchLoader`` replaces the row).
         """
+        return self.start(pin, pool, executor).finish(failed)
+
+    def start(self, pin: bool = False, pool: BufferPool | None = None,
+              executor: Executor | None = None) -> PendingVolumes:
+        """Allocate the batch tensor and submit its reads to ``executor`` (None: ``finish`` reads);
+        ``BatchLoader`` fetches the next batch from its workers while these reads run."""
         shape = (len(self.parts), *self.parts[0].shape)
         if pool is not None and not pin:
             out = pool.take(shape, self.dtype)
         else:
             out = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         view = out.numpy()
-        bad: dict[int, Exception] = {}  # batch index -> its first read or checksum failure
-        if executor is None:
-            for i, part in enumerate(self.parts):
-                _record(bad, i, lambda part=part, i=i: part.read_into(view[i]))  # reads, verifying as it goes
-        else:
-            chunks = []  # (batch index, part, [(future -> the chunk's CRC32, chunk bytes)])
+        chunks = []  # (batch index, part, [(future -> the chunk's CRC32, chunk bytes)])
+        if executor is not None:
             for i, part in enumerate(self.parts):
                 target = memoryview(view[i].reshape(-1).view(np.uint8))
                 chunks.append((i, part, [(executor.submit(_read_chunk, part, target, start),
                                           min(READ_CHUNK, part.nbytes - start))
                                          for start in range(0, part.nbytes, READ_CHUNK)]))
+        return PendingVolumes(self.parts, out, chunks if executor is not None else None)
+
+
+@dataclass
+class PendingVolumes:
+    """A batch tensor whose reads are submitted (``LazyVolumes.start``); ``finish`` awaits them."""
+
+    parts: list[LazyNpy]
+    out: torch.Tensor
+    chunks: list | None  # None: not submitted, ``finish`` reads in this thread
+
+    def finish(self, failed: dict[int, str] | None = None) -> torch.Tensor:
+        """Await (or do) the reads and check the CRC32s; failures as in ``LazyVolumes.materialize``."""
+        view = self.out.numpy()
+        bad: dict[int, Exception] = {}  # batch index -> its first read or checksum failure
+        if self.chunks is None:
+            for i, part in enumerate(self.parts):
+                _record(bad, i, lambda part=part, i=i: part.read_into(view[i]))  # reads, verifying as it goes
+        else:
             # Every future is awaited, failed or not: none may still write into the batch after this.
-            for i, part, futures in chunks:
+            for i, part, futures in self.chunks:
                 crcs = [_record(bad, i, future.result) for future, _ in futures]
                 if i not in bad:  # the chunks' CRC32s, joined in order = the data's
                     data_crc = 0
-                    for crc, n in zip(crcs, (n for _, n in futures)):
+                    for crc, (_, n) in zip(crcs, futures):
                         data_crc = crc32_combine(data_crc, crc, n)
                     _record(bad, i, lambda part=part, c=data_crc: part.check(c))
         if bad and failed is None:
             raise next(iter(bad.values()))
         for i, exc in bad.items():
             failed.setdefault(i, f"{type(exc).__name__}: {exc}")
-        return out
+        return self.out
 
 
 def _record(bad: dict[int, Exception], i: int, job) -> Any:

@@ -1,7 +1,7 @@
 """Loaders: the DataLoader around the streams, and the background reader that fills its batches.
 
 ``BatchLoader`` turns ``LazyVolumes`` into tensors in a thread of the trainer process (``preadv``
-releases the GIL) and hands the small arrays over as tensors; ``build_train_loader`` /
+releases the GIL; the next batch's reads are submitted before the current one is handed over) and hands the small arrays over as tensors; ``build_train_loader`` /
 ``build_valid_loader`` build it from the ``data`` section of the training config.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ctprep_train.data.collate import BufferPool, LazyVolumes
+from ctprep_train.data.collate import BufferPool, LazyVolumes, PendingVolumes
 from ctprep_train.data.index import ShardExpectation, ShardIndex
 from ctprep_train.data.streams import TrainBatches, ValidBatches, replace_failed_rows
 
@@ -56,20 +56,37 @@ class BatchLoader:
         # The reader thread is one of the copiers: with read_threads=1 it reads alone.
         readers = ThreadPoolExecutor(self.read_threads, "volume-read") if self.read_threads > 1 else None
 
+        def start(batch: dict[str, Any]) -> dict[str, Any]:
+            """Submit the batch's volume reads; turn its small arrays into tensors."""
+            for key, value in batch.items():
+                if isinstance(value, LazyVolumes):
+                    batch[key] = value.start(self.pin_memory, pool, readers)
+                elif isinstance(value, np.ndarray):
+                    tensor = torch.from_numpy(value)
+                    batch[key] = tensor.pin_memory() if self.pin_memory else tensor
+            return batch
+
+        def finish(batch: dict[str, Any]) -> dict[str, Any]:
+            failed: dict[int, str] = {}
+            for key, value in batch.items():
+                if isinstance(value, PendingVolumes):
+                    batch[key] = value.finish(failed)
+            if failed:
+                replace_failed_rows(batch, failed)
+            return batch
+
         def fill() -> None:
+            # Two batches in flight: batch k's reads run in the read threads while this thread
+            # takes batch k + 1 from the DataLoader workers and submits its reads.
+            pending = None
             try:
                 for batch in self.loader:
-                    failed: dict[int, str] = {}
-                    for key, value in batch.items():
-                        if isinstance(value, LazyVolumes):
-                            batch[key] = value.materialize(self.pin_memory, pool, readers, failed)
-                        elif isinstance(value, np.ndarray):
-                            tensor = torch.from_numpy(value)
-                            batch[key] = tensor.pin_memory() if self.pin_memory else tensor
-                    if failed:
-                        replace_failed_rows(batch, failed)
-                    if not put(batch):
+                    batch = start(batch)
+                    if pending is not None and not put(finish(pending)):
                         return
+                    pending = batch
+                if pending is not None and not put(finish(pending)):
+                    return
                 put(done)
             except BaseException as exc:  # hand every failure to the consumer
                 put(exc)
