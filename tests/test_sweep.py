@@ -110,6 +110,7 @@ def test_metric_readers():
 # --------------------------------------------------------------------------- sweeps that train
 
 
+@pytest.mark.multiprocess
 def test_a_grid_sweep_trains_every_point_prunes_by_validation_and_writes_the_report(shards, tmp_path):
     # Pruning is made deterministic: the pruned metric is the validation pool size, which the
     # searched data.valid_max_samples sets (3 or all 5); a threshold pruner stops pools below 4.
@@ -177,6 +178,7 @@ def _trial_processes(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.multiprocess
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(shards, tmp_path):
     out = tmp_path / "sweep"
     sweep = write_sweep(
@@ -232,6 +234,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(shards, tmp_path
         assert [r["state"] for r in csv.DictReader(f)] == ["complete", "fail", "complete", "complete"]
 
 
+@pytest.mark.multiprocess
 def test_an_eval_objective_runs_the_real_evaluation_of_the_real_tiny_model(shards, tmp_path):
     out = tmp_path / "sweep"
     sweep = tmp_path / "eval.yaml"

@@ -32,6 +32,7 @@ def test_mlflow_keys_and_flattening():
     assert flatten({"a": {"b": 1, "c": {}}, "d": 2}, ".") == {"a.b": 1, "a.c": {}, "d": 2}
 
 
+@pytest.mark.multiprocess
 def test_a_training_run_logs_params_metrics_and_eval_to_a_local_mlflow_store(tmp_path):
     shards = tmp_path / "shards"
     write_test_shards(shards, {"train": [6], "valid": [4]})
