@@ -107,6 +107,24 @@ def test_metric_readers():
     assert eval_value(result, "zero_shot/macro_auc") is None and eval_value(result, "nope/x") is None
 
 
+def test_the_report_of_tied_trials_draws_no_importance_and_says_why(tmp_path):
+    from optuna.distributions import FloatDistribution
+
+    from ctprep_train.sweep_report import write_report
+
+    spec = load_sweep(write_sweep(tmp_path / "tied.yaml", output=str(tmp_path / "out"), budget={"n_trials": 3},
+                                  search={"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    study = optuna.create_study(direction="maximize")
+    for lr in (1e-4, 1e-3, 1e-2):  # three complete trials, one objective value
+        study.add_trial(optuna.trial.create_trial(params={"optim.lr": lr}, value=0.5,
+                                                  distributions={"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}))
+    report = write_report(study, spec)
+    assert not (report / "importance.png").exists() and (report / "history.png").is_file()
+    assert "parameter importance" in (report / "report.md").read_text()
+    assert "different objective values" in (report / "report.md").read_text()
+    assert load_config(report / "best_config.yaml").optim.lr == 1e-4  # the first of the tied best
+
+
 # --------------------------------------------------------------------------- sweeps that train
 
 

@@ -139,6 +139,8 @@ def draw_pictures(study, spec, out: Path) -> tuple[list[str], list[str]]:
     names.append(_save(fig, out / "history.png"))
 
     evaluator, importance = _importances(study)
+    if len(set(ys)) < 2:  # a variance decomposition of a constant: every evaluator returns equal shares
+        importance = "needs two or more complete trials with different objective values"
     if isinstance(importance, str):
         notes.append(f"parameter importance ({evaluator}) not drawn: {importance}")
     else:
