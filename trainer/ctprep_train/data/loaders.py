@@ -27,8 +27,8 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 class BatchLoader:
     """Iterate a DataLoader, turning ``LazyVolumes`` into tensors in a background thread.
 
-    Keeps up to ``prefetch`` materialized batches ahead of the consumer. Errors raised by the
-    DataLoader or while reading are re-raised in the consumer.
+    Keeps up to ``prefetch`` materialized batches ahead of the consumer, plus one whose reads are
+    in flight. Errors raised by the DataLoader or while reading are re-raised in the consumer.
     """
 
     def __init__(self, loader: DataLoader, pin_memory: bool, prefetch: int = 2, read_threads: int = 1) -> None:
