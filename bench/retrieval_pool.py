@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"pool": f"~{int(np.median(sizes))} / {size} (x{a.draws})", "i2t": got_i, "t2i": got_t})
 
     print(f"R@{a.k} / random R@{a.k} on the {a.split} split of {a.shards} (pool = volumes / distinct reports)")
-    print(f"| pool | i->t median | i->t p10-p90 | t->i median | t->i p10-p90 | draws >= 3x both ways |")
+    print("| pool | i->t median | i->t p10-p90 | t->i median | t->i p10-p90 | draws >= 3x both ways |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         gi, gt = np.asarray(r["i2t"]), np.asarray(r["t2i"])

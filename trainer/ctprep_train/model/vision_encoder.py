@@ -6,7 +6,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .anatomical_encoder import AnatomicalStructureEncoder, patch_region_fraction
