@@ -210,7 +210,10 @@ def test_direct_chunk_writer_matches_zarr_byte_for_byte(tmp_path, monkeypatch, c
     mask = rng.integers(0, 5, (7, 40, 30)).astype(np.uint8)
     case = stage.ResampledCase(image, mask, np.eye(4), (1.0, 1.0, 1.0), 1.0)
     direct = tmp_path / "direct.zarr"
+    used, writer = [], stage.write_chunks_direct
+    monkeypatch.setattr(stage, "write_chunks_direct", lambda *a: used.append(writer(*a)) or used[-1])
     stage.write_case_zarr(direct, case, {"case_id": "a"}, chunks, "zstd", 1, shuffle)
+    assert used == [True, True]  # image and mask went through the direct writer, not zarr's
     monkeypatch.setattr(stage, "write_chunks_direct", lambda *a: False)  # zarr's own z[...] = arr
     ref = tmp_path / "zarr.zarr"
     stage.write_case_zarr(ref, case, {"case_id": "a"}, chunks, "zstd", 1, shuffle)
