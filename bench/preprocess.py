@@ -585,7 +585,7 @@ def print_method_table(args: argparse.Namespace, cfg, tmp: Path) -> dict:
     print(f"build-shards fixed cost per run (start-up, Dask cluster, scan listing): {fixed_w:.1f} s wall, "
           f"{fixed_c:.1f} s CPU; output {m['cli_bytes'] / 1e6:.1f} MB per volume (image + mask zarr), CT-CLIP "
           f"{m['ctclip_bytes'] / 1e6:.1f} MB (image npz); input {m['in_bytes'] / 1e6:.1f} MB .nii.gz; largest "
-          f"process peak RSS {m['peak_rss_kb'] / 1e6:.2f} GB (the Dask worker)")
+          f"peak RSS among the command's processes {m['peak_rss_kb'] / 1e6:.2f} GB")
     info = m["stage_info"]
     print(f"resample stage split, last in-process run (wall): read {info['seconds_read']} s, resample "
           f"{info['seconds_resample']} s, write {info['seconds_write']} s")
