@@ -80,3 +80,21 @@ print("ok", tuple(emb.shape))
 """
     res = _run([py, "-c", code], cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """pyproject lists packages explicitly (folder = import path under pipeline/ and trainer/): a new
+    subpackage missing from that list would be left out of every non-editable install."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    on_disk = set()
+    for name, folder in tool["package-dir"].items():
+        root = REPO / folder
+        on_disk.add(name)  # a mapped folder is a package even without __init__.py (configs/: data only)
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            on_disk.add(".".join((name, *rel)))
+    assert on_disk <= listed, f"package folders missing from pyproject's packages: {sorted(on_disk - listed)}"
+    assert listed <= on_disk, f"pyproject lists packages with no folder: {sorted(listed - on_disk)}"
