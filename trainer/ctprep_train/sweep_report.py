@@ -8,7 +8,7 @@
   values, for ``train.py --config`` (a longer run: raise ``train.steps``);
 * ``history.png`` (objective per trial and best so far), ``importance.png`` (Optuna's parameter
   importance on the complete trials: fANOVA, or PED-ANOVA without scikit-learn), ``params.png``
-  (objective against each parameter), ``curves.png`` (the pruning metric over steps, pruned trials dashed);
+  (objective against each parameter), ``curves.png`` (the pruning metric over steps, pruned trials grey crosses);
 * ``report.md`` tying them together.
 """
 
@@ -120,6 +120,7 @@ def draw_pictures(study, spec, out: Path) -> tuple[list[str], list[str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
             if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
@@ -135,6 +136,7 @@ def draw_pictures(study, spec, out: Path) -> tuple[list[str], list[str]]:
     ax.plot(xs, ys, "o", label="trial")
     ax.step(xs, best, where="post", color="C3", label="best so far")
     ax.set(xlabel="trial", ylabel=metric, title=f"optimisation history ({spec.objective.direction})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     names.append(_save(fig, out / "history.png"))
 
@@ -176,9 +178,10 @@ def draw_pictures(study, spec, out: Path) -> tuple[list[str], list[str]]:
         for t in sorted(curves, key=lambda t: t.number):
             steps = sorted(t.intermediate_values)
             pruned = t.state.name == "PRUNED"
-            ax.plot(steps, [sign * t.intermediate_values[s] for s in steps], "--" if pruned else "-o",
+            ax.plot(steps, [sign * t.intermediate_values[s] for s in steps], "x--" if pruned else "-o",
                     color="grey" if pruned else None, label=f"{t.number}{' (pruned)' if pruned else ''}")
         ax.set(xlabel="step", ylabel=pruning_metric(spec), title="validation during training")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, ncol=2)
         names.append(_save(fig, out / "curves.png"))
     return names, notes
