@@ -19,7 +19,7 @@ from ctprep.quarantine import FAULT_KIND_TO_QUARANTINE
 from ctprep.runner import build, status
 from ctprep.stages.resample import read_case_zarr
 
-synth = pytest.importorskip("ctprep.synth.ctrate")
+import ctprep.synth.ctrate as synth
 
 STAGES = "scan,resample"
 

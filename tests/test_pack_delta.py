@@ -162,7 +162,7 @@ def footprints(tmp_path, entries, cfg):
 
 @pytest.mark.multiprocess
 def test_parallel_pack_equals_serial_pack_byte_for_byte(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed as distributed
     cfg = small_config(shard_max_samples=4)
     entries = stage_outputs(tmp_path, cfg, 11)
     np.save(entries[4][1]["regions"].path, np.zeros((3, 7), np.float16))  # c04 cannot be encoded

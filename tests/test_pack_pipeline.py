@@ -15,8 +15,8 @@ from ctprep.shards import live_shard_urls
 from ctprep.stages.pack import check_index, read_index, tar_sample_keys
 from ctprep.tokenizer import default_tokenizer_dir
 
-synth_ct = pytest.importorskip("ctprep.synth.ctrate")
-synth_omni = pytest.importorskip("ctprep.synth.omniabnorm")
+import ctprep.synth.ctrate as synth_ct
+import ctprep.synth.omniabnorm as synth_omni
 
 
 def run(srcs, out, cfg=None, **kw):
@@ -92,7 +92,7 @@ def test_batches_generations_and_tokenizer_change(data, tmp_path):
 
 
 def test_rebuild_is_byte_identical_and_readable(data, tmp_path):
-    wds = pytest.importorskip("webdataset")
+    import webdataset as wds
     a, b = tmp_path / "a", tmp_path / "b"
     run([data / "omni" / "batch_01"], a)
     run([data / "omni" / "batch_01"], b)
@@ -111,7 +111,7 @@ def test_rebuild_is_byte_identical_and_readable(data, tmp_path):
 
 def test_trainer_reads_the_shards(data, tmp_path):
     """The contract with the trainer: its reader and collate accept what pack writes."""
-    tdata = pytest.importorskip("ctprep_train.data")
+    import ctprep_train.data as tdata
     out = tmp_path / "s"
     run([data / "omni" / "batch_01"], out)
     expect = tdata.ShardExpectation(tokenizer=read_index(out)["tokenizer"])
@@ -148,7 +148,7 @@ def test_changed_case_supersedes_its_sample(data, tmp_path):
     assert index["generations"][-1]["superseded"] == {e["path"]: [changed] for e in old if changed in e["cases"]}
     assert sorted(live_keys(out)) == sorted(r["id"] for r in records) and check_index(out) == []
     # plain webdataset with the tombstone filter: every case once, the changed one with its new text
-    wds = pytest.importorskip("webdataset")
+    import webdataset as wds
     urls, live = live_shard_urls(out, "train")
     seen = {s["__key__"]: s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).select(live).decode()}
     assert sorted(seen) == sorted(r["id"] for r in records)
@@ -183,7 +183,7 @@ def test_summary_counts_reports_cut_by_max_len(data, tmp_path):
 
 
 def test_steps_cut_by_max_steps_are_counted_in_the_summary_and_the_samples(data, tmp_path):
-    wds = pytest.importorskip("webdataset")
+    import webdataset as wds
     cfg = load_config("demo")
     cfg.text.max_steps = 1
     out = tmp_path / "shards"
@@ -226,7 +226,7 @@ def test_trainer_reads_each_case_once_after_a_delta_build(data, tmp_path):
     """The contract with the trainer after a changed case: its old sample is skipped, its new one read."""
     import json
 
-    tdata = pytest.importorskip("ctprep_train.data")
+    import ctprep_train.data as tdata
     src = tmp_path / "omni"
     shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
     out = tmp_path / "shards"

@@ -33,7 +33,7 @@ def test_matches_brute_force_and_rows_sum_to_one(patch):
 
 
 def test_order_is_conv3d_flatten_order():
-    torch = pytest.importorskip("torch")
+    import torch as torch
     mask = np.zeros((4, 8, 8), dtype=np.uint8)
     mask[2:, 4:, :4] = 1  # patch (z=1, y=1, x=0) of a 2x2x2 grid of (2, 4, 4) patches
     frac = patch_region_fraction(mask, 1, (2, 4, 4))

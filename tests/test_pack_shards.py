@@ -26,7 +26,7 @@ def build(tmp, cfg, ids_seeds, source="ctrate", split="train"):
 
 
 def test_plain_webdataset_and_tar_roundtrip(tmp_path):
-    wds = pytest.importorskip("webdataset")
+    import webdataset as wds
     cfg = small_config(shard_max_samples=2)
     entries = build(tmp_path, cfg, [("c_b", 2), ("c_a", 1), ("c_c", 3)])
     out = tmp_path / "shards"
@@ -197,7 +197,7 @@ def test_killed_pack_leaves_nothing_listed_and_rerun_is_identical(tmp_path, monk
 
 
 def test_dask_fan_out_writes_the_same_bytes(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed as distributed
     cfg = small_config(shard_max_samples=2)
     entries = build(tmp_path, cfg, [("d1", 1), ("d2", 2), ("d3", 3)])
     run_pack(aggregate_task(tmp_path / "work", tmp_path / "inline", cfg, entries))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-optuna = pytest.importorskip("optuna")
+import optuna
 
 from ctprep.typed_config import ConfigError  # noqa: E402
 from ctprep_train.checkpoint import complete_checkpoints  # noqa: E402
@@ -166,7 +166,7 @@ def test_a_grid_sweep_trains_every_point_prunes_by_validation_and_writes_the_rep
         table = list(csv.DictReader(f))
     assert [r["state"] for r in table] == [t.state.name.lower() for t in trials]
     assert {"optim.lr", "data.valid_max_samples", "valid/loss", "pruned_at_step", "run_dir"} <= set(table[0])
-    pytest.importorskip("sklearn", reason="parameter importance of 2 trials needs fANOVA ([dev] extra)")
+    import sklearn  # noqa: F401 (a [dev] dependency)
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     best_yaml = report / "best_config.yaml"
     cfg = load_config(best_yaml)

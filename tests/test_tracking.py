@@ -16,7 +16,7 @@ from ctprep_train.testing import write_test_shards
 from ctprep_train.tracking import RUN_FILE, flatten, log_eval_report, mlflow_key, read_run_file
 from tests.trainer_helpers import STAND_IN, launch, read_metrics
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow
 
 
 def test_report_to_defaults_to_tensorboard_and_refuses_unknown_sinks():
