@@ -196,12 +196,10 @@ def test_steps_cut_by_max_steps_are_counted_in_the_summary_and_the_samples(data,
     assert f"{dropped} CoT steps dropped at text.max_steps" in report.summary
 
 
-def test_compaction_then_prune_then_build_writes_nothing(data, tmp_path):
+def _build_then_change_one_case(data, tmp_path):
+    """A build of one OmniAbnorm batch, then a rebuild after one record's findings changed: the
+    changed case's old sample is superseded by a new one. Returns (src, out)."""
     import json
-
-    from ctprep.compact import compact
-    from ctprep.runner import status
-    from ctprep.stages.pack import prune_retired
 
     src = tmp_path / "omni"
     shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
@@ -211,6 +209,15 @@ def test_compaction_then_prune_then_build_writes_nothing(data, tmp_path):
     records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
     (src / "batch_01" / "records.json").write_text(json.dumps(records))
     run([src], out)
+    return src, out
+
+
+def test_compaction_then_prune_then_build_writes_nothing(data, tmp_path):
+    from ctprep.compact import compact
+    from ctprep.runner import status
+    from ctprep.stages.pack import prune_retired
+
+    src, out = _build_then_change_one_case(data, tmp_path)
     moved = compact(out, threshold=0.01)
     assert moved.compacted and moved.samples >= 1 and check_index(out) == []
     compacted = read_index(out)
@@ -227,14 +234,9 @@ def test_trainer_reads_each_case_once_after_a_delta_build(data, tmp_path):
     import json
 
     import ctprep_train.data as tdata
-    src = tmp_path / "omni"
-    shutil.copytree(data / "omni" / "batch_01", src / "batch_01")
-    out = tmp_path / "shards"
-    run([src], out)
+
+    src, out = _build_then_change_one_case(data, tmp_path)
     records = json.loads((src / "batch_01" / "records.json").read_text())
-    records[0]["abnormality"][0]["rewritten_findings"] += " It has grown."
-    (src / "batch_01" / "records.json").write_text(json.dumps(records))
-    run([src], out)
     expect = tdata.ShardExpectation(tokenizer=read_index(out)["tokenizer"])
     index = tdata.load_shard_index(out, expect)
     read = [(shard.path, ref.key) for shard in index.shards("train")["omniabnorm"]
