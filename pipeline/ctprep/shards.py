@@ -48,7 +48,7 @@ __all__ = [
     "ShardMismatchError", "check_member", "check_meta", "check_schema_version", "compress", "crc32",
     "decode_member", "decode_npy", "decode_sample", "decompress", "encode_sample", "index_meta_crcs",
     "json_bytes", "live_samples", "live_shard_urls", "member_field", "meta_crc32", "npy_bytes", "npy_header",
-    "read_index", "read_index_if_present", "shard_entry", "SkipSuperseded", "superseded_keys", "verify_sample",
+    "read_index", "parse_index", "read_index_if_present", "shard_entry", "SkipSuperseded", "superseded_keys", "verify_sample",
     "with_superseded", "write_index",
 ]
 
@@ -395,10 +395,19 @@ def read_index(root: str | os.PathLike[str], schema_version: int = SCHEMA_VERSIO
     path = Path(root) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no shard index; is {root} a `ctprep build-shards` output folder?")
-    index = json.loads(path.read_text())
+    return parse_index(path.read_bytes(), str(path), schema_version)
+
+
+def parse_index(raw: bytes | str, where: str, schema_version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The bytes of an ``index.json`` (read from a folder or fetched from a URL, named ``where``)
+    as a reader's index; refused unless a JSON object of ``schema_version``."""
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:
+        raise ShardMismatchError(f"{where}: not JSON ({exc})") from None
     if not isinstance(index, dict):
-        raise ShardMismatchError(f"{path}: not a JSON object")
-    check_schema_version(str(path), index.get("schema_version"), schema_version)
+        raise ShardMismatchError(f"{where}: not a JSON object")
+    check_schema_version(where, index.get("schema_version"), schema_version)
     return index
 
 

@@ -34,7 +34,6 @@ imported only when a URL of their kind is read.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -46,7 +45,7 @@ from urllib.parse import quote, urlsplit
 
 from ctprep import shards
 from ctprep.schema import INDEX_FILE
-from ctprep.shards import CorruptMemberError, ShardMismatchError
+from ctprep.shards import CorruptMemberError
 
 __all__ = [
     "DEFAULT_RETRY", "REMOTE_SCHEMES", "SCAN_READAHEAD", "RetryPolicy", "ShardFile", "TransientReadError",
@@ -536,12 +535,5 @@ def read_index(root: str | os.PathLike[str], schema_version: int) -> dict[str, A
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: no shard index; is {root} a `ctprep build-shards` output folder "
                                 "(uploaded with its index.json)?") from None
-    try:
-        index = json.loads(raw)
-    except ValueError as exc:
-        raise ShardMismatchError(f"{where}: not JSON ({exc})") from None
-    if not isinstance(index, dict):
-        raise ShardMismatchError(f"{where}: not a JSON object")
-    shards.check_schema_version(where, index.get("schema_version"), schema_version)
-    return index
+    return shards.parse_index(raw, where, schema_version)
 
