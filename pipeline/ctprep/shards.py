@@ -18,9 +18,11 @@ its own, so the index's shard entry holds it (``INDEX_CHECKSUM_KEY``, from
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -48,8 +50,8 @@ __all__ = [
     "ShardMismatchError", "check_member", "check_meta", "check_schema_version", "compress", "crc32",
     "decode_member", "decode_npy", "decode_sample", "decompress", "encode_sample", "index_meta_crcs",
     "json_bytes", "live_samples", "live_shard_urls", "member_field", "meta_crc32", "npy_bytes", "npy_header",
-    "read_index", "parse_index", "read_index_if_present", "shard_entry", "SkipSuperseded", "superseded_keys", "verify_sample",
-    "with_superseded", "write_index",
+    "read_index", "parse_index", "read_index_if_present", "shard_entry", "SkipSuperseded", "split_member", "superseded_keys",
+    "verify_sample", "with_superseded", "write_index",
 ]
 
 META_MEMBER = "meta.json"
@@ -94,9 +96,17 @@ def crc32(data: bytes | memoryview | np.ndarray, value: int = 0) -> int:
 # --------------------------------------------------------------------------- member names
 
 
+@functools.lru_cache(maxsize=256)
+def split_member(name: str) -> tuple[str, str, str]:
+    """(field, name without compression suffix, suffix): ``'image.npy.zst'`` -> ``('image',
+    'image.npy', '.zst')``. Cached: a reader asks for the same few member names for every sample."""
+    base, suffix = strip_compression(name)
+    return base.rsplit(".", 1)[0], base, suffix
+
+
 def member_field(name: str) -> str:
     """The sample field a member holds: ``'image.npy.zst'`` -> ``'image'``, ``'meta.json'`` -> ``'meta'``."""
-    return strip_compression(name)[0].rsplit(".", 1)[0]
+    return split_member(name)[0]
 
 
 # --------------------------------------------------------------------------- encode
@@ -212,27 +222,43 @@ def decompress(data: bytes | memoryview, suffix: str) -> bytes | memoryview:
     raise ValueError(f"unknown compression suffix {suffix!r}")
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DIM = rb"(?:0|[1-9]\d*)"
+# The header dict exactly as np.save writes it for a plain dtype; the shape as Python's tuple repr.
 _NPY_HEADER_RE = re.compile(
-    rb"^\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), *\} *\n?$"
+    rb"^\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \((|" + _NPY_DIM + rb",|"
+    + _NPY_DIM + rb"(?:, " + _NPY_DIM + rb")+)\), *\} *\n?$"
 )
+
+
+@functools.lru_cache(maxsize=1024)
+def _simple_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran, dtype) of the header dict as ``np.save`` writes it for a plain dtype, or
+    None for anything else. Cached by the header's exact bytes: a run sees a few dozen distinct
+    headers (one per member kind and shape), and parsing one costs more than decoding its array."""
+    match = _NPY_HEADER_RE.match(header)
+    if not match:
+        return None
+    shape = tuple(int(d) for d in match.group(3).split(b",") if d)
+    return shape, match.group(2) == b"True", np.dtype(match.group(1).decode())
 
 
 def npy_header(buf: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran, dtype, data offset) of an .npy buffer.
 
-    The common header (simple dtype, as np.save writes it) is parsed with a regex; numpy's own
-    parser (ast.literal_eval, ~1 ms per header) is the fallback for anything else.
+    The common header (simple dtype, as np.save writes it) is parsed with a regex, once per
+    distinct header; numpy's own parser (ast.literal_eval, ~1 ms per header) is the fallback for
+    anything else.
     """
-    head = bytes(buf[:10])
-    if head[:6] == b"\x93NUMPY" and head[6] in (1, 2, 3):
+    head = bytes(buf[:12])
+    if head[:6] == _NPY_MAGIC and head[6] in (1, 2, 3):
         if head[6] == 1:
             size, start = int.from_bytes(head[8:10], "little"), 10
         else:
-            size, start = int.from_bytes(bytes(buf[8:12]), "little"), 12
-        match = _NPY_HEADER_RE.match(bytes(buf[start : start + size]))
-        if match:
-            shape = tuple(int(d) for d in match.group(3).replace(b" ", b"").split(b",") if d)
-            return shape, match.group(2) == b"True", np.dtype(match.group(1).decode()), start + size
+            size, start = int.from_bytes(head[8:12], "little"), 12
+        parsed = _simple_npy_header(bytes(buf[start : start + size]))
+        if parsed is not None:
+            return (*parsed, start + size)
     stream = io.BytesIO(bytes(buf[: 65536 + 128]))
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
@@ -247,7 +273,7 @@ def decode_npy(buf: bytes | memoryview) -> np.ndarray:
     shape, fortran, dtype, offset = npy_header(buf)
     if dtype.hasobject:
         raise CorruptMemberError("object arrays are refused (would need pickle)")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # 1 for a 0-d array
     if len(buf) - offset < count * dtype.itemsize:
         raise CorruptMemberError(f"npy data truncated: {len(buf) - offset} < {count * dtype.itemsize} bytes")
     array = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
@@ -256,15 +282,15 @@ def decode_npy(buf: bytes | memoryview) -> np.ndarray:
 
 def decode_member(name: str, data: bytes | memoryview) -> Any:
     """Decode one member by its extension: ``.npy[.zst|.gz]`` -> ndarray, ``.json`` -> object."""
-    base, suffix = strip_compression(name)
+    _, base, suffix = split_member(name)
     try:
         data = decompress(data, suffix)
         if base.endswith(".npy"):
             return decode_npy(data)
         if base.endswith(".json"):
             return json.loads(bytes(data))
-    except CorruptMemberError:
-        raise
+    except CorruptMemberError as exc:  # object dtype, truncated data: say which member
+        raise CorruptMemberError(f"{name}: {exc}") from exc
     except Exception as exc:  # zstd/zlib/npy-header/json errors all mean "unusable member"
         raise CorruptMemberError(f"{name}: {type(exc).__name__}: {exc}") from exc
     return bytes(data)  # unknown extension: raw bytes (kept, not interpreted)

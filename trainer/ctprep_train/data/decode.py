@@ -35,6 +35,7 @@ from ctprep.shards import (
     crc32,
     decode_member,
     member_field,
+    split_member,
 )
 from ctprep.shards import npy_header as _npy_header
 from ctprep_train import shard_io
@@ -297,7 +298,7 @@ def decode_sample(
         (offset, min(size, NPY_HEAD_BYTES) if name in lazy_names else size, name) for name, offset, size in ref.members))
     meta, sums = _member_checksums(where, blobs.get(shards.META_MEMBER), ref, expect, tokenizer, meta_crcs)
     for name, offset, size in ref.members:
-        field_name = member_field(name)
+        field_name, base, suffix = split_member(name)
         data = blobs[name]
         try:
             if name in lazy_names:
@@ -305,7 +306,6 @@ def decode_sample(
                 member.crc, member.where = sums.get(name), f"{where} {name}"
                 sample[field_name] = member
                 continue
-            base, suffix = schema.strip_compression(name)
             if field_name in LAZY_FIELDS and suffix and base.endswith(".npy"):
                 # verified when it is decompressed into the batch
                 sample[field_name] = CompressedNpy(data, suffix, sums.get(name), name)
