@@ -8,6 +8,8 @@ into it (shared memory inside a DataLoader worker), and uncompressed ones travel
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -160,18 +162,24 @@ class BufferPool:
         return t
 
 
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (a tensor made to ask costs ~20 us per batch and volume)."""
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
 def _stack_volumes(arrays: list[np.ndarray | LazyNpy], dtype: torch.dtype) -> torch.Tensor | LazyVolumes:
     """Stack same-shape volumes (one copy), or defer uncompressed ones as ``LazyVolumes``."""
     shape = tuple(arrays[0].shape)
     for array in arrays:
         if tuple(array.shape) != shape:
             raise ValueError(f"volume shapes differ within a batch: {tuple(array.shape)} vs {shape}")
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    np_dtype = _numpy_dtype(dtype)
     if all(isinstance(a, LazyNpy) and a.dtype == np_dtype and not a.fortran for a in arrays):
         return LazyVolumes(list(arrays), dtype)
     full = (len(arrays), *shape)
     if get_worker_info() is not None:  # allocate in shared memory: the hand-over then copies nothing
-        nbytes = int(np.prod(full)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(full) * np_dtype.itemsize
         out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, full)
     else:
         out = torch.empty(full, dtype=dtype)
