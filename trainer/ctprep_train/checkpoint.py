@@ -6,6 +6,7 @@ Layout under the run folder::
         mp_rank_00_model_states.pt ...  (engine, optimizer, scheduler, client state)
         encoder/                        self-contained export (ctprep_train.export): fp32 weights, config,
                                         preprocessing.json, tokenizer files, model card
+        ema.safetensors                 the weight average, when train.ema_decay > 0 (the export holds it)
         COMPLETE                        JSON {"step", ...}; written LAST, atomically
     encoder/                            copy of the newest export (what evaluation loads)
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ctprep.atomic import atomic_path, atomic_write_json
+from ctprep_train.ema import WeightEma
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_DIR = "checkpoints"
@@ -80,17 +82,23 @@ def export_encoder(
     tokenizer: dict[str, str],
     metadata: dict[str, Any] | None = None,
     step: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Rank 0: rebuild fp32 weights from the ZeRO checkpoint in ``ckpt_dir`` into ``ckpt_dir/encoder``.
 
     ``metadata`` (``ctprep_train.export.export_metadata``: preprocessing spec + data summary) and
-    ``step`` make the export self-contained (``ctprep_train.export.complete_export``).
+    ``step`` make the export self-contained (``ctprep_train.export.complete_export``). ``weights``:
+    export these instead (the weight average of ``train.ema_decay``; ``training.json`` says so).
     """
     from ctprep_train.export import complete_export
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    if weights is None:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    else:
+        state = dict(weights)
+        metadata = {**(metadata or {}), "weights": "ema"}
     model = build_fresh_model()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     # Scalars were trained as (1,) tensors (train.promote_scalar_params): restore their shape.
@@ -125,10 +133,12 @@ def save_checkpoint(
     save_pretrained: Callable[[torch.nn.Module, str], Any],
     tokenizer: dict[str, str],
     export_metadata: dict[str, Any] | None = None,
+    ema: WeightEma | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    ``export_metadata``: see :func:`export_encoder` (rank 0's value is used)."""
+    ``export_metadata``: see :func:`export_encoder` (rank 0's value is used). ``ema``: the weight
+    average (``train.ema_decay``): saved as ``ema.safetensors`` and exported instead of the weights."""
     root = Path(output) / CHECKPOINT_DIR
     tag = checkpoint_tag(step)
     ckpt_dir = root / tag
@@ -138,7 +148,10 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     _barrier()  # all ZeRO shards on disk before rank 0 reads them back
     if rank == 0:
-        export_encoder(ckpt_dir, build_fresh_model, save_pretrained, tokenizer, export_metadata, step)
+        if ema is not None:
+            ema.save(ckpt_dir)
+        export_encoder(ckpt_dir, build_fresh_model, save_pretrained, tokenizer, export_metadata, step,
+                       weights=ema.state_for_export() if ema is not None else None)
         atomic_write_json(ckpt_dir / COMPLETE_MARKER, {"step": step, **client_state}, indent=1)
         publish_encoder(output, ckpt_dir)
         prune_checkpoints(output, keep)

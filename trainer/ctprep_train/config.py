@@ -112,6 +112,9 @@ class TrainConfig:
     # >0: reuse the first N micro-batches forever (overfitting sanity check).
     overfit_batches: int = 0
     seed: int = 0  # torch RNG seed (model init, dropout); rank is added for dropout streams
+    # >0: keep an exponential moving average of the weights (ctprep_train.ema; e.g. 0.99); validation
+    # and the encoder exports use it, training steps the live weights. ZeRO stages 0-2 only.
+    ema_decay: float = 0.0
     progress_bar: bool = True
     # torch intra-op threads per rank on CPU (0 = torch's default). OpenMP threads spin at
     # barriers, so oversubscribed cores (loader threads, other jobs) can cost 10x per step.

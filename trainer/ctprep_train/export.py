@@ -425,6 +425,7 @@ def complete_export(directory: str | Path, tokenizer_identity: dict[str, str] | 
         "run": run,
         "exported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": (metadata or {}).get("data"),
+        "weights": (metadata or {}).get("weights", "trained"),  # or "ema": the average of train.ema_decay
         "eval": eval_result,
         "warnings": warn,
     }

@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from ctprep_train import data as data_lib
 from ctprep_train import tracking
 from ctprep_train.augment import augment_batch
 from ctprep_train.config import Config, ConfigError, load_config, load_deepspeed_config
+from ctprep_train.ema import WeightEma
 from ctprep_train.export import export_metadata
 from ctprep_train.run_log import RunLog
 
@@ -418,6 +420,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     optimizer = build_optimizer(cfg, model)
     engine = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer))
     resume_dir, start_step, micro_batches = resume_checkpoint(engine, output, resume, info)
+    ema = build_ema(cfg, engine, resume_dir, info)
     train_loader, valid_loader, steps_per_epoch = build_loaders(cfg, data, info, micro_batches)
     batches = batches_for_training(train_loader, cfg.train.overfit_batches)
 
@@ -434,10 +437,12 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             rank=info.rank, keep=cfg.train.keep_checkpoints,
             build_fresh_model=lambda: library.create_model(cfg.model.name, **cfg.model.overrides),
             save_pretrained=library.save_pretrained, tokenizer=data.index.tokenizer, export_metadata=data.export_meta,
+            ema=ema,
         )
 
     step, last = train_loop(engine, loss_fn, batches, valid_loader, cfg, info, runlog, save,
-                            start_step=start_step, steps_per_epoch=steps_per_epoch, resumed=resume_dir is not None)
+                            start_step=start_step, steps_per_epoch=steps_per_epoch, resumed=resume_dir is not None,
+                            ema=ema)
     runlog.close()
     dist.barrier()
     return {"step": step, **last}
@@ -477,6 +482,21 @@ def resume_checkpoint(engine, output: Path, resume: str | None, info: DistInfo) 
     return resume_dir, start_step, micro_batches
 
 
+def build_ema(cfg: Config, engine, resume_dir: Path | None, info: DistInfo) -> WeightEma | None:
+    """The weight average of ``train.ema_decay`` (None when 0), continued from ``resume_dir`` if it has one."""
+    if cfg.train.ema_decay <= 0:
+        return None
+    stage = int(load_deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0))
+    if stage >= 3:
+        raise ConfigError(f"train.ema_decay needs the full weights on every rank: ZeRO stage 0-2, not {stage} "
+                          f"({cfg.train.deepspeed})")
+    ema = WeightEma(engine.module, cfg.train.ema_decay)
+    if resume_dir is not None and not ema.load(resume_dir) and info.rank == 0:
+        print(f"[train] {resume_dir} has no weight average: it starts again from the resumed weights",
+              file=sys.stderr)
+    return ema
+
+
 def build_loaders(cfg: Config, data: ShardData, info: DistInfo, micro_batches: int):
     """(train loader resumed after ``micro_batches``, valid loader or None, micro-batches per rank per epoch)."""
     samples = data_lib.samples_per_epoch(data.index, cfg.data)
@@ -490,9 +510,11 @@ def build_loaders(cfg: Config, data: ShardData, info: DistInfo, micro_batches: i
 
 
 def train_loop(engine, loss_fn, batches, valid_loader, cfg: Config, info: DistInfo, runlog: RunLog,
-               save: Callable[[int], None], *, start_step: int, steps_per_epoch: int, resumed: bool
-               ) -> tuple[int, dict[str, Any]]:
-    """Optimizer steps up to ``cfg.train.steps`` with logging, validation and checkpoints; (step, last rows)."""
+               save: Callable[[int], None], *, start_step: int, steps_per_epoch: int, resumed: bool,
+               ema: WeightEma | None = None) -> tuple[int, dict[str, Any]]:
+    """Optimizer steps up to ``cfg.train.steps`` with logging, validation and checkpoints; (step, last rows).
+
+    With ``ema`` the average follows every step and validation runs with it."""
     last: dict[str, Any] = {}
     corrupt_total = 0
     step = start_step
@@ -503,6 +525,8 @@ def train_loop(engine, loss_fn, batches, valid_loader, cfg: Config, info: DistIn
         torch.manual_seed(cfg.train.seed + 1_000_003 * step + info.rank)
         result = train_step(engine, loss_fn, batches, cfg, info.device)
         step += 1
+        if ema is not None:
+            ema.update(engine.module)
         corrupt_total += result.corrupt
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             row = train_row(engine, result, info, step, steps_per_epoch, corrupt_total)
@@ -510,13 +534,15 @@ def train_loop(engine, loss_fn, batches, valid_loader, cfg: Config, info: DistIn
             runlog.progress(step, {"loss": row["loss"], "lr": row["lr"]})
             last["train"] = row
         if valid_loader is not None and cfg.train.val_every and step % cfg.train.val_every == 0:
-            last["valid"] = validate(engine, loss_fn, valid_loader, cfg, info.device)
+            with ema.applied(engine.module) if ema is not None else nullcontext():
+                last["valid"] = validate(engine, loss_fn, valid_loader, cfg, info.device)
             runlog.write("valid", step, last["valid"])
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
             save(step)
             saved_step = step
     if valid_loader is not None and (not cfg.train.val_every or step % cfg.train.val_every) and step > start_step:
-        last["valid"] = validate(engine, loss_fn, valid_loader, cfg, info.device)
+        with ema.applied(engine.module) if ema is not None else nullcontext():
+            last["valid"] = validate(engine, loss_fn, valid_loader, cfg, info.device)
         runlog.write("valid", step, last["valid"])
     if saved_step != step:
         save(step)
