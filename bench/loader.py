@@ -23,7 +23,9 @@ folder; nginx is what a cluster would serve them with, uvicorn + Starlette needs
 ``--verify-cost`` adds the price of verified reads (docs/verified-reads.md): the streaming
 loader with one DataLoader worker, checksums verified (the default) and not
 (``ShardExpectation.verify_checksums=False``), measured in alternation, each paired with a raw
-read; wall-clock samples/s and CPU seconds (this process + its worker, whole run).
+read; wall-clock samples/s and CPU seconds (this process + its worker, whole run), and where a
+sample's time goes in the steady state: CPU ms per sample of the volume read threads, the batch
+reader thread, the other threads and the DataLoader worker, next to the wall ms per sample (Linux).
 
 Usage::
 
@@ -39,10 +41,12 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -142,14 +146,56 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_cpu(path: str) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) from a Linux ``/proc/.../stat`` file; None if gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _thread_role(name: str) -> str:
+    if name.startswith("volume-read"):
+        return "volume reads"  # BatchLoader's read threads: preadv + CRC32 of the volumes
+    return "batch reader" if name == "batch-reader" else "other threads"
+
+
+def steady_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads by role, and of its child processes (the
+    DataLoader workers) as ``"worker"``. Linux only ({} elsewhere); 10 ms resolution."""
+    if not os.path.isdir("/proc/self/task"):
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        stat = _stat_cpu(f"/proc/self/task/{tid}/stat")
+        if stat is not None:
+            role = _thread_role(names.get(int(tid), ""))
+            out[role] = out.get(role, 0.0) + stat[1]
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        stat = _stat_cpu(f"/proc/{pid}/stat")
+        if stat is not None and stat[0] == me:
+            out["worker"] = out.get("worker", 0.0) + stat[1]
+    return out
+
+
 def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, read_threads: int = 2,
-                   verify: bool = True, cpu: list[float] | None = None) -> tuple[float, int]:
+                   verify: bool = True, cpu: list[float] | None = None,
+                   per_sample: list[dict[str, float]] | None = None) -> tuple[float, int]:
     """Seconds for ``n_batches`` after the first one (steady state), samples counted.
 
     Args:
         verify: check the per-member checksums (the trainer's default).
         cpu: gets the CPU seconds of the whole measurement appended (start-up and worker
             shutdown included, so that the workers' CPU is counted).
+        per_sample: gets the steady-state CPU milliseconds per sample appended, by thread role
+            and worker (``steady_cpu``), with ``"wall"``: where the time of a sample goes.
     """
     cpu0 = _cpu_seconds()
     cfg = DataConfig(shards=str(shards), batch_size=batch_size, num_workers=workers, buffer_size=4,
@@ -158,11 +204,16 @@ def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, 
     loader = D.build_train_loader(cfg, D.load_shard_index(shards, expect), expect, rank=0, world_size=1)
     it = iter(loader)
     next(it)  # worker start-up is a one-time cost
+    threads0 = steady_cpu() if per_sample is not None else {}
     start = time.perf_counter()
     samples = 0
     for _ in range(n_batches):
         samples += len(next(it)["ids"])
     elapsed = time.perf_counter() - start
+    if per_sample is not None:
+        threads1 = steady_cpu()
+        ms = {role: 1000 * (t - threads0.get(role, 0.0)) / samples for role, t in threads1.items()}
+        per_sample.append({**ms, "total": sum(ms.values()), "wall": 1000 * elapsed / samples})
     it.close()  # joins the workers, so their CPU time is reaped and counted
     del it
     if cpu is not None:
@@ -338,15 +389,17 @@ class Bench:
         load on a shared machine hits both)."""
         a = self.args
         runs: dict[bool, list[tuple[float, float, int, float]]] = {True: [], False: []}  # (raw, s, samples, cpu)
+        breakdown: dict[bool, list[dict[str, float]]] = {True: [], False: []}
         for _ in range(a.repeats):
             for verify in (True, False):
                 raw, cpu = self.raw_rate(), []
                 elapsed, samples = measure_stream(self.inputs["shards"], 1, a.batch_size, self.n_batches,
-                                                  a.read_threads, verify=verify, cpu=cpu)
+                                                  a.read_threads, verify=verify, cpu=cpu, per_sample=breakdown[verify])
                 runs[verify].append((raw, elapsed, samples, cpu[0]))
         rows = []
         for verify in (True, False):
             rs = runs[verify]
+            roles = sorted({role for ms in breakdown[verify] for role in ms})
             rate = statistics.median(n / s for _, s, n, _ in rs)
             rows.append({
                 "method": f"stream shards, checksums {'verified' if verify else 'off'}", "workers": 1,
@@ -355,6 +408,9 @@ class Bench:
                 "wall_s": statistics.median(s for _, s, _, _ in rs),
                 "cpu_s": statistics.median(c for *_, c in rs),
                 "samples": rs[0][2],
+                # steady state, median over the repeats of each role's CPU ms per sample
+                "ms_per_sample": {role: statistics.median(ms.get(role, 0.0) for ms in breakdown[verify])
+                                  for role in roles},
             })
         on, off = rows
         on["vs_off_samples_s"] = on["samples_s"] / off["samples_s"]
@@ -384,7 +440,7 @@ class Bench:
         return rows
 
 
-def print_tables(rows: list[dict], verify_rows: list[dict]) -> None:
+def print_tables(rows: list[dict], verify_rows: list[dict], raw_ms: float = 0.0) -> None:
     print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -400,6 +456,26 @@ def print_tables(rows: list[dict], verify_rows: list[dict]) -> None:
                      if "vs_off_cpu_s" in r else "")
             print(f"| {r['method']} | {r['samples_s']:.2f} | {r['vs_raw']:.0%} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} "
                   f"| {ratio} |")
+        print_breakdown(verify_rows, raw_ms)
+
+
+BREAKDOWN_ROLES = ("volume reads", "batch reader", "other threads", "worker")
+
+
+def print_breakdown(verify_rows: list[dict], raw_ms: float) -> None:
+    """Where a sample's time goes (steady state): CPU per thread role next to the wall time; CPU
+    over wall is how many cores the loader kept busy (the raw read keeps one)."""
+    if not any(r.get("ms_per_sample") for r in verify_rows):
+        return
+    print()
+    print(f"steady state, ms per sample (raw read: {raw_ms:.2f} ms wall per sample):")
+    print("| loader, 1 worker | wall | CPU total | " + " | ".join(BREAKDOWN_ROLES) + " | CPU / wall (cores busy) |")
+    print("|---|---|---|" + "---|" * len(BREAKDOWN_ROLES) + "---|")
+    for r in verify_rows:
+        ms = r.get("ms_per_sample") or {}
+        if ms:
+            roles = " | ".join(f"{ms.get(role, 0.0):.2f}" for role in BREAKDOWN_ROLES)
+            print(f"| {r['method']} | {ms['wall']:.2f} | {ms['total']:.2f} | {roles} | {ms['total'] / ms['wall']:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -415,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.insert(0, {"method": "raw read", "workers": "-", "samples_s": raw_mbs * 1e6 / bench.per_sample,
                     "mb_s": raw_mbs, "vs_raw": 1.0})
     rows += verify_rows + remote_rows
-    print_tables(rows, verify_rows)
+    print_tables(rows, verify_rows, 1000 * bench.per_sample / (raw_mbs * 1e6))
     for r in remote_rows:
         vs = f", {r['vs_local']:.0%} of the local file's samples/s (paired)" if "vs_local" in r else ""
         print(f"loader, 1 worker, {r['method']}: {r['samples_s']:.2f} samples/s, {r['mb_s']:.0f} MB/s{vs}")

@@ -127,3 +127,56 @@ def test_a_broken_magic_is_refused_naming_the_member():
 def test_split_member_agrees_with_the_schema(name, split):
     assert shards.split_member(name) == split
     assert shards.member_field(name) == split[0]
+
+
+# --------------------------------------------------------------------------- bench/loader.py breakdown
+
+
+def _spin(cpu_seconds: float) -> None:
+    """Burn ``cpu_seconds`` of this thread's CPU (however long that takes on a shared machine)."""
+    import time
+
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _spin_then_wait(started, release) -> None:
+    _spin(0.2)
+    started.set()
+    release.wait()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads Linux /proc")
+def test_bench_breakdown_counts_each_threads_cpu_under_its_role():
+    import multiprocessing
+    import threading
+
+    from tests.bench_helpers import load_bench
+
+    bench = load_bench("loader")
+    before = bench.steady_cpu()
+    release = threading.Event()
+    threads = []
+    for name in ("volume-read_0", "batch-reader"):  # the names BatchLoader gives its threads
+        started = threading.Event()
+        threads.append(threading.Thread(target=_spin_then_wait, args=(started, release), name=name))
+        threads[-1].start()
+        assert started.wait(120)
+    ctx = multiprocessing.get_context("fork")
+    child_started, child_release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_spin_then_wait, args=(child_started, child_release))
+    child.start()
+    try:
+        assert child_started.wait(120)
+        after = bench.steady_cpu()  # threads and child alive (an ended thread's CPU leaves /proc)
+    finally:
+        release.set()
+        child_release.set()
+        child.join()
+        for thread in threads:
+            thread.join()
+    grew = {role: after.get(role, 0.0) - before.get(role, 0.0) for role in after}
+    # 10 ms clock ticks: 0.2 s of spinning reads as at least 0.18 s, and under its own role only
+    assert grew["volume reads"] >= 0.18 and grew["batch reader"] >= 0.18 and grew["worker"] >= 0.18
+    assert grew.get("other threads", 0.0) < 0.18
