@@ -180,3 +180,13 @@ def test_bench_breakdown_counts_each_threads_cpu_under_its_role():
     # 10 ms clock ticks: 0.2 s of spinning reads as at least 0.18 s, and under its own role only
     assert grew["volume reads"] >= 0.18 and grew["batch reader"] >= 0.18 and grew["worker"] >= 0.18
     assert grew.get("other threads", 0.0) < 0.18
+
+
+def test_a_compressed_volume_of_objects_is_refused_naming_the_member():
+    from ctprep_train.data.decode import CompressedNpy
+
+    header = _npy(np.arange(4, dtype=np.int16))
+    raw = _with_header(header, b"'<i2'", b"'|O'")
+    data, suffix = shards.compress(raw, "zst")
+    with pytest.raises(CorruptMemberError, match=r"^image\.npy\.zst: object arrays are refused"):
+        CompressedNpy(data, suffix, None, "image.npy.zst")

@@ -207,7 +207,7 @@ class CompressedNpy:
             head = _read_up_to(reader, 4096)
         shape, fortran, dtype, data_at = _npy_header(head)
         if dtype.hasobject:
-            raise CorruptMemberError("object arrays are refused (would need pickle)")
+            raise CorruptMemberError(f"{where}: object arrays are refused (would need pickle)")
         self.shape, self.dtype, self.fortran, self.data_at = tuple(shape), dtype, fortran, data_at
 
     def _reader(self):
