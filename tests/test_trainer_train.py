@@ -165,3 +165,49 @@ def test_sync_batchnorm_converts_on_gpu_ranks_refuses_cpu_ranks_and_keeps_the_we
     after = synced.state_dict()
     assert after.keys() == before.keys()  # checkpoints and the encoder export load either way
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- bf16 on CPU ranks
+
+AUTOCAST = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize("policy,native,device,kept", [
+    ("auto", True, "cpu", True),     # oneDNN runs bf16 here: keep it
+    ("auto", False, "cpu", False),   # no AVX-512 / AMX: bf16 convolutions would crawl, use fp32
+    ("bf16", False, "cpu", True),    # asked for
+    ("fp32", True, "cpu", False),    # asked for: fp32 on every CPU
+    ("fp32", False, "cuda", True),    # GPU ranks always follow the JSON
+])
+def test_cpu_precision_policy_turns_autocast_off_only_where_asked(policy, native, device, kept):
+    from ctprep_train.train import cpu_precision
+
+    ds, note = cpu_precision(AUTOCAST, policy, torch.device(device), native)
+    assert ds["torch_autocast"]["enabled"] is kept
+    assert ds["torch_autocast"]["dtype"] == "bfloat16" and ds["zero_optimization"] == {"stage": 2}
+    assert (note is None) is kept
+    if not kept:
+        assert ds["bf16"]["enabled"] is False and "fp32" in note
+        assert ("no native bf16" in note) is (policy == "auto")
+    assert AUTOCAST["torch_autocast"]["enabled"] is True  # the caller's dict is not changed
+
+
+def test_cpu_precision_policy_leaves_an_fp32_json_alone():
+    from ctprep_train.train import cpu_precision
+
+    ds = {"zero_optimization": {"stage": 2}}
+    assert cpu_precision(ds, "fp32", torch.device("cpu"), False) == (ds, None)
+
+
+def test_cpu_precision_fp32_trains_in_fp32_and_says_so(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(_args(shards, out, "train.steps=2", "train.ckpt_every=2", "train.cpu_precision=fp32"))
+    assert "training in fp32 on CPU: train.cpu_precision=fp32" in proc.stderr
+    assert len(read_metrics(out)) == 2
+
+
+def test_an_unknown_cpu_precision_value_is_refused():
+    from ctprep_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.cpu_precision"):
+        load_config(CONFIG, ["train.cpu_precision=fp16"])

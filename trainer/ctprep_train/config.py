@@ -119,6 +119,11 @@ class TrainConfig:
     # torch intra-op threads per rank on CPU (0 = torch's default). OpenMP threads spin at
     # barriers, so oversubscribed cores (loader threads, other jobs) can cost 10x per step.
     cpu_threads: int = 0
+    # Precision of CPU ranks (the JSON's torch_autocast / bf16 blocks): auto = bf16 as the JSON says where
+    # the CPU runs it natively (oneDNN: AVX-512 or AMX), fp32 elsewhere, where bf16 convolutions fall back
+    # to a reference loop ~10-50x slower than fp32; bf16 = as the JSON says; fp32 = fp32 on every CPU.
+    # GPU ranks always follow the JSON.
+    cpu_precision: str = "auto"
     # BatchNorm layers (vision.head_norm / vision.patch.stem_norm: batch) normalise over each rank's
     # micro-batch by default, as DDP does. true: torch.nn.SyncBatchNorm over all ranks (GPU ranks
     # only: torch syncs BN statistics for CUDA tensors, not over gloo/CPU). No-op on one rank.
@@ -181,6 +186,9 @@ def _find_beside(relative: str, config_file: Path) -> Path:
     return candidate
 
 
+CPU_PRECISION = ("auto", "bf16", "fp32")
+
+
 def _check(cfg: Config) -> None:
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be >= 1")
@@ -203,6 +211,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"data.mask_dropout must be a probability in [0, 1], got {cfg.data.mask_dropout}")
     for sink in cfg.train.report_to:
         look_up_option(sink, REPORT_TO, "train.report_to entry")
+    look_up_option(cfg.train.cpu_precision, CPU_PRECISION, "train.cpu_precision")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -218,12 +218,38 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     )
 
 
-def build_engine(cfg: Config, model, optimizer, scheduler):
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (AVX-512 / AMX); without it bf16 convolutions take a slow loop."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the op: ask for the ISA instead
+        return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
+
+
+def cpu_precision(ds: dict[str, Any], policy: str, device: torch.device, native_bf16: bool) -> tuple[dict[str, Any], str | None]:
+    """The DeepSpeed config with bf16 turned off on a CPU rank when ``train.cpu_precision`` asks for it.
+
+    Returns (config, note): ``note`` says what was turned off and why (None: nothing changed).
+    """
+    wants_bf16 = bool(ds.get("torch_autocast", {}).get("enabled")) or bool(ds.get("bf16", {}).get("enabled"))
+    if device.type != "cpu" or not wants_bf16 or policy == "bf16" or (policy == "auto" and native_bf16):
+        return ds, None
+    ds = {**ds, "torch_autocast": {**ds.get("torch_autocast", {}), "enabled": False},
+          "bf16": {**ds.get("bf16", {}), "enabled": False}}
+    why = ("train.cpu_precision=fp32" if policy == "fp32" else
+           "this CPU has no native bf16 (oneDNN needs AVX-512 or AMX): bf16 convolutions would run a reference "
+           "loop ~10-50x slower than fp32 (train.cpu_precision=bf16 keeps bf16)")
+    return ds, f"training in fp32 on CPU: {why}"
+
+
+def build_engine(cfg: Config, model, optimizer, scheduler, device: torch.device):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=load_deepspeed_config(cfg)
-    )
+    ds, note = cpu_precision(load_deepspeed_config(cfg), cfg.train.cpu_precision, device,
+                             cpu_has_native_bf16() if device.type == "cpu" else False)
+    if note and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"[train] {note}", file=sys.stderr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine
 
 
@@ -418,7 +444,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     loss_fn = build_loss(cfg)
     promote_scalar_params(model)
     optimizer = build_optimizer(cfg, model)
-    engine = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer))
+    engine = build_engine(cfg, model, optimizer, build_scheduler(cfg, optimizer), info.device)
     resume_dir, start_step, micro_batches = resume_checkpoint(engine, output, resume, info)
     ema = build_ema(cfg, engine, resume_dir, info)
     train_loader, valid_loader, steps_per_epoch = build_loaders(cfg, data, info, micro_batches)
