@@ -137,6 +137,13 @@ def test_the_export_holds_the_average_and_resume_continues_it(shards, tmp_path):
     assert any(not torch.allclose(exported[n], raw[n].reshape(exported[n].shape)) for n in exported)
     training = json.loads((reference / "encoder" / "training.json").read_text())
     assert training["weights"] == "ema" and training["step"] == 4
+    # a re-export of the checkpoint (python -m ctprep_train.export) keeps the average and says so
+    from ctprep_train.export import export
+
+    again = export(reference, tmp_path / "again")
+    assert json.loads((again / "training.json").read_text())["weights"] == "ema"
+    for name, value in load_weights(again).items():
+        torch.testing.assert_close(value, exported[name])
 
     # killed after step 2: resuming continues the average as if never stopped
     killed = tmp_path / "killed"

@@ -509,6 +509,8 @@ def export(checkpoint: str | Path, out: str | Path, *, shards: str | Path | None
     else:
         raise FileNotFoundError(f"{ckpt}: its encoder has no {PREPROCESSING_FILE} and the run's shards (config.json "
                                 "data.shards) are not found; pass --shards DIR or --pipeline-config PRESET_OR_YAML")
+    recorded = json.loads((src / TRAINING_FILE).read_text()) if (src / TRAINING_FILE).is_file() else {}
+    metadata = {**metadata, "weights": recorded.get("weights", "trained")}  # the weight average stays labelled
     eval_path = Path(eval_json) if eval_json else (run / "eval" / "eval.json" if run else None)
     eval_result = json.loads(eval_path.read_text()) if eval_path is not None and eval_path.is_file() else None
     with atomic_path(out) as tmp:
