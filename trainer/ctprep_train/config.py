@@ -121,7 +121,7 @@ class TrainConfig:
     cpu_threads: int = 0
     # Precision of CPU ranks (the JSON's torch_autocast / bf16 blocks): auto = bf16 as the JSON says where
     # the CPU runs it natively (oneDNN: AVX-512 or AMX), fp32 elsewhere, where bf16 convolutions fall back
-    # to a reference loop ~10-50x slower than fp32; bf16 = as the JSON says; fp32 = fp32 on every CPU.
+    # to a reference loop (15-25x slower per step in the CPU demo); bf16 = as the JSON says; fp32 = fp32 on every CPU.
     # GPU ranks always follow the JSON.
     cpu_precision: str = "auto"
     # BatchNorm layers (vision.head_norm / vision.patch.stem_norm: batch) normalise over each rank's

@@ -238,7 +238,7 @@ def cpu_precision(ds: dict[str, Any], policy: str, device: torch.device, native_
           "bf16": {**ds.get("bf16", {}), "enabled": False}}
     why = ("train.cpu_precision=fp32" if policy == "fp32" else
            "this CPU has no native bf16 (oneDNN needs AVX-512 or AMX): bf16 convolutions would run a reference "
-           "loop ~10-50x slower than fp32 (train.cpu_precision=bf16 keeps bf16)")
+           "loop (15-25x slower per step than fp32 in the CPU demo) (train.cpu_precision=bf16 keeps bf16)")
     return ds, f"training in fp32 on CPU: {why}"
 
 
