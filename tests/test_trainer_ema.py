@@ -92,6 +92,11 @@ def test_save_and_load_round_trip_and_a_mismatched_file_is_refused(tmp_path):
         WeightEma(nn.Linear(3, 2), decay=0.7).load(tmp_path)
     with pytest.raises(ValueError, match="ema_decay"):
         WeightEma(model, decay=1.0)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / EMA_FILE).write_bytes((tmp_path / EMA_FILE).read_bytes()[:40])  # a save cut short
+    with pytest.raises(RuntimeError, match=r"broken/ema\.safetensors: not a readable weight average"):
+        WeightEma(_model(), decay=0.7).load(broken)
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -97,7 +97,11 @@ class WeightEma:
         path = Path(folder) / EMA_FILE
         if not path.is_file():
             return False
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # truncated or not a safetensors file
+            raise RuntimeError(f"{path}: not a readable weight average ({type(exc).__name__}: {exc})") from exc
+        with handle as f:
             keys = set(f.keys())
             if keys != self.shadow.keys():
                 diff = sorted(keys ^ set(self.shadow))[:5]
