@@ -15,7 +15,7 @@ from ctprep.stages import STAGE_ORDER, get_stage, list_stages
 from ctprep.typed_config import ConfigError, from_dict
 
 
-@pytest.mark.parametrize("name,shape", [("demo", (32, 128, 128)), ("ctclip", (240, 480, 480)), ("seed", (64, 512, 512))])
+@pytest.mark.parametrize("name,shape", [("demo", (32, 128, 128)), ("demo64", (32, 64, 64)), ("ctclip", (240, 480, 480)), ("seed", (64, 512, 512))])
 def test_presets(name, shape):
     cfg = load_config(name)
     assert cfg.resample.shape_zyx == shape
