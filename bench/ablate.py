@@ -20,7 +20,7 @@ step head's grounding term and query init (docs/evaluation.md, CoT alignment); t
 switches the step loss off (``loss.weights.step: 0``) switches the grounding term off as well, so
 it measures the whole step head. ``--data-cases N`` builds the data first (``ctprep demo-data
 --cases N --seed 0 --wording W`` + ``ctprep build-shards``, under ``OUT/data``, reused when present)
-and trains on CT-RATE volumes only.
+on `make demo`'s grid (the ``demo64`` preset) and trains on CT-RATE volumes only.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def build_data(args: argparse.Namespace) -> Path:
     print(f"[ablate] data: {args.data_cases} synthetic CT-RATE volumes, wording {args.wording} ...", flush=True)
     run([*cli, "demo-data", "--out", str(root / "ctrate"), "--source", "ctrate", "--cases", str(args.data_cases),
          "--grid", "demo", "--seed", "0", "--wording", args.wording], root / "demo_data.log")
-    run([*cli, "build-shards", "--src", str(root / "ctrate"), "--out", str(shards), "--no-progress"],
+    run([*cli, "build-shards", "--src", str(root / "ctrate"), "--out", str(shards), "--config", "demo64", "--no-progress"],
         root / "build_shards.log")
     return shards
 
