@@ -15,7 +15,7 @@ set -euo pipefail
 OUT=${1:-demo}
 VPY=.venv/bin
 CASES=${DEMO_CASES:-2000}
-STEPS=${DEMO_STEPS:-800}
+STEPS=${DEMO_STEPS:-1600}
 BATCH=${DEMO_BATCH:-16}
 SEED=${DEMO_SEED:-0}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
@@ -33,32 +33,34 @@ $VPY/ctprep demo-data --out "$OUT/ctrate" --source ctrate --cases "$CASES" --gri
 $VPY/ctprep demo-data --out "$OUT/omniabnorm/batch1" --source omniabnorm --cases 12 --seed 1
 $VPY/ctprep demo-data --out "$OUT/omniabnorm/batch2" --source omniabnorm --cases 12 --seed 2
 
-stamp "2/5 build shards (broken cases are quarantined, the rest go on)"
+stamp "2/5 build shards on the demo64 grid, 32 x 64 x 64 (broken cases are quarantined, the rest go on)"
 $VPY/ctprep build-shards --src "$OUT/ctrate" --src "$OUT/omniabnorm/batch1" --src "$OUT/omniabnorm/batch2" \
-    --out "$OUT/shards" --no-progress
+    --out "$OUT/shards" --config demo64 --no-progress
 
 stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
-# Demo settings (why): the MiniLM text tower is frozen (text.freeze_layers=-1) and its features
-# cached, so CPU time goes to the 3D encoder, which starts from scratch (the tiny config has a
-# conv stem: it learns the findings sooner than a linear patchify); batch 16 gives InfoNCE 15
-# negatives per sample (batch 2 gives 1); the auxiliary 18-label head (weight 1) teaches the
-# encoder the findings directly, which the contrastive term then aligns with the report text.
-# 2000 cases x 800 steps (each training scan seen ~8 times; 600 steps had left the held-out check
-# at 2.7x-4.2x random depending on seed and float rounding, 800 steps give 4.9x / 5.2x, docs/experiments.md):
-# with 520 cases the encoder learned
-# the few hundred training scans by their outline instead of their findings (held-out clip loss
-# rose above chance) and held-out R@5 stayed at 1.6-2.8x random; data are cheap next to steps.
-# Both cores go to torch (train.cpu_threads) and the loader runs in the training process
-# (data.num_workers=0): a loader process beside 2 OpenMP threads made each step ~1.3x slower.
-# fp32 on every CPU (train.cpu_precision): bf16 would depend on whether the CPU has native bf16, and
-# without it (no AVX-512) bf16 convolutions crawl. The learning rate anneals to 0 and the exported
-# encoder is the moving average of the weights (train.ema_decay): the held-out figures of a short
-# run ending on a noisy step swung by seed (docs/experiments.md).
+# Demo settings (why; the runs behind them: docs/experiments.md):
+# - the demo64 grid (32 x 64 x 64 at 10 x 6 x 6 mm, 128 patches): a step costs ~1/4 of the demo
+#   preset's 32 x 128 x 128 (512 patches), which pays for twice the steps in less time;
+# - the pooled feature batch-normalised before the global and label heads (vision.head_norm=batch):
+#   with the plain heads the held-out label loss hardly left the prevalence baseline;
+# - 2000 cases x 1600 steps x 16 samples (each training scan seen ~16 times): at 800 steps the check
+#   passed on one seed of three, at 1600 on every seed tried; with 520 cases the encoder learned
+#   the few hundred training scans by their outline instead of their findings: data are cheap next
+#   to steps;
+# - the MiniLM text tower frozen (text.freeze_layers=-1) and its features cached, so CPU time goes
+#   to the 3D encoder, which starts from scratch (the tiny config's conv stem learns the findings
+#   sooner than a linear patchify); batch 16 gives InfoNCE 15 negatives per sample; the auxiliary
+#   18-label head (weight 1) teaches the findings directly;
+# - both cores to torch (train.cpu_threads), the loader in the training process
+#   (data.num_workers=0): a loader process beside 2 OpenMP threads made each step ~1.3x slower;
+# - fp32 on every CPU (train.cpu_precision): without native bf16 (no AVX-512) bf16 convolutions
+#   crawl; the learning rate anneals to 0 and the exported encoder is the moving average of the
+#   weights (train.ema_decay).
 $VPY/python trainer/train.py --config configs/train/demo.yaml --shards "$OUT/shards" --output "$OUT/run" \
     train.steps="$STEPS" data.batch_size="$BATCH" optim.lr=1.0e-3 optim.warmup_steps=10 optim.min_lr_ratio=0.0 \
     train.cpu_threads="$THREADS" data.num_workers=0 train.cpu_precision=fp32 train.ema_decay=0.99 \
     train.seed="$SEED" data.seed="$SEED" \
-    'model.overrides={"text.freeze_layers": -1, "text.feature_cache": 200000}' \
+    'model.overrides={"text.freeze_layers": -1, "text.feature_cache": 200000, "vision.patch.grid_size": [8, 4, 4], "vision.head_norm": "batch"}' \
     'loss.weights={clip: 1.0, region: 0.25, step: 0.25, labels: 1.0}' \
     'data.sources={ctrate: 1.0, omniabnorm: 0.1}' \
     train.val_every=$((STEPS / 2)) train.ckpt_every=$((STEPS / 2)) train.progress_bar=false
