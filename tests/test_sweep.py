@@ -26,7 +26,8 @@ from ctprep.typed_config import ConfigError  # noqa: E402
 from ctprep_train.checkpoint import complete_checkpoints  # noqa: E402
 from ctprep_train.config import load_config  # noqa: E402
 from ctprep_train.sweep import (  # noqa: E402
-    eval_value, grid_values, load_sweep, main, ParamSpec, pruning_metric, pruning_sign, row_value,
+    build_sampler, eval_value, grid_values, load_sweep, main, ParamSpec, pruning_metric, pruning_sign, row_value,
+    worker_seed,
 )
 from ctprep_train.testing import write_test_shards  # noqa: E402
 from tests.trainer_helpers import REPO, STAND_IN  # noqa: E402
@@ -281,3 +282,27 @@ def test_an_eval_objective_runs_the_real_evaluation_of_the_real_tiny_model(shard
 def test_the_shipped_sweep_presets_load_against_their_base_config(preset):
     spec = load_sweep(REPO / "configs" / "sweep" / preset)  # also loads the base with the overrides
     assert Path(spec.base).is_file() and spec.search and spec.objective.metric.startswith("eval/")
+
+
+def test_two_sweep_processes_on_one_study_draw_different_trials_only_with_their_worker_numbers(tmp_path):
+    """Each process has its own seeded sampler: with one seed two processes started together ask the
+    study for the same start-up trial; --worker offsets the seed."""
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                                  sampler={"name": "tpe", "seed": 0}, budget={"n_trials": 2, "steps": 1}))
+    assert worker_seed(0, 1) == 1 and worker_seed(None, 3) is None
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def two_processes(name, seed_b):
+        """Process A (worker 0) and process B (seed_b) each ask the shared study for a trial."""
+        spec.sampler.seed = worker_seed(0, 0)
+        a = optuna.create_study(study_name=name, storage=storage, sampler=build_sampler(spec))
+        spec.sampler.seed = seed_b
+        b = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec))
+        return [s.ask().suggest_float("optim.lr", 1e-4, 1e-2, log=True) for s in (a, b)]
+
+    lr_a, lr_b = two_processes("no_worker_numbers", worker_seed(0, 0))
+    assert lr_a == lr_b  # the same trial twice: what two processes without --worker ran
+    lr_a, lr_b = two_processes("workers_0_and_1", worker_seed(0, 1))
+    assert lr_a != lr_b
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "s.yaml"), "--worker", "-1"])

@@ -106,6 +106,13 @@ def objective_value(metric: str, run_dir: Path) -> float | None:
 # --------------------------------------------------------------------------- Optuna objects
 
 
+def worker_seed(seed: int | None, worker: int) -> int | None:
+    """The sampler seed of sweep process ``worker``: processes that share a study and start with one
+    seed would draw the same random / TPE start-up trials (each has its own sampler), so each adds
+    its number. None (no seed) stays None."""
+    return None if seed is None else seed + worker
+
+
 def build_sampler(spec: SweepSpec):
     import optuna
 
@@ -425,13 +432,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="override output (study folder)")
     parser.add_argument("--shards", default=None, help="override shards (data.shards of every trial)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the storage; run nothing")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="this process's number among those sharing the study (0, 1, ...): added to "
+                             "sampler.seed, so processes started together do not draw the same trials")
     args = parser.parse_args(argv)
+    if args.worker < 0:
+        parser.error(f"--worker must be >= 0, got {args.worker}")
     extra: dict[str, Any] = {k: v for k, v in (("storage", args.storage), ("output", args.output),
                                                ("shards", args.shards)) if v}
     try:
         spec = load_sweep(args.sweep, extra)
         if args.n_trials is not None:
             spec.budget.n_trials = args.n_trials
+        spec.sampler.seed = worker_seed(spec.sampler.seed, args.worker)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     import optuna
