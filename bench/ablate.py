@@ -1,8 +1,8 @@
 """Ablations: train every configs/train/ablation_*.yaml for several seeds (same data, same step
 budget), evaluate each run on the same held-out pool, and tabulate mean +- sd over the seeds.
 
-    python bench/ablate.py --shards demo/shards --out runs/ablate --steps 800 [--seeds 0,1,2]
-    python bench/ablate.py --data-cases 2000 --wording anatomy --out runs/ablate_anatomy --steps 800
+    python bench/ablate.py --shards demo/shards --out runs/ablate --steps 1600 [--seeds 0,1,2]
+    python bench/ablate.py --data-cases 2000 --wording anatomy --out runs/ablate_anatomy --steps 1600
 
 A cell is one (variant, seed): ``python trainer/train.py --config OUT/<variant>/seed_<s>/config.yaml``
 (the variant's YAML with the bench settings below written into it; the same DeepSpeed code path as
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ctprep_train.config import read_config_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "train"
@@ -84,7 +85,7 @@ def _variant_yaml(name: str) -> dict:
     path = CONFIG_DIR / f"ablation_{name}.yaml"
     if not path.is_file():
         raise SystemExit(f"{path} missing; known ablations: {sorted(ABLATIONS)}")
-    return yaml.safe_load(path.read_text())
+    return read_config_tree(path)  # the extends chain (ablation_full.yaml -> demo64.yaml) merged
 
 
 def config_diff(name: str) -> str:
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="build OUT/data first: this many synthetic CT-RATE volumes (instead of --shards)")
     p.add_argument("--wording", default="default", help="report wording of --data-cases: default | anatomy")
     p.add_argument("--out", default="runs/ablate")
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (same for all)")
+    p.add_argument("--steps", type=int, default=1600, help="optimizer steps per run (same for all; make demo's 1600 by default)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed = data.seed values per variant")
     p.add_argument("--split", default="valid")
     p.add_argument("--source", default="ctrate", help="evaluation pool source (default ctrate volumes)")

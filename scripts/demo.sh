@@ -38,7 +38,8 @@ $VPY/ctprep build-shards --src "$OUT/ctrate" --src "$OUT/omniabnorm/batch1" --sr
     --out "$OUT/shards" --config demo64 --no-progress
 
 stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
-# Demo settings (why; the runs behind them: docs/experiments.md):
+# Training settings: configs/train/demo64.yaml (also the base of the ablations and the demo sweep);
+# here only steps, batch, threads and seed. Why (the runs behind them: docs/experiments.md):
 # - the demo64 grid (32 x 64 x 64 at 10 x 6 x 6 mm, 128 patches): a step costs ~1/4 of the demo
 #   preset's 32 x 128 x 128 (512 patches), which pays for twice the steps in less time;
 # - the pooled feature batch-normalised before the global and label heads (vision.head_norm=batch):
@@ -56,13 +57,9 @@ stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
 # - fp32 on every CPU (train.cpu_precision): without native bf16 (no AVX-512) bf16 convolutions
 #   crawl; the learning rate anneals to 0 and the exported encoder is the moving average of the
 #   weights (train.ema_decay).
-$VPY/python trainer/train.py --config configs/train/demo.yaml --shards "$OUT/shards" --output "$OUT/run" \
-    train.steps="$STEPS" data.batch_size="$BATCH" optim.lr=1.0e-3 optim.warmup_steps=10 optim.min_lr_ratio=0.0 \
-    train.cpu_threads="$THREADS" data.num_workers=0 train.cpu_precision=fp32 train.ema_decay=0.99 \
+$VPY/python trainer/train.py --config configs/train/demo64.yaml --shards "$OUT/shards" --output "$OUT/run" \
+    train.steps="$STEPS" data.batch_size="$BATCH" train.cpu_threads="$THREADS" \
     train.seed="$SEED" data.seed="$SEED" \
-    'model.overrides={"text.freeze_layers": -1, "text.feature_cache": 200000, "vision.patch.grid_size": [8, 4, 4], "vision.head_norm": "batch"}' \
-    'loss.weights={clip: 1.0, region: 0.25, step: 0.25, labels: 1.0}' \
-    'data.sources={ctrate: 1.0, omniabnorm: 0.1}' \
     train.val_every=$((STEPS / 2)) train.ckpt_every=$((STEPS / 2)) train.progress_bar=false
 
 stamp "4/5 evaluate on the held-out CT-RATE volumes"

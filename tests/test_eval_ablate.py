@@ -172,3 +172,30 @@ def test_cot_grounding_bench_runs_every_setting_end_to_end(tmp_path):
         assert ("step_grounding" in r["last_terms"]) == bool(r["step_grounding"])
         assert r["before"]["steps"] == r["after"]["steps"] > 0
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_demo_ablations_and_sweep_share_the_demo64_training_settings():
+    """make demo, the ablations and the demo sweep train with configs/train/demo64.yaml: the
+    reference ablation differs from it only in where and how often it writes, and a sweep trial
+    only in threads, checkpoints, steps, validation and the sampled values."""
+    from ctprep_train.config import load_config
+    from ctprep_train.sweep_spec import load_sweep, trial_overrides
+
+    def flat(cfg) -> dict:
+        tree = cfg.to_dict()
+        return {f"{s}.{k}": v for s, sec in tree.items() for k, v in sec.items()}
+
+    demo = flat(load_config(REPO / "configs" / "train" / "demo64.yaml"))
+    full = flat(load_config(REPO / "configs" / "train" / "ablation_full.yaml"))
+    assert {k for k in demo if demo[k] != full[k]} == {"train.output", "train.val_every", "train.ckpt_every",
+                                                        "train.progress_bar"}
+    spec = load_sweep(REPO / "configs" / "sweep" / "demo_lr_loss.yaml")
+    assert Path(spec.base).resolve() == (REPO / "configs" / "train" / "demo64.yaml").resolve()
+    params = {"optim.lr": 2e-3, "loss.weights.labels": 0.5, "loss.weights.region": 0.1}
+    trial = flat(load_config(spec.base, trial_overrides(spec, params)))
+    changed = {k for k in demo if demo[k] != trial[k]}
+    assert changed == {"train.cpu_threads", "train.ckpt_every", "train.steps", "train.val_every",
+                       "train.progress_bar", "data.shards", "optim.lr", "loss.weights"}
+    assert trial["loss.weights"] == {**demo["loss.weights"], "labels": 0.5, "region": 0.1}
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    assert "--config configs/train/demo64.yaml" in script and "model.overrides" not in script

@@ -21,7 +21,7 @@ from ctprep.schema import SCHEMA_VERSION
 from ctprep.typed_config import ConfigError, apply_override, from_dict, look_up_option, read_yaml_chain
 from ctprep_train.tracking import REPORT_TO
 
-__all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deepspeed_config"]
+__all__ = ["Config", "ConfigError", "apply_override", "load_config", "load_deepspeed_config", "read_config_tree"]
 
 
 @dataclass
@@ -159,11 +159,16 @@ def _resolve_extends(parent: str, child: Path) -> Path:
     return path
 
 
+def read_config_tree(path: str | Path) -> dict[str, Any]:
+    """A training YAML as one plain tree: the files its ``extends:`` chain names merged, untyped."""
+    return read_yaml_chain(path, _resolve_extends)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a training YAML, apply dotted ``key=value`` overrides, and type-check the sections."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = read_yaml_chain(path, _resolve_extends)
+        tree = read_config_tree(path)
     for item in overrides:
         apply_override(tree, item)
     cfg = from_dict(Config, tree)
