@@ -27,7 +27,7 @@ from ctprep_train.checkpoint import complete_checkpoints  # noqa: E402
 from ctprep_train.config import load_config  # noqa: E402
 from ctprep_train.sweep import (  # noqa: E402
     build_sampler, eval_value, grid_values, load_sweep, main, ParamSpec, pruning_metric, pruning_sign, row_value,
-    worker_seed,
+    open_study, resume_seed, worker_seed,
 )
 from ctprep_train.testing import write_test_shards  # noqa: E402
 from tests.trainer_helpers import REPO, STAND_IN  # noqa: E402
@@ -306,3 +306,29 @@ def test_two_sweep_processes_on_one_study_draw_different_trials_only_with_their_
     assert lr_a != lr_b
     with pytest.raises(SystemExit):
         main([str(tmp_path / "s.yaml"), "--worker", "-1"])
+
+
+def test_a_resumed_sweep_draws_new_start_up_trials(tmp_path):
+    """A seeded sampler restarts its stream in every process: a sweep resumed after a kill drew the
+    start-up trial it had already run. open_study offsets the seed by the study's size, so the
+    resumed process draws another point, while a fresh study keeps the seed's own draws."""
+    import optuna
+
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                                  sampler={"name": "tpe", "seed": 0}, budget={"n_trials": 4, "steps": 1},
+                                  output=str(tmp_path / "out")))
+    assert resume_seed(0, 0) == 0 and resume_seed(None, 5) is None and resume_seed(1, 1) != resume_seed(0, 1)
+
+    def first_draw(study):
+        trial = study.ask()
+        lr = trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
+        study.tell(trial, 0.5)
+        return lr
+
+    plain = optuna.create_study(sampler=build_sampler(spec))  # the seed's first draw, in memory
+    first = first_draw(open_study(spec))  # a fresh study on disk: the same draw as before the offset
+    assert first == first_draw(plain)
+    resumed = first_draw(open_study(spec))  # the same command again on the study holding one trial
+    assert resumed != first
+    again = first_draw(optuna.load_study(study_name=spec.study, storage=spec.storage, sampler=build_sampler(spec)))
+    assert again == first  # what the resume drew without the offset: the trial it already ran

@@ -113,17 +113,32 @@ def worker_seed(seed: int | None, worker: int) -> int | None:
     return None if seed is None else seed + worker
 
 
-def build_sampler(spec: SweepSpec):
+RESUME_SEED_STRIDE = 10007  # > any worker number: resumed and fresh processes never share a seed
+
+
+def resume_seed(seed: int | None, trials_in_study: int) -> int | None:
+    """The sampler seed of a process that joins a study already holding ``trials_in_study`` trials.
+
+    A seeded sampler starts its random stream afresh in every process, so a sweep resumed after a
+    kill would draw the start-up trials it already ran (a resumed demo sweep ran lr 1.06e-3 a third
+    time). Offsetting the seed by the study's size keeps a fresh study's draws as they were
+    (``trials_in_study`` 0) and gives a resumed one new points, still the same for the same study."""
+    return None if seed is None else seed + RESUME_SEED_STRIDE * trials_in_study
+
+
+def build_sampler(spec: SweepSpec, seed: int | None = None):
+    """The spec's sampler; ``seed`` (when given) replaces ``sampler.seed``."""
     import optuna
 
     s = spec.sampler
+    seed = s.seed if seed is None else seed
     try:
         if s.name == "grid":
             grid = {key: grid_values(key, p) for key, p in spec.search.items()}
-            return optuna.samplers.GridSampler(grid, seed=s.seed, **s.options)
+            return optuna.samplers.GridSampler(grid, seed=seed, **s.options)
         if s.name == "random":
-            return optuna.samplers.RandomSampler(seed=s.seed, **s.options)
-        return optuna.samplers.TPESampler(seed=s.seed, **s.options)
+            return optuna.samplers.RandomSampler(seed=seed, **s.options)
+        return optuna.samplers.TPESampler(seed=seed, **s.options)
     except TypeError as err:
         raise ConfigError(f"sampler.options for {s.name}: {err}") from None
 
@@ -159,9 +174,13 @@ def open_study(spec: SweepSpec, *, create: bool = True):
         storage = optuna.storages.RDBStorage(
             spec.storage, heartbeat_interval=spec.heartbeat_s, grace_period=spec.grace_s,
             heartbeat_stale_trial_callback=lambda study, trial: requeue(study, trial, spec.max_retries))
-        return optuna.create_study(study_name=spec.study, storage=storage, sampler=build_sampler(spec),
-                                   pruner=build_pruner(spec), direction=spec.objective.direction,
-                                   load_if_exists=True)
+        study = optuna.create_study(study_name=spec.study, storage=storage, sampler=build_sampler(spec),
+                                    pruner=build_pruner(spec), direction=spec.objective.direction,
+                                    load_if_exists=True)
+        existing = len(study.get_trials(deepcopy=False))
+        if existing and spec.sampler.seed is not None:  # a resume: see resume_seed
+            study.sampler = build_sampler(spec, resume_seed(spec.sampler.seed, existing))
+        return study
     return optuna.load_study(study_name=spec.study, storage=storage, sampler=build_sampler(spec))
 
 
