@@ -166,6 +166,8 @@ def test_a_grid_sweep_trains_every_point_prunes_by_validation_and_writes_the_rep
     with (report / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["state"] for r in table] == [t.state.name.lower() for t in trials]
+    # a pruned trial's value in Optuna is its last pool size (the pruning metric): not shown as the objective
+    assert [r["valid/loss"] == "" for r in table] == [t.state.name == "PRUNED" for t in trials]
     assert {"optim.lr", "data.valid_max_samples", "valid/loss", "pruned_at_step", "run_dir"} <= set(table[0])
     import sklearn  # noqa: F401 (a [dev] dependency)
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)

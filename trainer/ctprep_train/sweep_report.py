@@ -34,7 +34,9 @@ def trial_rows(study, spec) -> tuple[list[str], list[dict[str, Any]]]:
     columns = ["trial", "state", spec.objective.metric, *params, *extra, "pruned_at_step", "train_s", "run_dir"]
     rows = []
     for t in trials:
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), spec.objective.metric: t.value}
+        # Optuna gives a pruned trial the last pruning-metric value as its value: not the objective
+        value = t.value if t.state.name == "COMPLETE" else None
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), spec.objective.metric: value}
         row.update({p: t.params.get(p) for p in params})
         row.update({k: t.user_attrs.get(k) for k in extra})
         row["pruned_at_step"] = max(t.intermediate_values) if t.state.name == "PRUNED" and t.intermediate_values else None
