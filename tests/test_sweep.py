@@ -27,7 +27,7 @@ from ctprep_train.checkpoint import complete_checkpoints  # noqa: E402
 from ctprep_train.config import load_config  # noqa: E402
 from ctprep_train.sweep import (  # noqa: E402
     build_sampler, eval_value, grid_values, load_sweep, main, ParamSpec, pruning_metric, pruning_sign, row_value,
-    open_study, resume_seed, worker_seed,
+    open_study, reseeds, resume_seed, worker_seed,
 )
 from ctprep_train.testing import write_test_shards  # noqa: E402
 from tests.trainer_helpers import REPO, STAND_IN  # noqa: E402
@@ -320,6 +320,10 @@ def test_a_resumed_sweep_draws_new_start_up_trials(tmp_path):
                                   sampler={"name": "tpe", "seed": 0}, budget={"n_trials": 4, "steps": 1},
                                   output=str(tmp_path / "out")))
     assert resume_seed(0, 0) == 0 and resume_seed(None, 5) is None and resume_seed(1, 1) != resume_seed(0, 1)
+    assert reseeds(spec)
+    grid = load_sweep(write_sweep(tmp_path / "g.yaml", search={"optim.lr": {"type": "categorical", "choices": [1e-4, 1e-3]}},
+                                  sampler={"name": "grid", "seed": 0}))
+    assert not reseeds(grid)  # the grid's seed fixes its point order, which every process must share
 
     def first_draw(study):
         trial = study.ask()

@@ -113,6 +113,14 @@ def worker_seed(seed: int | None, worker: int) -> int | None:
     return None if seed is None else seed + worker
 
 
+def reseeds(spec: SweepSpec) -> bool:
+    """Whether worker and resume offsets apply to the spec's sampler. Not to ``grid``: its seed
+    shuffles the grid, and a trial's grid point is an index into that order, so every process of a
+    study must keep the seed as given (Optuna's GridSampler already spreads processes over the
+    points not yet started)."""
+    return spec.sampler.name != "grid" and spec.sampler.seed is not None
+
+
 RESUME_SEED_STRIDE = 10007  # > any worker number: resumed and fresh processes never share a seed
 
 
@@ -178,7 +186,7 @@ def open_study(spec: SweepSpec, *, create: bool = True):
                                     pruner=build_pruner(spec), direction=spec.objective.direction,
                                     load_if_exists=True)
         existing = len(study.get_trials(deepcopy=False))
-        if existing and spec.sampler.seed is not None:  # a resume: see resume_seed
+        if existing and reseeds(spec):  # a resume: see resume_seed
             study.sampler = build_sampler(spec, resume_seed(spec.sampler.seed, existing))
         return study
     return optuna.load_study(study_name=spec.study, storage=storage, sampler=build_sampler(spec))
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the storage; run nothing")
     parser.add_argument("--worker", type=int, default=0,
                         help="this process's number among those sharing the study (0, 1, ...): added to "
-                             "sampler.seed, so processes started together do not draw the same trials")
+                             "sampler.seed (random / tpe), so processes started together do not draw the same trials")
     args = parser.parse_args(argv)
     if args.worker < 0:
         parser.error(f"--worker must be >= 0, got {args.worker}")
@@ -463,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = load_sweep(args.sweep, extra)
         if args.n_trials is not None:
             spec.budget.n_trials = args.n_trials
-        spec.sampler.seed = worker_seed(spec.sampler.seed, args.worker)
+        if reseeds(spec):
+            spec.sampler.seed = worker_seed(spec.sampler.seed, args.worker)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     import optuna
