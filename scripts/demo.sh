@@ -39,24 +39,7 @@ $VPY/ctprep build-shards --src "$OUT/ctrate" --src "$OUT/omniabnorm/batch1" --sr
 
 stamp "3/5 train: tiny model, $STEPS steps x $BATCH samples on CPU"
 # Training settings: configs/train/demo64.yaml (also the base of the ablations and the demo sweep);
-# here only steps, batch, threads and seed. Why (the runs behind them: docs/experiments.md):
-# - the demo64 grid (32 x 64 x 64 at 10 x 6 x 6 mm, 128 patches): a step costs ~1/4 of the demo
-#   preset's 32 x 128 x 128 (512 patches), which pays for twice the steps in less time;
-# - the pooled feature batch-normalised before the global and label heads (vision.head_norm=batch):
-#   with the plain heads the held-out label loss hardly left the prevalence baseline;
-# - 2000 cases x 1600 steps x 16 samples (each training scan seen ~16 times): at 800 steps the check
-#   passed on one seed of three, at 1600 on every seed tried; with 520 cases the encoder learned
-#   the few hundred training scans by their outline instead of their findings: data are cheap next
-#   to steps;
-# - the MiniLM text tower frozen (text.freeze_layers=-1) and its features cached, so CPU time goes
-#   to the 3D encoder, which starts from scratch (the tiny config's conv stem learns the findings
-#   sooner than a linear patchify); batch 16 gives InfoNCE 15 negatives per sample; the auxiliary
-#   18-label head (weight 1) teaches the findings directly;
-# - both cores to torch (train.cpu_threads), the loader in the training process
-#   (data.num_workers=0): a loader process beside 2 OpenMP threads made each step ~1.3x slower;
-# - fp32 on every CPU (train.cpu_precision): without native bf16 (no AVX-512) bf16 convolutions
-#   crawl; the learning rate anneals to 0 and the exported encoder is the moving average of the
-#   weights (train.ema_decay).
+# here only steps, batch, threads and seed. Why each setting: docs/demo.md#settings.
 $VPY/python trainer/train.py --config configs/train/demo64.yaml --shards "$OUT/shards" --output "$OUT/run" \
     train.steps="$STEPS" data.batch_size="$BATCH" train.cpu_threads="$THREADS" \
     train.seed="$SEED" data.seed="$SEED" \
