@@ -288,12 +288,13 @@ def write_report(out: Path, rows: list[dict], names: list[str], args: argparse.N
     diffs = {n: config_diff(n) for n in names}
     text = table(summary, diffs)
     few = [s["variant"] for s in summary if len(s["seeds"]) < 3]
+    extra = f" Every run also with: {' '.join(args.override)}." if args.override else ""
     note = f"\n\nFewer than 3 seeds (no spread to speak of): {', '.join(few)}." if few else ""
     (out / "ablation.md").write_text(
         f"Ablations: {args.steps} steps per run, shards {shards}, pool = split {args.split!r} source "
         f"{args.source!r}; every variant with loss.weights.step_grounding={args.step_grounding} (0 where the "
         f"step loss is off) and vision.evidence_query_std={args.evidence_query_std}. Mean ± sd over seeds "
-        f"(sample sd); R@5 as a multiple of the random R@5 of the same pool.\n\n{text}{note}\n\n"
+        f"(sample sd); R@5 as a multiple of the random R@5 of the same pool.{extra}\n\n{text}{note}\n\n"
         f"![ablation](ablation.png)\n")
     (out / "ablation.json").write_text(json.dumps({"cells": rows, "summary": summary}, indent=1))
     if summary:

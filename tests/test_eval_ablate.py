@@ -149,6 +149,7 @@ def test_one_real_tiny_cell_trains_evaluates_and_is_skipped_on_rerun(tmp_path):
             "--override", "data.num_workers=0", "--override", "data.batch_size=4",
             "--override", "train.report_to=[]", "--override", "data.sources={ctrate: 1.0}"]
     (row,) = ablate.main(args)
+    assert "Every run also with: data.tokenizer=index data.num_workers=0" in (tmp_path / "out" / "ablation.md").read_text()
     assert row["pool"] == 4 and 0.0 <= row["auc"] <= 1.0 and row["cot_steps"] >= 0
     log = tmp_path / "out" / "full" / "seed_0" / "train.log"
     metrics = (tmp_path / "out" / "full" / "seed_0" / "metrics.jsonl").read_text()
