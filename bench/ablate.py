@@ -15,10 +15,11 @@ several invocations, and a cell killed midway is trained again from the start. A
 recorded without retraining. ``OUT/ablation.md`` / ``.json`` / ``.png`` are rewritten from all
 recorded cells after every cell.
 
-Bench settings applied to every variant (``--step-grounding``, ``--evidence-query-std``): the CoT
-step head's grounding term and query init (docs/evaluation.md, CoT alignment); the variant that
-switches the step loss off (``loss.weights.step: 0``) switches the grounding term off as well, so
-it measures the whole step head. ``--data-cases N`` builds the data first (``ctprep demo-data
+The CoT step head's grounding term and query init (docs/evaluation.md, CoT alignment) are those of
+each variant's YAML (demo64.yaml: ``loss.weights.step_grounding`` 0.25,
+``vision.evidence_query_std`` 1.0); ``--step-grounding`` / ``--evidence-query-std`` set them for
+ablation_full.yaml and every variant that does not switch that key itself (``no_step_grounding``
+keeps its own; where the step loss is off, grounding stays 0). ``--data-cases N`` builds the data first (``ctprep demo-data
 --cases N --seed 0 --wording W`` + ``ctprep build-shards``, under ``OUT/data``, reused when present)
 on `make demo`'s grid (the ``demo64`` preset) and trains on CT-RATE volumes only.
 """
@@ -45,6 +46,7 @@ ABLATIONS = {
     "no_slice_bias": "slice-distance bias (vision.attention.slice_bias=false)",
     "no_region_attention": "region cross-attention (vision.attention.region_attention=false)",
     "no_anatomy": "anatomical encoder + region attention (it needs the encoder's region embeddings)",
+    "no_step_grounding": "CoT step grounding term + randn query init (the contrastive step term stays)",
     "no_step_loss": "CoT step head: step-alignment and grounding terms (loss.weights.step=0)",
 }
 RESULTS = "results.jsonl"
@@ -95,13 +97,23 @@ def config_diff(name: str) -> str:
     return ", ".join(f"{k}={mine.get(k)}" for k in keys)
 
 
+QUERY_STD_KEY = "model.overrides.vision.evidence_query_std"
+GROUNDING_KEY = "loss.weights.step_grounding"
+
+
 def cell_config(name: str, args: argparse.Namespace) -> dict:
     """The variant's YAML tree with the bench's settings (the ``config.yaml`` a cell trains with)."""
     tree = _variant_yaml(name)
+    full, mine = _flatten(_variant_yaml("full")), _flatten(tree)
+    own = {k for k in (QUERY_STD_KEY, GROUNDING_KEY) if full.get(k) != mine.get(k)}  # keys the variant switches
     model_overrides = tree.setdefault("model", {}).setdefault("overrides", {})
-    model_overrides["vision.evidence_query_std"] = args.evidence_query_std
     weights = tree.setdefault("loss", {}).setdefault("weights", {})
-    weights["step_grounding"] = args.step_grounding if weights.get("step", 0.5) else 0.0
+    if args.evidence_query_std is not None and QUERY_STD_KEY not in own:
+        model_overrides["vision.evidence_query_std"] = args.evidence_query_std
+    if args.step_grounding is not None and GROUNDING_KEY not in own:
+        weights["step_grounding"] = args.step_grounding
+    if not weights.get("step", 0.5):
+        weights["step_grounding"] = 0.0  # no step loss: the whole step head is off
     if args.data_cases:
         tree.setdefault("data", {})["sources"] = {"ctrate": 1.0}  # the built data has no OmniAbnorm
     return tree
@@ -289,11 +301,13 @@ def write_report(out: Path, rows: list[dict], names: list[str], args: argparse.N
     text = table(summary, diffs)
     few = [s["variant"] for s in summary if len(s["seeds"]) < 3]
     extra = f" Every run also with: {' '.join(args.override)}." if args.override else ""
+    full = _flatten(cell_config("full", args))
     note = f"\n\nFewer than 3 seeds (no spread to speak of): {', '.join(few)}." if few else ""
     (out / "ablation.md").write_text(
         f"Ablations: {args.steps} steps per run, shards {shards}, pool = split {args.split!r} source "
-        f"{args.source!r}; every variant with loss.weights.step_grounding={args.step_grounding} (0 where the "
-        f"step loss is off) and vision.evidence_query_std={args.evidence_query_std}. Mean ± sd over seeds "
+        f"{args.source!r}; loss.weights.step_grounding={full.get(GROUNDING_KEY, 0.0)} and "
+        f"vision.evidence_query_std={full.get(QUERY_STD_KEY, 0.02)} in every variant that does not switch them "
+        f"(grounding 0 where the step loss is off). Mean ± sd over seeds "
         f"(sample sd); R@5 as a multiple of the random R@5 of the same pool.{extra}\n\n{text}{note}\n\n"
         f"![ablation](ablation.png)\n")
     (out / "ablation.json").write_text(json.dumps({"cells": rows, "summary": summary}, indent=1))
@@ -316,8 +330,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed = data.seed values per variant")
     p.add_argument("--split", default="valid")
     p.add_argument("--source", default="ctrate", help="evaluation pool source (default ctrate volumes)")
-    p.add_argument("--step-grounding", type=float, default=0.25, help="loss.weights.step_grounding of every variant")
-    p.add_argument("--evidence-query-std", type=float, default=1.0, help="vision.evidence_query_std of every variant")
+    p.add_argument("--step-grounding", type=float, default=None,
+                   help="loss.weights.step_grounding of every variant that does not switch it (default: the YAML's)")
+    p.add_argument("--evidence-query-std", type=float, default=None,
+                   help="vision.evidence_query_std of every variant that does not switch it (default: the YAML's)")
     p.add_argument("--override", action="append", default=[],
                    help="extra trainer key=value for every run (e.g. data.batch_size=4 for a smoke run)")
     p.add_argument("--max-cases", type=int, default=None, help="cap on evaluated cases (smoke runs)")

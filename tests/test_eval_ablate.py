@@ -21,6 +21,7 @@ EXPECTED = {
     "no_slice_bias": "vision.attention.slice_bias=False",
     "no_region_attention": "vision.attention.region_attention=False",
     "no_anatomy": "vision.anatomy.enabled=False",
+    "no_step_grounding": "loss.weights.step_grounding=0.0, model.overrides.vision.evidence_query_std=0.02",
     "no_step_loss": "loss.weights.step=0",
 }
 
@@ -124,14 +125,23 @@ def test_a_killed_sweep_resumes_cell_by_cell_and_tables_mean_and_sd(tmp_path, mo
                                                                   ("no_step_loss", 1)}
 
 
-def test_cell_config_applies_the_step_head_settings_to_every_variant():
+def test_cell_config_applies_the_step_head_settings_to_every_variant_that_does_not_switch_them():
     ablate = _ablate()
-    args = ablate.argparse.Namespace(step_grounding=0.3, evidence_query_std=1.0, data_cases=0)
+    yaml_args = ablate.argparse.Namespace(step_grounding=None, evidence_query_std=None, data_cases=0)
+    full = ablate.cell_config("full", yaml_args)  # demo64.yaml's own step-head settings
+    assert full["loss"]["weights"]["step_grounding"] == 0.25
+    assert full["model"]["overrides"]["vision.evidence_query_std"] == 1.0
+    args = ablate.argparse.Namespace(step_grounding=0.3, evidence_query_std=0.5, data_cases=0)
     full = ablate.cell_config("full", args)
     assert full["loss"]["weights"]["step_grounding"] == 0.3
-    assert full["model"]["overrides"]["vision.evidence_query_std"] == 1.0
+    assert full["model"]["overrides"]["vision.evidence_query_std"] == 0.5
+    assert ablate.cell_config("no_slice_bias", args)["loss"]["weights"]["step_grounding"] == 0.3
     off = ablate.cell_config("no_step_loss", args)
     assert off["loss"]["weights"]["step"] == 0 and off["loss"]["weights"]["step_grounding"] == 0.0
+    for a in (args, yaml_args):  # the variant that switches the grounding keeps its own values
+        ungrounded = ablate.cell_config("no_step_grounding", a)
+        assert ungrounded["loss"]["weights"]["step_grounding"] == 0.0 and ungrounded["loss"]["weights"]["step"] == 0.25
+        assert ungrounded["model"]["overrides"]["vision.evidence_query_std"] == 0.02
     built = ablate.cell_config("full", ablate.argparse.Namespace(step_grounding=0.3, evidence_query_std=1.0,
                                                                  data_cases=10))
     assert built["data"]["sources"] == {"ctrate": 1.0}
