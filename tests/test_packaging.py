@@ -93,6 +93,10 @@ def test_every_package_folder_is_listed_for_the_wheel():
     for name, folder in tool["package-dir"].items():
         root = REPO / folder
         on_disk.add(name)  # a mapped folder is a package even without __init__.py (configs/: data only)
+        if not (root / "__init__.py").is_file():  # data only: each subfolder is importable too (setuptools
+            for sub in root.rglob("*"):          # warns about every one not listed)
+                if sub.is_dir() and "__pycache__" not in sub.parts:
+                    on_disk.add(".".join((name, *sub.relative_to(root).parts)))
         for init in root.rglob("__init__.py"):
             rel = init.parent.relative_to(root).parts
             on_disk.add(".".join((name, *rel)))
