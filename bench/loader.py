@@ -14,7 +14,12 @@ workers (samples/s and MB/s, median of --repeats runs, warm page cache):
            pickle), ``batched`` with image/mask/regions/labels stacked into tensors, in the same
            DataLoader setup (no checksums, no token padding: less work than the stream rows).
 
-MB/s is always counted in shard-tar bytes per sample so the three are comparable.
+MB/s is always counted in shard-tar bytes per sample so the three are comparable. Loader
+figures are the steady state: each measurement takes its first batch (reported for the stream
+rows as "first batch s", from building the loader) and ``--warmup-passes`` more untimed, then
+times ``--passes`` passes over the shards; a training run streams for hours, so the first pass,
+while the buffer pool, the read threads and the workers fill (tens of ms), is start-up, not
+throughput.
 
 ``--remote nginx|uvicorn`` adds the loader (1 worker) streaming the same shards from that web
 server on 127.0.0.1 (HTTP Range requests, ``ctprep_train.shard_io``), alternated with the local
@@ -187,23 +192,31 @@ def steady_cpu() -> dict[str, float]:
 
 def measure_stream(shards: Path, workers: int, batch_size: int, n_batches: int, read_threads: int = 2,
                    verify: bool = True, cpu: list[float] | None = None,
-                   per_sample: list[dict[str, float]] | None = None) -> tuple[float, int]:
-    """Seconds for ``n_batches`` after the first one (steady state), samples counted.
+                   per_sample: list[dict[str, float]] | None = None, warmup: int = 0,
+                   first_batch: list[float] | None = None) -> tuple[float, int]:
+    """Seconds for ``n_batches`` after the first one and ``warmup`` more (steady state), samples counted.
 
     Args:
+        warmup: batches taken and not timed after the first one: the buffer pool, the read
+            threads and the workers' caches fill during the first pass (tens of ms once per run).
+        first_batch: gets the seconds from building the loader to its first batch appended.
         verify: check the per-member checksums (the trainer's default).
         cpu: gets the CPU seconds of the whole measurement appended (start-up and worker
             shutdown included, so that the workers' CPU is counted).
         per_sample: gets the steady-state CPU milliseconds per sample appended, by thread role
             and worker (``steady_cpu``), with ``"wall"``: where the time of a sample goes.
     """
-    cpu0 = _cpu_seconds()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     cfg = DataConfig(shards=str(shards), batch_size=batch_size, num_workers=workers, buffer_size=4,
                      read_threads=read_threads, tokenizer=dict(TEST_TOKENIZER))
     expect = dataclasses.replace(D.expectation_from_config(cfg), verify_checksums=verify)
     loader = D.build_train_loader(cfg, D.load_shard_index(shards, expect), expect, rank=0, world_size=1)
     it = iter(loader)
     next(it)  # worker start-up is a one-time cost
+    if first_batch is not None:
+        first_batch.append(time.perf_counter() - t0)
+    for _ in range(warmup):
+        next(it)
     threads0 = steady_cpu() if per_sample is not None else {}
     start = time.perf_counter()
     samples = 0
@@ -245,16 +258,19 @@ def _wds_collate(samples: list[dict]) -> dict:
     return batch
 
 
-def measure_webdataset(tars: list[str], cases: int, workers: int, batch_size: int, n_batches: int) -> tuple[float, int]:
-    """Stock webdataset over the same tars; seconds for ``n_batches`` after the first, samples counted."""
+def measure_webdataset(tars: list[str], cases: int, workers: int, batch_size: int, n_batches: int,
+                       warmup: int = 0) -> tuple[float, int]:
+    """Stock webdataset over the same tars; seconds for ``n_batches`` after the first one and
+    ``warmup`` more, samples counted."""
     import webdataset as wds
 
-    passes = -(-(n_batches + 1) * batch_size // cases) + 1
+    passes = -(-(n_batches + warmup + 1) * batch_size // cases) + 1
     dataset = (wds.WebDataset(tars * passes, shardshuffle=False, empty_check=False)
                .decode(_wds_decode).map(_wds_fields).batched(batch_size, collation_fn=_wds_collate, partial=False))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     it = iter(loader)
-    next(it)
+    for _ in range(1 + warmup):
+        next(it)
     start = time.perf_counter()
     samples = 0
     for _ in range(n_batches):
@@ -295,8 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--passes", type=int, default=10,
+    parser.add_argument("--passes", type=int, default=30,
                         help="passes over the shards per measurement (steady state, not start-up)")
+    parser.add_argument("--warmup-passes", type=float, default=1.0,
+                        help="passes over the shards taken and not timed before each loader measurement "
+                             "(after its first batch; start-up is reported as the time to the first batch)")
     parser.add_argument("--read-threads", type=int, default=DataConfig.read_threads,
                         help="data.read_threads of the streaming loader (volume copy threads per rank)")
     parser.add_argument("--compress", choices=("none", "zst"), default="none", help="image/mask members")
@@ -339,6 +358,8 @@ class Bench:
         self.args, self.inputs = args, inputs
         self.per_sample = inputs["tar_bytes"] / args.cases
         self.n_batches = max(2, args.passes * args.cases // args.batch_size)
+        self.warmup = max(0, round(args.warmup_passes * args.cases / args.batch_size))
+        self.first_batch: dict[int, list[float]] = {}  # stream shards: workers -> seconds to the first batch
         self.raw_all: list[float] = []
         measure_raw(inputs["tars"])  # warm the page cache
 
@@ -371,8 +392,11 @@ class Bench:
     def stream_rows(self, ctclip: dict[int, float]) -> list[dict]:
         a, rows = self.args, []
         for w in a.workers:
+            first = self.first_batch.setdefault(w, [])
             row = self.row("stream shards", w, self.paired(
-                lambda: measure_stream(self.inputs["shards"], w, a.batch_size, self.n_batches, a.read_threads)))
+                lambda: measure_stream(self.inputs["shards"], w, a.batch_size, self.n_batches, a.read_threads,
+                                       warmup=self.warmup, first_batch=first)))
+            row["first_batch_s"] = statistics.median(first)
             if w in ctclip:
                 row["vs_ctclip"] = row["samples_s"] / ctclip[w]
             rows.append(row)
@@ -381,7 +405,7 @@ class Bench:
     def webdataset_rows(self) -> list[dict]:
         a = self.args
         return [self.row("webdataset", w, self.paired(
-            lambda: measure_webdataset(self.inputs["tars"], a.cases, w, a.batch_size, self.n_batches)))
+            lambda: measure_webdataset(self.inputs["tars"], a.cases, w, a.batch_size, self.n_batches, self.warmup)))
             for w in a.workers]
 
     def verify_rows(self) -> list[dict]:
@@ -394,7 +418,8 @@ class Bench:
             for verify in (True, False):
                 raw, cpu = self.raw_rate(), []
                 elapsed, samples = measure_stream(self.inputs["shards"], 1, a.batch_size, self.n_batches,
-                                                  a.read_threads, verify=verify, cpu=cpu, per_sample=breakdown[verify])
+                                                  a.read_threads, verify=verify, cpu=cpu, per_sample=breakdown[verify],
+                                                  warmup=self.warmup)
                 runs[verify].append((raw, elapsed, samples, cpu[0]))
         rows = []
         for verify in (True, False):
@@ -432,7 +457,8 @@ class Bench:
             for _ in range(a.repeats):
                 raw = self.raw_rate()
                 for name, where in (("local file", self.inputs["shards"]), (http_name, url)):
-                    elapsed, samples = measure_stream(where, 1, a.batch_size, self.n_batches, a.read_threads)
+                    elapsed, samples = measure_stream(where, 1, a.batch_size, self.n_batches, a.read_threads,
+                                                      warmup=self.warmup)
                     pairs[name].append((raw, samples / elapsed))
         rows = [self.row(f"stream shards, {name}", 1, p) for name, p in pairs.items()]
         local, http = ([r for _, r in p] for p in pairs.values())
@@ -441,11 +467,14 @@ class Bench:
 
 
 def print_tables(rows: list[dict], verify_rows: list[dict], raw_ms: float = 0.0) -> None:
-    print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) |")
-    print("|---|---|---|---|---|---|")
+    print("| method | workers | samples/s | MB/s | vs raw read (bytes/s, paired) | vs ctclip (samples/s, same workers) "
+          "| first batch s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         vs = f"{r['vs_ctclip']:.1f}x" if "vs_ctclip" in r else ""
-        print(f"| {r['method']} | {r['workers']} | {r['samples_s']:.2f} | {r['mb_s']:.0f} | {r['vs_raw']:.0%} | {vs} |")
+        first = f"{r['first_batch_s']:.2f}" if "first_batch_s" in r else ""
+        print(f"| {r['method']} | {r['workers']} | {r['samples_s']:.2f} | {r['mb_s']:.0f} | {r['vs_raw']:.0%} | {vs} "
+              f"| {first} |")
     if verify_rows:
         print()
         print("| loader, 1 worker | samples/s | vs raw read | wall s (steady) | CPU s (process + worker, whole run) "

@@ -22,8 +22,11 @@ def test_loader_bench_runs_every_method_and_pairs_ratios(tmp_path, capsys):
         stream = rows[("stream shards", workers)]
         assert stream["vs_ctclip"] == stream["samples_s"] / rows[("ctclip nii.gz", workers)]["samples_s"]
         assert 0 < stream["vs_raw"]
+    assert all(rows[("stream shards", w)]["first_batch_s"] > 0 for w in (0, 1))
+    assert "first_batch_s" not in rows[("ctclip nii.gz", 0)]
     assert json.loads(out.read_text())["rows"] == result["rows"]
     table = capsys.readouterr().out
+    assert "| first batch s |" in table
     assert table.count("| stream shards |") == 2 and table.count("| webdataset |") == 2 and "| raw read |" in table
     # A second run reuses the prepared inputs instead of writing them again.
     first_nii = tmp_path / "w" / "nii" / "case_0000.nii.gz"
@@ -32,3 +35,35 @@ def test_loader_bench_runs_every_method_and_pairs_ratios(tmp_path, capsys):
                         "--repeats", "1", "--passes", "1", "--skip-ctclip", "--skip-webdataset", "--work", str(tmp_path / "w")])
     assert [r["method"] for r in again["rows"]] == ["raw read", "stream shards"]
     assert first_nii.stat().st_mtime_ns == written
+
+
+def test_loader_measurements_skip_the_first_batch_and_the_warmup(tmp_path, monkeypatch):
+    """The steady-state window: the first batch and ``warmup`` more are taken from the loader but
+    neither timed nor counted; the time to the first batch is reported on its own."""
+    bench = load_bench("loader")
+    args = bench.parse_args(["--cases", "4", "--src", "8", "32", "32", "--grid", "8", "32", "32", "--batch-size", "2",
+                             "--work", str(tmp_path / "w")])
+    inputs = bench.prepared_inputs(args)
+    taken = []
+    build = bench.D.build_train_loader
+
+    def counting(*a, **k):
+        loader = build(*a, **k)
+
+        class Counted:
+            def __iter__(self):
+                for batch in loader:
+                    taken.append(len(batch["ids"]))
+                    yield batch
+
+        return Counted()
+
+    monkeypatch.setattr(bench.D, "build_train_loader", counting)
+    first: list[float] = []
+    elapsed, samples = bench.measure_stream(inputs["shards"], 0, 2, 3, 1, warmup=2, first_batch=first)
+    assert samples == 3 * 2 and elapsed > 0
+    assert taken == [2] * (1 + 2 + 3)  # the first batch, the warm-up, the timed ones
+    assert len(first) == 1 and first[0] > 0
+    assert bench.Bench(args, inputs).warmup == 2  # one pass of 4 cases at batch 2 (--warmup-passes 1)
+    wds_elapsed, wds_samples = bench.measure_webdataset(inputs["tars"], 4, 0, 2, 3, warmup=2)
+    assert wds_samples == 6 and wds_elapsed > 0
