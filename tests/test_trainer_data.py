@@ -14,6 +14,7 @@ import torch
 
 from ctprep import shards
 from ctprep_train import data as D
+from ctprep_train import shard_io
 from ctprep_train.data import collate as data_collate
 from ctprep_train.data import decode as data_decode
 from ctprep_train.config import DataConfig
@@ -307,6 +308,31 @@ def test_decode_reads_the_headers_of_large_volumes_never_their_data(tmp_path, mo
     assert sample["meta"]["id"] == refs[0].key
 
 
+def test_a_volume_chunk_opens_its_shard_once_and_reads_it_piece_by_piece(tmp_path, monkeypatch):
+    """One open per READ_CHUNK, one preadv per CRC_PIECE (an open per piece cost ~7% of the read
+    threads' CPU in bench/loader.py); unverified, the whole range in one read."""
+    monkeypatch.setattr(data_decode, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(data_decode, "CRC_PIECE", 1000)
+    write_test_shards(tmp_path, {"train": [1]}, shape_zyx=(4, 32, 32), compress=())
+    refs, _ = D.scan_tar(str(tmp_path / "train" / "ctrate-0-000000.tar"))
+    crcs = D.load_shard_index(tmp_path, EXPECT).shards("train")["ctrate"][0].meta_crc32
+    image = D.decode_sample(refs[0], EXPECT, TEST_TOKENIZER, crcs)["image"]
+    opened, reads = [], []
+    real_init, real_readinto = shard_io.LocalFile.__init__, shard_io.LocalFile.readinto
+    monkeypatch.setattr(shard_io.LocalFile, "__init__", lambda self, path: opened.append(path) or real_init(self, path))
+    monkeypatch.setattr(shard_io.LocalFile, "readinto",
+                        lambda self, offset, target: reads.append(len(target)) or real_readinto(self, offset, target))
+    out = np.empty(image.shape, image.dtype)
+    target = memoryview(out.reshape(-1).view(np.uint8))
+    crc = image.read_range_into(target, 0, 2500)
+    assert len(opened) == 1 and reads == [1000, 1000, 500]
+    whole = np.asarray(image)
+    assert crc == shards.crc32(memoryview(whole.reshape(-1).view(np.uint8))[:2500])
+    opened.clear(), reads.clear()
+    image.crc = None
+    assert image.read_range_into(target, 0, 2500) == 0 and len(opened) == 1 and reads == [2500]
+
+
 @pytest.mark.parametrize("read_threads", [1, 3])
 def test_volume_crc_joined_from_unaligned_chunks_and_pieces_finds_one_flipped_byte(tmp_path, monkeypatch, read_threads):
     from concurrent.futures import ThreadPoolExecutor
@@ -350,14 +376,14 @@ def test_volume_failing_while_read_into_the_batch_is_replaced_not_fatal(tmp_path
     refs, _ = D.scan_tar(shard)
     victim = refs[1]
     _, lo, size = next(m for m in victim.members if m[0] == "image.npy")
-    real = data_decode.pread_into
+    real = shard_io.LocalFile.readinto
 
-    def flaky(path, offset, target):
-        if path == shard and lo <= offset < lo + size:
-            raise D.CorruptMemberError(f"{path}: short read at {offset}")
-        real(path, offset, target)
+    def flaky(self, offset, target):
+        if self.location == shard and lo <= offset < lo + size:
+            raise D.CorruptMemberError(f"{self.location}: short read at {offset}")
+        real(self, offset, target)
 
-    monkeypatch.setattr(data_decode, "pread_into", flaky)
+    monkeypatch.setattr(shard_io.LocalFile, "readinto", flaky)
     batch = next(_train_iter(tmp_path, batch_size=4, buffer_size=1, num_workers=0, read_threads=read_threads))
     ids = batch["ids"]
     assert victim.key not in ids and len(set(ids)) == 3 and len(ids) == 4
