@@ -381,8 +381,9 @@ class Bench:
 
     def row(self, method: str, workers, pairs: list[tuple[float, float]]) -> dict:
         rate = statistics.median(r for _, r in pairs)
+        ratios = [r * self.per_sample / 1e6 / raw for raw, r in pairs]
         return {"method": method, "workers": workers, "samples_s": rate, "mb_s": rate * self.per_sample / 1e6,
-                "vs_raw": statistics.median(r * self.per_sample / 1e6 / raw for raw, r in pairs)}
+                "vs_raw": statistics.median(ratios), "vs_raw_pairs": ratios}
 
     def ctclip_rows(self) -> list[dict]:
         a = self.args
@@ -430,6 +431,7 @@ class Bench:
                 "method": f"stream shards, checksums {'verified' if verify else 'off'}", "workers": 1,
                 "samples_s": rate, "mb_s": rate * self.per_sample / 1e6,
                 "vs_raw": statistics.median(n / s * self.per_sample / 1e6 / raw for raw, s, n, _ in rs),
+                "vs_raw_pairs": [n / s * self.per_sample / 1e6 / raw for raw, s, n, _ in rs],
                 "wall_s": statistics.median(s for _, s, _, _ in rs),
                 "cpu_s": statistics.median(c for *_, c in rs),
                 "samples": rs[0][2],

@@ -21,7 +21,7 @@ def test_loader_bench_runs_every_method_and_pairs_ratios(tmp_path, capsys):
     for workers in (0, 1):
         stream = rows[("stream shards", workers)]
         assert stream["vs_ctclip"] == stream["samples_s"] / rows[("ctclip nii.gz", workers)]["samples_s"]
-        assert 0 < stream["vs_raw"]
+        assert 0 < stream["vs_raw"] and stream["vs_raw"] in stream["vs_raw_pairs"]
     assert all(rows[("stream shards", w)]["first_batch_s"] > 0 for w in (0, 1))
     assert "first_batch_s" not in rows[("ctclip nii.gz", 0)]
     assert json.loads(out.read_text())["rows"] == result["rows"]
